@@ -1,0 +1,175 @@
+"""The one configuration object of SRLoRA.
+
+Every field carries its help text in ``metadata["help"]`` so that the command line
+and the docs reuse it (as PEFT's ``LoraConfig`` does). Validation that needs only the
+config itself happens in ``__post_init__``; validation that needs the model (``r``,
+layer shapes) happens when :class:`srlora.SRLoRA` is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+OptimizerReset = Literal["seed", "zero", "none"]
+ScoreReset = Literal["recycled", "all"]
+SVDMethod = Literal["full", "randomized"]
+
+_OPTIMIZER_RESET = ("seed", "zero", "none")
+_SCORE_RESET = ("recycled", "all")
+_SVD_METHODS = ("full", "randomized")
+
+
+@dataclass
+class SRLoRAConfig:
+    """Hyper-parameters of SRLoRA (see ``docs/METHOD.md`` for the math).
+
+    Exactly one of ``total_steps`` (the schedule is derived from it, paper Eq. 13-14)
+    or ``switch_interval`` (a fixed interval) must normally be given; giving both uses
+    the interval and stops switching before ``total_steps``.
+    """
+
+    r_target: int = field(
+        metadata={
+            "help": "Largest number of singular directions of W0 that one layer may explore "
+            "(the paper's r_target). Must exceed the LoRA rank r; clamped per layer to min(m, n)."
+        }
+    )
+    gamma: float = field(
+        default=0.5,
+        metadata={
+            "help": "Fusion ratio: the fraction of the r pairs recycled at each switch, "
+            "r' = gamma * r (must be a whole number)."
+        },
+    )
+    beta1: float = field(
+        default=0.85,
+        metadata={"help": "EMA coefficient of the sensitivity |w * grad| (paper Eq. 4)."},
+    )
+    beta2: float = field(
+        default=0.85,
+        metadata={"help": "EMA coefficient of the sensitivity's uncertainty (paper Eq. 5)."},
+    )
+    total_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Total number of optimizer steps N_all; the switch interval is "
+            "floor(N_all / N_switch) with N_switch = floor((r_target - r) / r')."
+        },
+    )
+    switch_interval: int | None = field(
+        default=None,
+        metadata={
+            "help": "Switch every this many optimizer steps (use when the total number of steps is not known)."
+        },
+    )
+    optimizer_reset: OptimizerReset = field(
+        default="seed",
+        metadata={
+            "help": "What happens to the optimizer state of recycled pairs. 'seed' (default): Adam moments "
+            "and SGD momentum are zeroed at the switch, and Adam's second moment is seeded from the "
+            "entry's own gradient at its next step, so its first step is not ~3x too large; "
+            "'zero': moments zeroed only (the plain reset); 'none': left as they are."
+        },
+    )
+    reset_scores: ScoreReset = field(
+        default="recycled",
+        metadata={"help": "Whose importance EMAs are reset at a switch: 'recycled' pairs only, or 'all' pairs."},
+    )
+    svd_method: SVDMethod = field(
+        default="full",
+        metadata={
+            "help": "'full': exact torch.linalg.svd (as PEFT's 'pissa' init); 'randomized': "
+            "torch.svd_lowrank for the top r_target triplets, faster when r_target << min(m, n)."
+        },
+    )
+    svd_niter: int = field(
+        default=4,
+        metadata={"help": "Subspace iterations of the randomized SVD."},
+    )
+    svd_oversample: int = field(
+        default=16,
+        metadata={"help": "Extra columns sampled by the randomized SVD beyond r_target."},
+    )
+    svd_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the SVD cache lives ('cpu' keeps it off the accelerator); None: beside each layer's weight."
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the randomized SVD (the same seed gives the same directions on every rank)."},
+    )
+    adapter_name: str = field(
+        default="default",
+        metadata={"help": "The PEFT adapter to turn into SRLoRA; other adapters are left untouched."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_int("r_target", self.r_target, minimum=1)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise TypeError(f"gamma must be a number in (0, 1], got {self.gamma!r}.")
+        if not (0.0 < self.gamma <= 1.0) or math.isnan(self.gamma):
+            raise ValueError(f"gamma must lie in (0, 1] (the fraction of pairs recycled per switch), got {self.gamma}.")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (0.0 <= value < 1.0):
+                raise ValueError(f"{name} must lie in [0, 1) (an EMA coefficient), got {value}.")
+        if self.total_steps is None and self.switch_interval is None:
+            raise ValueError(
+                "SRLoRA needs a schedule: give total_steps=N (the number of optimizer steps; the paper's "
+                "interval floor(N / N_switch) is derived from it) or switch_interval=K (switch every K steps)."
+            )
+        if self.total_steps is not None:
+            _check_int("total_steps", self.total_steps, minimum=1)
+        if self.switch_interval is not None:
+            _check_int("switch_interval", self.switch_interval, minimum=1)
+        _check_choice("optimizer_reset", self.optimizer_reset, _OPTIMIZER_RESET)
+        _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
+        _check_choice("svd_method", self.svd_method, _SVD_METHODS)
+        _check_int("svd_niter", self.svd_niter, minimum=0)
+        _check_int("svd_oversample", self.svd_oversample, minimum=0)
+        _check_int("seed", self.seed, minimum=None)
+        if not isinstance(self.adapter_name, str) or not self.adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {self.adapter_name!r}.")
+
+    def recycled_per_switch(self, r: int) -> int:
+        """``r' = gamma * r``, the number of pairs fused and re-initialised per switch.
+
+        Raises:
+            ValueError: when ``gamma * r`` is not a whole number.
+        """
+        value = self.gamma * r
+        rounded = round(value)
+        if abs(value - rounded) > 1e-9 or rounded < 1:
+            raise ValueError(
+                f"gamma * r must be a whole number of pairs, but gamma={self.gamma} and r={r} give {value:g}. "
+                f"Choose gamma as k / {r} for some k in 1..{r} (e.g. gamma={max(1, round(value)) / r:g})."
+            )
+        return int(rounded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SRLoRAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown SRLoRAConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+
+def _check_int(name: str, value: object, minimum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")

@@ -1,0 +1,444 @@
+"""The SRLoRA controller: turns a PEFT LoRA model into SRLoRA and runs the method.
+
+Usage, plain PyTorch loop::
+
+    model = peft.get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=[...]))
+    ctl = SRLoRA(model, SRLoRAConfig(r_target=64, total_steps=1000))   # SVD + PiSSA init
+    opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    ctl.attach(opt)               # importance before each step, scheduled switch after it
+    for batch in data:
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+Without ``attach``, the same by hand::
+
+    loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt); opt.zero_grad()
+
+All the method's state (step counter, per-layer pointer and slot contents, importance
+EMAs, switch history) is in :meth:`SRLoRA.state_dict`; the frozen-weight changes are
+in the model's own ``state_dict`` (PEFT keeps the base weights as parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SRLoRAConfig
+from .importance import PairImportance, update_importance_
+from .layers import LoraTarget, find_lora_targets
+from .optim_state import optimizer_kind, seed_second_moment_, warn_unsupported, zero_moments_
+from .recompose import effective_weight, pissa_init_, switch_pairs_
+from .schedule import SwitchSchedule, ema_warmup_steps
+from .svd import SVDCache, top_singular_triplets
+
+logger = logging.getLogger("srlora")
+
+
+class SRLoRAWarning(UserWarning):
+    """Something about the run the user should know but that is not an error."""
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    """One layer's switch.
+
+    Attributes:
+        step: optimizer step after which it happened (0: forced before training).
+        layer: module name.
+        slots: pair indices recycled, ascending.
+        directions: singular directions of ``W0`` that entered those slots (same order).
+        evicted: singular directions that were fused into ``W`` (same order).
+        scores: their pair scores ``S_k`` at the switch (same order).
+    """
+
+    step: int
+    layer: str
+    slots: tuple[int, ...]
+    directions: tuple[int, ...]
+    evicted: tuple[int, ...]
+    scores: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SwitchEvent:
+        return cls(
+            step=int(d["step"]),
+            layer=str(d["layer"]),
+            slots=tuple(int(x) for x in d["slots"]),
+            directions=tuple(int(x) for x in d["directions"]),
+            evicted=tuple(int(x) for x in d["evicted"]),
+            scores=tuple(float(x) for x in d["scores"]),
+        )
+
+
+class _Layer:
+    """Everything SRLoRA keeps for one adapted layer."""
+
+    def __init__(self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule, config: SRLoRAConfig):
+        self.target = target
+        self.cache = cache
+        self.r = target.r
+        self.r_prime = r_prime
+        self.schedule = schedule
+        self.limit = cache.rank  # min(r_target, m, n)
+        device = target.lora_A.device
+        m, n = target.shape
+        self.importance = PairImportance(self.r, m, n, config.beta1, config.beta2, device)
+        # Which SVD direction sits in each slot, and since which step.
+        self.slot_direction = torch.arange(self.r, dtype=torch.long)
+        self.slot_since = torch.zeros(self.r, dtype=torch.long)
+        self.pointer = self.r
+        # Recycled slots whose Adam second moment waits for its first gradient ("seed").
+        self.pending_seed = torch.zeros(self.r, dtype=torch.bool)
+        self.exhausted = False
+
+    @property
+    def can_switch(self) -> bool:
+        return self.pointer + self.r_prime <= self.limit
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pointer": self.pointer,
+            "slot_direction": self.slot_direction.clone(),
+            "slot_since": self.slot_since.clone(),
+            "pending_seed": self.pending_seed.clone(),
+            "exhausted": self.exhausted,
+            "importance": self.importance.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["slot_direction"].shape != self.slot_direction.shape:
+            raise ValueError(f"layer {self.target.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}.")
+        self.pointer = int(state["pointer"])
+        self.slot_direction.copy_(state["slot_direction"])
+        self.slot_since.copy_(state["slot_since"])
+        self.pending_seed.copy_(state["pending_seed"])
+        self.exhausted = bool(state["exhausted"])
+        self.importance.load_state_dict(state["importance"])
+
+
+class SRLoRA:
+    """SRLoRA over a PEFT LoRA model.
+
+    Building it performs, for every layer carrying ``config.adapter_name``: the SVD of
+    the layer's effective weight ``W0 = W + s B A`` (``= W`` for a fresh LoRA), kept to
+    the top ``min(r_target, m, n)`` triplets, and the PiSSA initialisation
+    ``B, A <- top-r factors``, ``W <- W0 - s B A``. The model's output is unchanged.
+
+    Args:
+        model: a ``peft.PeftModel`` (or its ``LoraModel``) with LoRA on ``nn.Linear`` or
+            transformers' ``Conv1D`` layers.
+        config: the SRLoRA hyper-parameters.
+        svd_caches: precomputed SVDs by layer name (used by distributed training to
+            share rank 0's decomposition); computed here when ``None``.
+    """
+
+    def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: dict[str, SVDCache] | None = None) -> None:
+        if not isinstance(config, SRLoRAConfig):
+            raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}.")
+        self.model = model
+        self.config = config
+        self.global_step = 0
+        self.skipped_steps = 0
+        self.history: list[SwitchEvent] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hooks: list[Any] = []
+        self._warned: set[str] = set()
+
+        targets = find_lora_targets(model, config.adapter_name)
+        self._layers: dict[str, _Layer] = {}
+        clamped: list[str] = []
+        for target in targets:
+            m, n = target.shape
+            r = target.r
+            if r > min(m, n):
+                raise ValueError(f"Layer {target.name!r}: LoRA rank r={r} exceeds min(m, n)={min(m, n)}.")
+            r_prime = config.recycled_per_switch(r)
+            schedule = SwitchSchedule.build(r, r_prime, config.r_target, config.total_steps, config.switch_interval)
+            k = min(config.r_target, m, n)
+            if k < config.r_target:
+                clamped.append(f"{target.name} ({m}x{n}: {k})")
+            if svd_caches is not None and target.name in svd_caches:
+                cache = svd_caches[target.name]
+                if cache.U.shape != (m, k) or cache.V.shape != (n, k):
+                    raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
+            else:
+                cache = top_singular_triplets(
+                    effective_weight(target),
+                    k,
+                    method=config.svd_method,
+                    niter=config.svd_niter,
+                    oversample=config.svd_oversample,
+                    seed=config.seed,
+                )
+            if config.svd_device is not None:
+                cache = cache.to(config.svd_device)
+            pissa_init_(target, cache)
+            self._layers[target.name] = _Layer(target, cache, r_prime, schedule, config)
+
+        if clamped:
+            warnings.warn(
+                f"r_target={config.r_target} exceeds min(m, n) of {len(clamped)} layer(s); clamped to: "
+                + ", ".join(clamped[:8])
+                + (" ..." if len(clamped) > 8 else ""),
+                SRLoRAWarning,
+                stacklevel=2,
+            )
+        shortest = min(layer.schedule.interval for layer in self._layers.values())
+        horizon = ema_warmup_steps(max(config.beta1, config.beta2))
+        if shortest < horizon:
+            warnings.warn(
+                f"The switch interval ({shortest} steps) is shorter than the {horizon} steps the importance EMAs "
+                f"(beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs may be "
+                f"evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
+                SRLoRAWarning,
+                stacklevel=2,
+            )
+        logger.info(
+            "SRLoRA: %d layers, SVD cache %.1f MiB, switch interval %d",
+            len(self._layers),
+            self.svd_cache_bytes() / 2**20,
+            shortest,
+        )
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def schedule(self, layer: str | None = None) -> SwitchSchedule:
+        """The switch schedule of ``layer`` (default: the first layer)."""
+        return self._layers[layer or next(iter(self._layers))].schedule
+
+    def pair_scores(self) -> dict[str, torch.Tensor]:
+        """``{layer: S_k for k in 0..r-1}`` (float32, on the adapter's device)."""
+        return {name: layer.importance.pair_scores() for name, layer in self._layers.items()}
+
+    def directions_used(self) -> dict[str, int]:
+        """``{layer: p}``: how many of ``W0``'s singular directions have entered so far."""
+        return {name: layer.pointer for name, layer in self._layers.items()}
+
+    def slot_directions(self) -> dict[str, list[int]]:
+        """``{layer: direction held by each of the r slots}``."""
+        return {name: layer.slot_direction.tolist() for name, layer in self._layers.items()}
+
+    def svd_cache_bytes(self) -> int:
+        return sum(layer.cache.nbytes for layer in self._layers.values())
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The LoRA ``A`` and ``B`` weights SRLoRA drives."""
+        for layer in self._layers.values():
+            yield layer.target.lora_A
+            yield layer.target.lora_B
+
+    # ------------------------------------------------------------------ training protocol
+    def attach(self, optimizer: torch.optim.Optimizer) -> SRLoRA:
+        """Hook ``optimizer``: importance before each ``step()``, the scheduled switch after it.
+
+        A plain loop needs nothing else. Under gradient accumulation or a GradScaler the
+        hooks run once per applied step, with the gradient that step applies (a step the
+        scaler skips runs no hook). Returns ``self``.
+        """
+        if self._hooks:
+            raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
+        self._check_optimizer(optimizer)
+        self._optimizer = optimizer
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._pre_step_hook),
+            optimizer.register_step_post_hook(self._post_step_hook),
+        ]
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks installed by :meth:`attach`."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._optimizer = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
+    def update_importance(self) -> bool:
+        """Update the importance EMAs from the current gradients (call between
+        ``backward()`` and ``optimizer.step()``). Returns ``False`` when the step was
+        skipped because a gradient is not finite."""
+        self._refuse_if_attached("update_importance")
+        return self._update_importance()
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> list[SwitchEvent]:
+        """Count one optimizer step and run the switches scheduled for it (call after
+        ``optimizer.step()``). Returns the switch events of this step."""
+        self._refuse_if_attached("step")
+        return self._after_step(optimizer)
+
+    def switch(self, optimizer: torch.optim.Optimizer | None = None) -> list[SwitchEvent]:
+        """Switch every layer that has unused directions left, now, whatever the schedule."""
+        return self._switch(list(self._layers.values()), optimizer or self._optimizer)
+
+    # ------------------------------------------------------------------ internals
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._update_importance()
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._after_step(optimizer)
+
+    def _refuse_if_attached(self, name: str) -> None:
+        if self._hooks:
+            raise RuntimeError(
+                f"SRLoRA is attached to an optimizer, which already calls {name}() on every step; "
+                f"remove the manual call (or call detach() to drive SRLoRA by hand)."
+            )
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None or self.config.optimizer_reset == "none":
+            return
+        if optimizer_kind(optimizer) == "other":
+            self._warn_once("optimizer", lambda: warn_unsupported(optimizer))
+
+    def _warn_once(self, key: str, emit: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            emit()
+
+    @torch.no_grad()
+    def _update_importance(self) -> bool:
+        layers = [layer for layer in self._layers.values() if layer.target.lora_A.grad is not None]
+        if not layers:
+            return False
+        grads_A = [layer.target.lora_A.grad for layer in layers]
+        grads_B = [layer.target.lora_B.grad for layer in layers]
+        if any(g is None for g in grads_B):
+            raise RuntimeError("lora_B has no gradient while lora_A has one; is part of the adapter frozen?")
+        norms = torch._foreach_norm([*grads_A, *grads_B])
+        if not bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all()):
+            self.skipped_steps += 1
+            self._warn_once(
+                "nonfinite",
+                lambda: warnings.warn(
+                    "Non-finite gradients in the LoRA parameters: this step's importance update was skipped "
+                    "(counted in SRLoRA.skipped_steps; warned once).",
+                    SRLoRAWarning,
+                    stacklevel=4,
+                ),
+            )
+            return False
+        update_importance_(
+            [layer.importance for layer in layers],
+            [layer.target.lora_A for layer in layers],
+            grads_A,
+            [layer.target.lora_B for layer in layers],
+            grads_B,
+        )
+        if self.config.optimizer_reset == "seed" and self._optimizer is not None:
+            self._seed_pending(self._optimizer, layers)
+        return True
+
+    def _seed_pending(self, optimizer: torch.optim.Optimizer, layers: list[_Layer]) -> None:
+        for layer in layers:
+            if not bool(layer.pending_seed.any()):
+                continue
+            slots = layer.pending_seed.nonzero().flatten()
+            seed_second_moment_(optimizer, layer.target.lora_A, slots, dim=0)
+            seed_second_moment_(optimizer, layer.target.lora_B, slots, dim=1)
+            layer.pending_seed.zero_()
+
+    def _after_step(self, optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
+        if optimizer is not None and self._optimizer is None:
+            self._check_optimizer(optimizer)
+            # The manual protocol learns the optimizer here; "seed" needs it before the next step.
+            self._optimizer = optimizer
+        self.global_step += 1
+        due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]
+        return self._switch(due, optimizer or self._optimizer) if due else []
+
+    @torch.no_grad()
+    def _switch(self, layers: list[_Layer], optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
+        events: list[SwitchEvent] = []
+        for layer in layers:
+            if not layer.can_switch:
+                if not layer.exhausted:
+                    layer.exhausted = True
+                    warnings.warn(
+                        f"Layer {layer.target.name!r} has used all {layer.limit} of its singular directions "
+                        f"(r_target clamped to min(m, n) or reached); it stops switching.",
+                        SRLoRAWarning,
+                        stacklevel=3,
+                    )
+                continue
+            events.append(self._switch_layer(layer, optimizer))
+        self.history.extend(events)
+        return events
+
+    def _switch_layer(self, layer: _Layer, optimizer: torch.optim.Optimizer | None) -> SwitchEvent:
+        scores = layer.importance.pair_scores().cpu()
+        # Stable ascending sort: ties go to the lowest index first.
+        low = torch.sort(scores, stable=True).indices[: layer.r_prime]
+        slots = torch.sort(low).values
+        directions = torch.arange(layer.pointer, layer.pointer + layer.r_prime, dtype=torch.long)
+        event = SwitchEvent(
+            step=self.global_step,
+            layer=layer.target.name,
+            slots=tuple(slots.tolist()),
+            directions=tuple(directions.tolist()),
+            evicted=tuple(layer.slot_direction[slots].tolist()),
+            scores=tuple(scores[slots].tolist()),
+        )
+        switch_pairs_(layer.target, layer.cache, slots, directions)
+        layer.pointer += layer.r_prime
+        layer.slot_direction[slots] = directions
+        layer.slot_since[slots] = self.global_step
+        layer.importance.reset(None if self.config.reset_scores == "all" else slots.to(layer.importance.ibar_A.device))
+        if optimizer is not None and self.config.optimizer_reset != "none":
+            self._check_optimizer(optimizer)
+            zero_moments_(optimizer, layer.target.lora_A, slots, dim=0)
+            zero_moments_(optimizer, layer.target.lora_B, slots, dim=1)
+            if self.config.optimizer_reset == "seed" and optimizer_kind(optimizer) == "adam":
+                layer.pending_seed[slots] = True
+        return event
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the method exactly (the SVD is recomputed)."""
+        return {
+            "config": self.config.to_dict(),
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "history": [event.to_dict() for event in self.history],
+            "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
+            "warned": sorted(self._warned),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = set(state["layers"])
+        if saved != set(self._layers):
+            missing, extra = sorted(set(self._layers) - saved), sorted(saved - set(self._layers))
+            raise ValueError(
+                f"SRLoRA state does not match this model's layers (missing {missing[:4]}, unexpected {extra[:4]}); "
+                f"build the model and SRLoRA the same way as the run that saved it."
+            )
+        saved_config = SRLoRAConfig.from_dict(state["config"])
+        if saved_config != self.config:
+            warnings.warn(
+                f"Loading SRLoRA state saved with a different config ({saved_config}) into {self.config}.",
+                SRLoRAWarning,
+                stacklevel=2,
+            )
+        for name, layer in self._layers.items():
+            layer.load_state_dict(state["layers"][name])
+        self.global_step = int(state["global_step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.history = [SwitchEvent.from_dict(d) for d in state["history"]]
+        self._warned = set(state.get("warned", []))

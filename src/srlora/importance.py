@@ -1,0 +1,107 @@
+"""EMA importance of every rank-1 LoRA pair (paper Eq. 3-7, SPEC section 2).
+
+For every element ``w`` of ``A (r, n)`` and ``B (m, r)``, once per optimizer step and
+with the gradient that step applies::
+
+    I     = |w * grad(w)|                                   (Eq. 3)
+    I_bar = beta1 * I_bar + (1 - beta1) * I                 (Eq. 4)
+    U_bar = beta2 * U_bar + (1 - beta2) * |I - I_bar|       (Eq. 5, with the new I_bar)
+    s     = I_bar * U_bar                                   (Eq. 6)
+    S_k   = mean_i s(B[i, k]) + mean_j s(A[k, j])           (Eq. 7)
+
+All state is float32 whatever the adapter's dtype, and lives in tensors returned by
+``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PairImportance:
+    """Importance EMAs of one layer's ``r`` LoRA pairs.
+
+    Args:
+        r: number of pairs.
+        m: rows of ``B`` (output features).
+        n: columns of ``A`` (input features).
+        beta1, beta2: EMA coefficients.
+        device: where the EMAs live (the adapter's device).
+    """
+
+    def __init__(self, r: int, m: int, n: int, beta1: float, beta2: float, device: torch.device) -> None:
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.ibar_A = torch.zeros(r, n, dtype=torch.float32, device=device)
+        self.ubar_A = torch.zeros(r, n, dtype=torch.float32, device=device)
+        self.ibar_B = torch.zeros(m, r, dtype=torch.float32, device=device)
+        self.ubar_B = torch.zeros(m, r, dtype=torch.float32, device=device)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ibar_A, self.ubar_A, self.ibar_B, self.ubar_B
+
+    def pair_scores(self) -> torch.Tensor:
+        """``S_k`` for ``k = 0 .. r-1`` (float32, shape ``(r,)``)."""
+        score_A = (self.ibar_A * self.ubar_A).mean(dim=1)
+        score_B = (self.ibar_B * self.ubar_B).mean(dim=0)
+        return score_A + score_B
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        """Zero the EMAs of pairs ``slots`` (all pairs when ``None``)."""
+        if slots is None:
+            for t in self.tensors():
+                t.zero_()
+            return
+        self.ibar_A[slots] = 0.0
+        self.ubar_A[slots] = 0.0
+        self.ibar_B[:, slots] = 0.0
+        self.ubar_B[:, slots] = 0.0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "ibar_A": self.ibar_A.clone(),
+            "ubar_A": self.ubar_A.clone(),
+            "ibar_B": self.ibar_B.clone(),
+            "ubar_B": self.ubar_B.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key in ("ibar_A", "ubar_A", "ibar_B", "ubar_B"):
+            dst = getattr(self, key)
+            src = state[key]
+            if src.shape != dst.shape:
+                raise ValueError(f"importance state {key!r} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}.")
+            dst.copy_(src)
+
+
+def update_importance_(
+    states: Sequence[PairImportance],
+    weights_A: Sequence[torch.Tensor],
+    grads_A: Sequence[torch.Tensor],
+    weights_B: Sequence[torch.Tensor],
+    grads_B: Sequence[torch.Tensor],
+) -> None:
+    """One EMA step (Eq. 3-5) for many layers at once.
+
+    Uses the ``torch._foreach_*`` kernels so that the cost is a handful of fused
+    launches over all layers rather than several per layer. All layers share
+    ``beta1``/``beta2`` (they come from one config).
+    """
+    if not states:
+        return
+    beta1, beta2 = states[0].beta1, states[0].beta2
+    weights = [w.detach().float() for w in (*weights_A, *weights_B)]
+    grads = [g.float() for g in (*grads_A, *grads_B)]
+    ibar = [s.ibar_A for s in states] + [s.ibar_B for s in states]
+    ubar = [s.ubar_A for s in states] + [s.ubar_B for s in states]
+
+    sens = torch._foreach_mul(weights, grads)
+    torch._foreach_abs_(sens)  # I
+    torch._foreach_mul_(ibar, beta1)
+    torch._foreach_add_(ibar, sens, alpha=1.0 - beta1)  # I_bar
+    torch._foreach_sub_(sens, ibar)
+    torch._foreach_abs_(sens)  # |I - I_bar|
+    torch._foreach_mul_(ubar, beta2)
+    torch._foreach_add_(ubar, sens, alpha=1.0 - beta2)  # U_bar

@@ -1,0 +1,135 @@
+"""Find and check the PEFT LoRA layers that SRLoRA drives.
+
+PEFT does the LoRA plumbing; this module only reads it. One adapted layer is seen
+through :class:`LoraTarget`, which hides ``fan_in_fan_out`` (GPT-2's ``Conv1D`` stores
+its weight transposed): ``target.weight`` is always the ``(m, n)`` matrix ``W`` with
+``y = x W^T``, as a view sharing storage with the module's parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # transformers is optional at import time; GPT-2 style Conv1D needs it.
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except ImportError:  # pragma: no cover - transformers is a declared dependency
+    _HFConv1D = None
+
+
+@dataclass
+class LoraTarget:
+    """One PEFT ``lora.Linear`` layer, one adapter.
+
+    Attributes:
+        name: module name inside the PEFT model.
+        module: the PEFT LoRA layer.
+        adapter: adapter name.
+    """
+
+    name: str
+    module: nn.Module
+    adapter: str
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.module.get_base_layer()
+
+    @property
+    def base_param(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W``, shape ``(m, n)``: a view of the frozen base weight's storage."""
+        data = self.base_param.data
+        return data.T if self.module.fan_in_fan_out else data
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        """``A``, shape ``(r, n)``."""
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        """``B``, shape ``(m, r)``."""
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        """``s`` in ``W + s B A`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA)."""
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def r(self) -> int:
+        return int(self.module.r[self.adapter])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n = self.weight.shape
+        return int(m), int(n)
+
+
+def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
+    """All layers of a PEFT LoRA model that carry ``adapter``, checked for SRLoRA.
+
+    Raises:
+        TypeError: ``model`` is not a PEFT LoRA model.
+        ValueError: the adapter is absent, or a layer cannot be driven by SRLoRA
+            (message names the layer and the fix).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
+    if not lora_layers:
+        raise TypeError(
+            f"{type(model).__name__} has no PEFT LoRA layer. Wrap the model first: "
+            "model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), then SRLoRA(model, config)."
+        )
+    carrying = [(name, mod) for name, mod in lora_layers if adapter in mod.lora_A or adapter in mod.lora_embedding_A]
+    if not carrying:
+        present = sorted({a for _, mod in lora_layers for a in (*mod.lora_A.keys(), *mod.lora_embedding_A.keys())})
+        raise ValueError(f"No LoRA layer carries adapter {adapter!r}; adapters present: {present}. Set adapter_name=.")
+
+    targets: list[LoraTarget] = []
+    for name, mod in carrying:
+        fix = f"exclude it from LoraConfig.target_modules (e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}])"
+        if type(mod) is not LoraLinear:
+            raise ValueError(
+                f"SRLoRA supports LoRA on nn.Linear and transformers' Conv1D only; layer {name!r} is a "
+                f"{type(mod).__module__}.{type(mod).__name__} (quantized bases and embedding/conv LoRA are not "
+                f"supported). Fix: {fix}, or load the base model unquantized."
+            )
+        base = mod.get_base_layer()
+        is_conv1d = _HFConv1D is not None and isinstance(base, _HFConv1D)
+        if type(base) is not nn.Linear and not is_conv1d:
+            raise ValueError(
+                f"Layer {name!r} wraps a {type(base).__name__}, not nn.Linear or transformers' Conv1D; SRLoRA needs a "
+                f"plain float weight to decompose. Fix: {fix}, or load the base model unquantized."
+            )
+        if not base.weight.dtype.is_floating_point or base.weight.dtype not in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+        ):
+            raise ValueError(
+                f"Layer {name!r} has a {base.weight.dtype} weight; SRLoRA needs float32/float16/bfloat16. "
+                f"Fix: load the base model unquantized."
+            )
+        if adapter in getattr(mod, "lora_variant", {}) or getattr(mod, "use_dora", {}).get(adapter, False):
+            variant = type(mod.lora_variant.get(adapter)).__name__ if adapter in mod.lora_variant else "DoRA"
+            raise ValueError(
+                f"Layer {name!r} uses the LoRA variant {variant}; SRLoRA drives plain LoRA only. "
+                f"Fix: build the LoraConfig without use_dora and other variants."
+            )
+        if mod.merged:
+            raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before SRLoRA.")
+        target = LoraTarget(name=name, module=mod, adapter=adapter)
+        if target.weight.device.type == "meta":
+            raise ValueError(f"Layer {name!r} lives on the meta device; load real weights before SRLoRA.")
+        targets.append(target)
+    return targets

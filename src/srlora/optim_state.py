@@ -1,0 +1,108 @@
+"""Optimizer-state surgery for recycled pairs (SPEC section 3, step 5).
+
+A recycled pair is a new direction; momentum left over from the fused one would push
+it along the old one's history. At a switch the recycled rows of ``A`` and columns of
+``B`` get their Adam/AdamW moments (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``) and
+SGD momentum (``momentum_buffer``) set to zero.
+
+Zeroing alone has a catch. PyTorch's Adam keeps one step count per tensor, so late in
+training its bias corrections are ~1, and an entry whose moments were just zeroed takes
+a first step of ``lr * (1 - beta1) g / sqrt((1 - beta2) g^2) ~= 3.2 lr`` (betas 0.9,
+0.999), about three times a settled step. The ``"seed"`` remedy fixes that without a
+forked optimizer: at the next optimizer step, before Adam runs, the second moment of
+each recycled entry is set from that entry's own gradient ``g``::
+
+    v_prev = g^2 (1 - beta2^t)        (t = the tensor's step count so far)
+
+which is exactly the value for which Adam's bias-corrected ``v_hat`` equals ``g^2`` after
+the update, as it would for a freshly created Adam. The first moment stays zero, so the
+entry's first step is ``~ (1 - beta1) lr`` and grows to a full step over
+``~1 / (1 - beta1)`` steps: a per-entry learning-rate warm-up.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+SGD_MOMENTS = ("momentum_buffer",)
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    """``"adam"`` (Adam, AdamW), ``"sgd"`` or ``"other"``."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    return "other"
+
+
+def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
+    key: list[slice | torch.Tensor] = [slice(None)] * tensor.dim()
+    key[dim] = index.to(tensor.device)
+    return tuple(key)
+
+
+@torch.no_grad()
+def zero_moments_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+    """Zero the moments of ``param``'s slices ``index`` along ``dim``; other entries untouched.
+
+    A parameter the optimizer has not stepped yet has no state and nothing to reset.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key in (*ADAM_MOMENTS, *SGD_MOMENTS):
+        buf = state.get(key)
+        if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
+            buf[_select(buf, index, dim)] = 0.0
+
+
+def _param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    raise ValueError("parameter is not in this optimizer; pass the optimizer that trains the LoRA parameters.")
+
+
+@torch.no_grad()
+def seed_second_moment_(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int
+) -> bool:
+    """Set Adam's ``exp_avg_sq`` of slices ``index`` to ``grad^2 (1 - beta2^t)``; see the module doc.
+
+    Returns ``False`` (doing nothing) when the optimizer is not Adam/AdamW or the
+    parameter has no state or no gradient yet.
+    """
+    if optimizer_kind(optimizer) != "adam" or param.grad is None:
+        return False
+    state = optimizer.state.get(param)
+    if not state or "exp_avg_sq" not in state:
+        return False
+    beta2 = _param_group(optimizer, param)["betas"][1]
+    beta2 = float(beta2.item() if isinstance(beta2, torch.Tensor) else beta2)
+    step = state["step"]
+    t = float(step.item() if isinstance(step, torch.Tensor) else step)
+    key = _select(param, index, dim)
+    g = param.grad[key].to(state["exp_avg_sq"].dtype)
+    seeded = g.square().mul_(1.0 - beta2**t)
+    state["exp_avg_sq"][key] = seeded
+    if isinstance(state.get("max_exp_avg_sq"), torch.Tensor):
+        state["max_exp_avg_sq"][key] = seeded
+    return True
+
+
+class UnsupportedOptimizerWarning(UserWarning):
+    """The optimizer's state layout is unknown, so recycled pairs keep their state."""
+
+
+def warn_unsupported(optimizer: torch.optim.Optimizer) -> None:
+    warnings.warn(
+        f"SRLoRA resets the optimizer state of recycled pairs for Adam, AdamW and SGD only; "
+        f"{type(optimizer).__name__} keeps the old pairs' state for the new directions. "
+        f"Use one of those optimizers, or set optimizer_reset='none' to silence this warning.",
+        UnsupportedOptimizerWarning,
+        stacklevel=3,
+    )

@@ -1,0 +1,94 @@
+"""The weight surgery of SRLoRA: PiSSA initialisation and the switch (SPEC sections 1, 3).
+
+Notation, for one layer with ``y = x W^T + s x A^T B^T``:
+``W: (m, n)`` frozen, ``A: (r, n)``, ``B: (m, r)``, scaling ``s``; pair ``k`` is
+``(B[:, k], A[k, :])``; ``W0 ~= U diag(S) V^T`` with directions sorted by ``S``.
+
+The PiSSA factors of directions ``J`` are::
+
+    B_J = U[:, J] diag(sqrt(S[J] / s))        (m, |J|)
+    A_J = diag(sqrt(S[J] / s)) V[:, J]^T      (|J|, n)
+
+so that ``s B_J A_J = U[:, J] diag(S[J]) V[:, J]^T`` for any ``s``.
+
+Both operations only move terms between ``W`` and ``s B A``; the layer's function is
+unchanged up to float rounding. Everything runs under ``torch.no_grad()``, in float32,
+and writes into the existing tensors (``copy_``/indexed assignment), so optimizer and
+DDP references to the parameters stay valid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import LoraTarget
+from .svd import SVDCache
+
+
+def pissa_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_J, A_J)`` of the directions given as columns of ``U (m, k)``, ``V (n, k)``."""
+    root = torch.sqrt(S / scaling)
+    return U * root, (V * root).T
+
+
+def _add_to_weight_(target: LoraTarget, delta: torch.Tensor) -> None:
+    """``W <- W + delta`` computed in float32 and cast once to W's dtype."""
+    W = target.weight
+    if W.dtype == torch.float32:
+        W.add_(delta)
+    else:
+        W.copy_(W.float().add_(delta))
+
+
+@torch.no_grad()
+def effective_weight(target: LoraTarget) -> torch.Tensor:
+    """``W + s B A`` in float32, shape ``(m, n)``: the weight the layer currently applies."""
+    B = target.lora_B.float()
+    A = target.lora_A.float()
+    return target.weight.float() + target.scaling * (B @ A)
+
+
+@torch.no_grad()
+def pissa_init_(target: LoraTarget, cache: SVDCache) -> None:
+    """Put the top ``r`` directions into ``(B, A)`` and the rest into ``W``.
+
+    ``W_eff = W + s B A`` (``= W0`` for a fresh LoRA, where ``B = 0``) is kept:
+    ``B, A <- pissa_factors(top r)``, ``W <- W_eff - s B A``. ``cache`` must be the SVD
+    of ``W_eff``.
+    """
+    r = target.r
+    device = target.weight.device
+    w_eff = effective_weight(target)
+    U, S, V = cache.directions(torch.arange(r), device)
+    B_new, A_new = pissa_factors(U, S, V, target.scaling)
+    target.lora_B.data.copy_(B_new)
+    target.lora_A.data.copy_(A_new)
+    # Subtract the factors as stored (possibly rounded to the adapter dtype) so that
+    # W + s B A reproduces W_eff as closely as the dtypes allow.
+    residual = w_eff - target.scaling * (target.lora_B.float() @ target.lora_A.float())
+    target.weight.copy_(residual)
+
+
+@torch.no_grad()
+def switch_pairs_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor) -> None:
+    """Fuse pairs ``slots`` into ``W`` and re-initialise them from ``directions``.
+
+    ``W <- W + s B[:, slots] A[slots] - s B_new A_new``, then
+    ``B[:, slots] <- B_new``, ``A[slots] <- A_new`` with
+    ``(B_new, A_new) = pissa_factors(directions)``; ``slots[i]`` receives ``directions[i]``.
+    The two weight updates are summed in float32 before touching ``W``, so ``W`` is
+    rounded once per switch.
+    """
+    device = target.weight.device
+    slots = slots.to(device)
+    s = target.scaling
+    A, B = target.lora_A, target.lora_B
+    U, S, V = cache.directions(directions, device)
+    B_new, A_new = pissa_factors(U, S, V, s)
+    B_new = B_new.to(B.dtype)
+    A_new = A_new.to(A.dtype)
+    old = B[:, slots].float() @ A[slots].float()
+    new = B_new.float() @ A_new.float()
+    _add_to_weight_(target, (old - new).mul_(s))
+    B.data[:, slots] = B_new
+    A.data[slots] = A_new

@@ -1,0 +1,95 @@
+"""When switches happen (paper Eq. 13-14, SPEC section 4).
+
+With ``r' = gamma * r``::
+
+    N_switch   = floor((r_target - r) / r')
+    t_interval = floor(N_all / N_switch)
+    switches at steps t_interval, 2 t_interval, ..., N_switch * t_interval
+
+but never at or after the last step ``N_all`` (a switch there would bring in
+directions that are never trained). Steps count optimizer steps from 1; the switch
+of step ``t`` runs right after the ``t``-th ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def ema_warmup_steps(beta: float, residual: float = 0.05) -> int:
+    """Steps an EMA with coefficient ``beta`` needs before its zero start weighs < ``residual``."""
+    if beta <= 0.0:
+        return 1
+    return max(1, math.ceil(math.log(residual) / math.log(beta)))
+
+
+@dataclass(frozen=True)
+class SwitchSchedule:
+    """Switch steps of one layer.
+
+    Attributes:
+        interval: steps between two switches (``t_interval``).
+        num_switches: how many switches at most (``N_switch``, or ``None``: until the
+            directions run out).
+        total_steps: ``N_all`` when known; no switch happens at a step ``>= total_steps``.
+    """
+
+    interval: int
+    num_switches: int | None
+    total_steps: int | None
+
+    @classmethod
+    def build(
+        cls,
+        r: int,
+        r_prime: int,
+        r_target: int,
+        total_steps: int | None,
+        switch_interval: int | None,
+    ) -> SwitchSchedule:
+        """The paper's schedule; see the module docstring.
+
+        Raises:
+            ValueError: when ``r_target`` leaves room for no switch, or ``total_steps``
+                is too short to fit even one step per switch.
+        """
+        if r_target <= r:
+            raise ValueError(
+                f"r_target ({r_target}) must be larger than the LoRA rank r ({r}): SRLoRA explores "
+                f"r_target directions with r trainable ranks. Raise r_target or use plain PiSSA."
+            )
+        num_switches = (r_target - r) // r_prime
+        if num_switches < 1:
+            raise ValueError(
+                f"r_target={r_target} leaves room for no switch: each switch brings in r'={r_prime} new "
+                f"directions beyond the first r={r}. Use r_target >= {r + r_prime}."
+            )
+        if switch_interval is not None:
+            return cls(interval=switch_interval, num_switches=num_switches, total_steps=total_steps)
+        assert total_steps is not None
+        interval = total_steps // num_switches
+        if interval < 1:
+            raise ValueError(
+                f"total_steps={total_steps} is shorter than the N_switch={num_switches} switches that "
+                f"r_target={r_target}, r={r}, r'={r_prime} ask for. Lower r_target (to at most "
+                f"{r + total_steps * r_prime}) or train longer."
+            )
+        return cls(interval=interval, num_switches=num_switches, total_steps=total_steps)
+
+    def is_switch_step(self, step: int) -> bool:
+        if step < self.interval or step % self.interval != 0:
+            return False
+        if self.total_steps is not None and step >= self.total_steps:
+            return False
+        return self.num_switches is None or step // self.interval <= self.num_switches
+
+    def steps(self, limit: int | None = None) -> list[int]:
+        """All switch steps (up to ``limit`` when the schedule has no end of its own)."""
+        end = self.total_steps if self.total_steps is not None else limit
+        if self.num_switches is not None:
+            last = self.num_switches * self.interval
+            end = last + 1 if end is None else min(end, last + 1)
+        if end is None:
+            raise ValueError("this schedule has no end: pass limit=")
+        return [t for t in range(self.interval, end, self.interval) if self.is_switch_step(t)]

@@ -1,0 +1,86 @@
+"""Top-k singular triplets of a pretrained weight, computed once per layer.
+
+``W0 (m x n) ~= U diag(S) V^T`` with ``U: (m, k)``, ``S: (k,)`` descending, ``V: (n, k)``.
+SRLoRA reads directions ``p .. p + r' - 1`` out of this cache at every switch, so only
+the top ``k = min(r_target, m, n)`` triplets are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SVDCache:
+    """Truncated SVD of one layer's pretrained weight, in float32.
+
+    Attributes:
+        U: ``(m, k)`` left singular vectors (columns), descending by singular value.
+        S: ``(k,)`` singular values, descending.
+        V: ``(n, k)`` right singular vectors (columns).
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
+
+    def to(self, device: torch.device | str) -> SVDCache:
+        return SVDCache(self.U.to(device), self.S.to(device), self.V.to(device))
+
+    def directions(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U[:, index], S[index], V[:, index])`` moved to ``device``."""
+        index = index.to(self.S.device)
+        return (
+            self.U[:, index].to(device),
+            self.S[index].to(device),
+            self.V[:, index].to(device),
+        )
+
+
+def top_singular_triplets(
+    weight: torch.Tensor,
+    k: int,
+    method: str = "full",
+    niter: int = 4,
+    oversample: int = 16,
+    seed: int = 0,
+) -> SVDCache:
+    """Top-``k`` singular triplets of ``weight`` (m x n) in float32.
+
+    Args:
+        weight: the matrix, any float dtype; it is copied to float32 first.
+        k: number of triplets to keep, ``1 <= k <= min(m, n)``.
+        method: ``"full"`` (``torch.linalg.svd``, exact, identical to PEFT's PiSSA init) or
+            ``"randomized"`` (``torch.svd_lowrank`` with ``k + oversample`` columns and
+            ``niter`` subspace iterations; approximate, faster for ``k << min(m, n)``).
+        seed: seed of the randomized method's Gaussian sketch. The global RNG is not
+            touched, so every process computes the same directions.
+    """
+    m, n = weight.shape
+    d = min(m, n)
+    if not 1 <= k <= d:
+        raise ValueError(f"k must lie in [1, min(m, n) = {d}], got {k}.")
+    w32 = weight.detach().to(torch.float32)
+    if method == "full":
+        U, S, Vh = torch.linalg.svd(w32, full_matrices=False)
+        return SVDCache(U[:, :k].contiguous(), S[:k].contiguous(), Vh[:k].T.contiguous())
+    if method == "randomized":
+        q = min(k + oversample, d)
+        # torch.svd_lowrank draws its sketch from the global RNG; fork it so that the
+        # user's random stream (data order, dropout) is the same with or without SRLoRA.
+        devices = [w32.device] if w32.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(w32, q=q, niter=niter)
+        return SVDCache(U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].contiguous())
+    raise ValueError(f"method must be 'full' or 'randomized', got {method!r}.")

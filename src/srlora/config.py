@@ -61,9 +61,7 @@ class SRLoRAConfig:
     )
     switch_interval: int | None = field(
         default=None,
-        metadata={
-            "help": "Switch every this many optimizer steps (use when the total number of steps is not known)."
-        },
+        metadata={"help": "Switch every this many optimizer steps (use when the total number of steps is not known)."},
     )
     optimizer_reset: OptimizerReset = field(
         default="seed",

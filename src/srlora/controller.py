@@ -85,7 +85,9 @@ class SwitchEvent:
 class _Layer:
     """Everything SRLoRA keeps for one adapted layer."""
 
-    def __init__(self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule, config: SRLoRAConfig):
+    def __init__(
+        self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule, config: SRLoRAConfig
+    ):
         self.target = target
         self.cache = cache
         self.r = target.r
@@ -119,7 +121,9 @@ class _Layer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["slot_direction"].shape != self.slot_direction.shape:
-            raise ValueError(f"layer {self.target.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}.")
+            raise ValueError(
+                f"layer {self.target.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}."
+            )
         self.pointer = int(state["pointer"])
         self.slot_direction.copy_(state["slot_direction"])
         self.slot_since.copy_(state["slot_since"])

@@ -80,14 +80,15 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
         ValueError: the adapter is absent, or a layer cannot be driven by SRLoRA
             (message names the layer and the fix).
     """
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
     if not lora_layers:
         raise TypeError(
             f"{type(model).__name__} has no PEFT LoRA layer. Wrap the model first: "
-            "model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), then SRLoRA(model, config)."
+            "model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=[...])), "
+            "then SRLoRA(model, config)."
         )
     carrying = [(name, mod) for name, mod in lora_layers if adapter in mod.lora_A or adapter in mod.lora_embedding_A]
     if not carrying:

@@ -68,9 +68,7 @@ def _param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def seed_second_moment_(
-    optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int
-) -> bool:
+def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> bool:
     """Set Adam's ``exp_avg_sq`` of slices ``index`` to ``grad^2 (1 - beta2^t)``; see the module doc.
 
     Returns ``False`` (doing nothing) when the optimizer is not Adam/AdamW or the

@@ -25,7 +25,9 @@ from .layers import LoraTarget
 from .svd import SVDCache
 
 
-def pissa_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pissa_factors(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B_J, A_J)`` of the directions given as columns of ``U (m, k)``, ``V (n, k)``."""
     root = torch.sqrt(S / scaling)
     return U * root, (V * root).T

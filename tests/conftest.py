@@ -1,0 +1,162 @@
+"""Tiny random models for the unit tests (an MLP, a BERT, a GPT-2) and helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from srlora import SRLoRA, SRLoRAConfig
+
+
+class MLP(nn.Module):
+    """Three Linear layers; the two hidden ones are LoRA targets."""
+
+    def __init__(self, d_in: int = 48, d_hidden: int = 80, d_out: int = 5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_in)
+        self.head = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+@dataclass
+class Case:
+    """A tiny model, its LoRA targets, an input batch and a loss."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    targets: list[str]
+    batch: Callable[[torch.Generator], dict]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+    logits: Callable[[nn.Module, dict], torch.Tensor]
+
+
+def _mlp_batch(g: torch.Generator) -> dict:
+    return {"x": torch.randn(8, 48, generator=g), "y": torch.randint(0, 5, (8,), generator=g)}
+
+
+def _bert() -> nn.Module:
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _tokens(g: torch.Generator) -> dict:
+    return {
+        "input_ids": torch.randint(0, 100, (4, 12), generator=g),
+        "labels": torch.randint(0, 3, (4,), generator=g),
+    }
+
+
+def _lm_tokens(g: torch.Generator) -> dict:
+    ids = torch.randint(0, 100, (4, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+CASES = {
+    "mlp": Case(
+        "mlp",
+        MLP,
+        ["fc1", "fc2"],
+        _mlp_batch,
+        lambda m, b: nn.functional.cross_entropy(m(b["x"]), b["y"]),
+        lambda m, b: m(b["x"]),
+    ),
+    "bert": Case(
+        "bert",
+        _bert,
+        ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+        _tokens,
+        lambda m, b: m(**b).loss,
+        lambda m, b: m(input_ids=b["input_ids"]).logits,
+    ),
+    "gpt2": Case(
+        "gpt2",
+        _gpt2,
+        ["c_attn", "c_proj", "c_fc"],
+        _lm_tokens,
+        lambda m, b: m(**b).loss,
+        lambda m, b: m(input_ids=b["input_ids"]).logits,
+    ),
+}
+
+
+def make_base(case: Case, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return case.build().eval()
+
+
+def make_peft(case: Case, seed: int = 0, r: int = 4, alpha: float = 8, **lora_kwargs) -> nn.Module:
+    """A PEFT LoRA model over the tiny base (default init: B = 0). The B factors are
+    then given random values so the LoRA branch is not a no-op (a partially trained adapter)."""
+    base = make_base(case, seed)
+    kwargs = dict(r=r, lora_alpha=alpha, target_modules=case.targets, lora_dropout=0.0)
+    if case.name == "gpt2":
+        kwargs["fan_in_fan_out"] = True
+    kwargs.update(lora_kwargs)
+    return peft.get_peft_model(base, peft.LoraConfig(**kwargs))
+
+
+def build(
+    case_name: str, seed: int = 0, r: int = 4, alpha: float = 8, lora_kwargs: dict | None = None, **config_kwargs
+) -> tuple[nn.Module, SRLoRA]:
+    case = CASES[case_name]
+    model = make_peft(case, seed, r=r, alpha=alpha, **(lora_kwargs or {}))
+    config_kwargs.setdefault("r_target", 16)
+    config_kwargs.setdefault("switch_interval", 20)
+    ctl = SRLoRA(model, SRLoRAConfig(**config_kwargs))
+    return model, ctl
+
+
+def adam(model: nn.Module, lr: float = 1e-2, **kw) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, **kw)
+
+
+def train(
+    model: nn.Module, case_name: str, opt: torch.optim.Optimizer, steps: int, seed: int = 1, ctl: SRLoRA | None = None
+) -> list[float]:
+    """``steps`` optimizer steps on fresh random batches; with ``ctl``, the manual protocol."""
+    case = CASES[case_name]
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = case.loss(model, case.batch(g))
+        loss.backward()
+        if ctl is not None:
+            ctl.update_importance()
+        opt.step()
+        if ctl is not None:
+            ctl.step(opt)
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(params=list(CASES))
+def case_name(request) -> str:
+    return request.param

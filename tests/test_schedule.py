@@ -1,0 +1,57 @@
+"""The switch schedule (SPEC section 4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from srlora import SwitchSchedule
+
+
+@pytest.mark.parametrize(
+    "n_all,r,r_target,r_prime,expected",
+    [
+        # N_switch = 12 / 2 = 6, t = 120 // 6 = 20; 120 is the last step: no switch there.
+        (120, 4, 16, 2, [20, 40, 60, 80, 100]),
+        # N_switch = 6, t = 125 // 6 = 20: the 6th switch at 120 < 125 happens.
+        (125, 4, 16, 2, [20, 40, 60, 80, 100, 120]),
+        # Paper SST-2-like: r=8, r'=4, r_target=512 -> N_switch = 126; N_all = 1000 -> t = 7.
+        (1000, 8, 512, 4, list(range(7, 7 * 126 + 1, 7))),
+        # gamma = 1: r' = r = 8, r_target = 32 -> N_switch = 3, t = 33.
+        (100, 8, 32, 8, [33, 66, 99]),
+        # Non-divisible remainder: N_switch = floor(13 / 4) = 3.
+        (90, 8, 21, 4, [30, 60]),
+        # r_target = 16 on RTE-like r = 8, r' = 4: N_switch = 2, t = 500.
+        (1000, 8, 16, 4, [500]),
+    ],
+)
+def test_paper_schedule(n_all, r, r_target, r_prime, expected):
+    sched = SwitchSchedule.build(r, r_prime, r_target, total_steps=n_all, switch_interval=None)
+    assert sched.steps() == expected
+    assert [t for t in range(1, n_all + 1) if sched.is_switch_step(t)] == expected
+
+
+def test_fixed_interval_without_total():
+    sched = SwitchSchedule.build(4, 2, 16, total_steps=None, switch_interval=25)
+    # N_switch = 6 bounds the number of switches even without N_all.
+    assert sched.steps() == [25, 50, 75, 100, 125, 150]
+    assert not sched.is_switch_step(175)
+
+
+def test_fixed_interval_with_total_stops_before_last_step():
+    sched = SwitchSchedule.build(4, 2, 64, total_steps=100, switch_interval=25)
+    assert sched.steps() == [25, 50, 75]
+
+
+def test_r_target_not_above_r():
+    with pytest.raises(ValueError, match="must be larger than the LoRA rank"):
+        SwitchSchedule.build(8, 4, 8, total_steps=100, switch_interval=None)
+
+
+def test_r_target_leaving_no_switch():
+    with pytest.raises(ValueError, match=r"room for no switch.*r_target >= 12"):
+        SwitchSchedule.build(8, 4, 10, total_steps=100, switch_interval=None)
+
+
+def test_too_few_steps_for_the_switches():
+    with pytest.raises(ValueError, match="shorter than the N_switch=126"):
+        SwitchSchedule.build(8, 4, 512, total_steps=100, switch_interval=None)

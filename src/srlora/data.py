@@ -88,8 +88,8 @@ MR_POSITIVE_LINES = 5152
 def _seeded_split(n: int, fractions: tuple[float, float] = (0.8, 0.1)) -> tuple[list[int], list[int], list[int]]:
     order = list(range(n))
     random.Random(SPLIT_SEED).shuffle(order)
-    n_train = int(round(fractions[0] * n))
-    n_dev = int(round(fractions[1] * n))
+    n_train = round(fractions[0] * n)
+    n_dev = round(fractions[1] * n)
     return order[:n_train], order[n_train : n_train + n_dev], order[n_train + n_dev :]
 
 

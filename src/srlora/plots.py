@@ -52,7 +52,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Path
         if len(runs) > 1:
             ax.fill_between(steps, arr.min(0), arr.max(0), alpha=0.2)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"training loss (moving average)")
+    ax.set_ylabel("training loss (moving average)")
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3)
     ax.legend()

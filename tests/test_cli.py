@@ -116,6 +116,7 @@ def test_glue_pairs_are_read(tmp_path):
         data.load_task("mrpc", root)
 
 
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
 def test_compare_writes_table_and_plots(tiny_model, fake_cache, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(
@@ -167,6 +168,7 @@ def test_compare_writes_table_and_plots(tiny_model, fake_cache, tmp_path, capsys
     assert "srlora" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
 def test_train_on_glue_pairs_regression(tiny_model, tmp_path):
     root = _glue_folder(tmp_path / "GLUE")
     out = tmp_path / "run"

@@ -27,6 +27,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,6 +102,12 @@ class _Layer:
         self.slot_direction = torch.arange(self.r, dtype=torch.long)
         self.slot_since = torch.zeros(self.r, dtype=torch.long)
         self.pointer = self.r
+        # The fused pairs, in order: W_t = W0 - U_:p diag(S_:p) V_:p^T + s fused_B fused_A.
+        # A compact, exact record of every change made to the frozen weight, used to
+        # export the total update as a LoRA adapter (rank <= 2p) without keeping W0.
+        n_fused = max(self.limit - self.r, 0)
+        self.fused_B = torch.zeros(m, n_fused, dtype=torch.float32, device=device)
+        self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
         # Recycled slots whose Adam second moment waits for its first gradient ("seed").
         self.pending_seed = torch.zeros(self.r, dtype=torch.bool)
         self.exhausted = False
@@ -115,6 +122,8 @@ class _Layer:
             "slot_direction": self.slot_direction.clone(),
             "slot_since": self.slot_since.clone(),
             "pending_seed": self.pending_seed.clone(),
+            "fused_B": self.fused_B[:, : self.pointer - self.r].clone(),
+            "fused_A": self.fused_A[: self.pointer - self.r].clone(),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
         }
@@ -128,6 +137,11 @@ class _Layer:
         self.slot_direction.copy_(state["slot_direction"])
         self.slot_since.copy_(state["slot_since"])
         self.pending_seed.copy_(state["pending_seed"])
+        used = self.pointer - self.r
+        self.fused_B.zero_()
+        self.fused_A.zero_()
+        self.fused_B[:, :used] = state["fused_B"]
+        self.fused_A[:used] = state["fused_A"]
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
 
@@ -292,6 +306,24 @@ class SRLoRA:
         """Switch every layer that has unused directions left, now, whatever the schedule."""
         return self._switch(list(self._layers.values()), optimizer or self._optimizer)
 
+    # ------------------------------------------------------------------ export
+    def merge_and_unload(self) -> nn.Module:
+        """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
+        same outputs). The controller is detached and must not be used afterwards."""
+        self.detach()
+        merge = getattr(self.model, "merge_and_unload", None)
+        if merge is None:
+            raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
+        return merge(adapter_names=[self.config.adapter_name])
+
+    def export_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:
+        """Write a standard PEFT LoRA adapter of the total update relative to the original
+        weights (exact when ``rank`` is None); returns each layer's relative error. See
+        :func:`srlora.export.export_lora`."""
+        from .export import export_lora
+
+        return export_lora(self, path, rank)
+
     # ------------------------------------------------------------------ internals
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._update_importance()
@@ -400,6 +432,9 @@ class SRLoRA:
             evicted=tuple(layer.slot_direction[slots].tolist()),
             scores=tuple(scores[slots].tolist()),
         )
+        used = layer.pointer - layer.r
+        layer.fused_B[:, used : used + layer.r_prime] = layer.target.lora_B[:, slots].float()
+        layer.fused_A[used : used + layer.r_prime] = layer.target.lora_A[slots].float()
         switch_pairs_(layer.target, layer.cache, slots, directions)
         layer.pointer += layer.r_prime
         layer.slot_direction[slots] = directions

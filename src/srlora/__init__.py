@@ -5,6 +5,7 @@
 >>> ctl.attach(optimizer)  # doctest: +SKIP
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SRLoRAConfig
 from .controller import SRLoRA, SRLoRAWarning, SwitchEvent
 from .optim_state import UnsupportedOptimizerWarning
@@ -17,5 +18,7 @@ __all__ = [
     "SwitchEvent",
     "SwitchSchedule",
     "UnsupportedOptimizerWarning",
+    "load_checkpoint",
+    "save_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -52,11 +52,12 @@ class SRLoRAConfig:
         default=0.85,
         metadata={"help": "EMA coefficient of the sensitivity's uncertainty (paper Eq. 5)."},
     )
-    total_steps: int | None = field(
+    total_steps: int | Literal["auto"] | None = field(
         default=None,
         metadata={
             "help": "Total number of optimizer steps N_all; the switch interval is "
-            "floor(N_all / N_switch) with N_switch = floor((r_target - r) / r')."
+            "floor(N_all / N_switch) with N_switch = floor((r_target - r) / r'). 'auto': an integration "
+            "(Trainer, Lightning) supplies it when training starts."
         },
     )
     switch_interval: int | None = field(
@@ -119,9 +120,10 @@ class SRLoRAConfig:
         if self.total_steps is None and self.switch_interval is None:
             raise ValueError(
                 "SRLoRA needs a schedule: give total_steps=N (the number of optimizer steps; the paper's "
-                "interval floor(N / N_switch) is derived from it) or switch_interval=K (switch every K steps)."
+                "interval floor(N / N_switch) is derived from it), switch_interval=K (switch every K steps), "
+                "or total_steps='auto' when a Trainer/Lightning callback supplies N."
             )
-        if self.total_steps is not None:
+        if self.total_steps is not None and self.total_steps != "auto":
             _check_int("total_steps", self.total_steps, minimum=1)
         if self.switch_interval is not None:
             _check_int("switch_interval", self.switch_interval, minimum=1)

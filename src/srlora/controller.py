@@ -44,6 +44,40 @@ from .svd import SVDCache, top_singular_triplets
 logger = logging.getLogger("srlora")
 
 
+_NO_SCHEDULE = (
+    "SRLoRA was built with total_steps='auto' and nobody has supplied the number of steps yet: use the "
+    "Trainer/Lightning callback (srlora.integrations), or call controller.set_total_steps(N) before training."
+)
+
+
+def _svd_on_rank0(target: LoraTarget, k: int, config: SRLoRAConfig) -> SVDCache:
+    """The layer's SVD; under torch.distributed, computed on rank 0 and broadcast so that
+    every rank starts from bit-identical directions (LAPACK builds may differ per host)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        cache = top_singular_triplets(
+            effective_weight(target),
+            k,
+            method=config.svd_method,
+            niter=config.svd_niter,
+            oversample=config.svd_oversample,
+            seed=config.seed,
+        )
+        if not distributed:
+            return cache
+    else:
+        m, n = target.shape
+        device = target.weight.device
+        cache = SVDCache(
+            torch.empty(m, k, device=device), torch.empty(k, device=device), torch.empty(n, k, device=device)
+        )
+    for t in (cache.U, cache.S, cache.V):
+        dist.broadcast(t, src=0)
+    return cache
+
+
 class SRLoRAWarning(UserWarning):
     """Something about the run the user should know but that is not an error."""
 
@@ -87,7 +121,7 @@ class _Layer:
     """Everything SRLoRA keeps for one adapted layer."""
 
     def __init__(
-        self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule, config: SRLoRAConfig
+        self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule | None, config: SRLoRAConfig
     ):
         self.target = target
         self.cache = cache
@@ -183,7 +217,7 @@ class SRLoRA:
             if r > min(m, n):
                 raise ValueError(f"Layer {target.name!r}: LoRA rank r={r} exceeds min(m, n)={min(m, n)}.")
             r_prime = config.recycled_per_switch(r)
-            schedule = SwitchSchedule.build(r, r_prime, config.r_target, config.total_steps, config.switch_interval)
+            SwitchSchedule.count_switches(r, r_prime, config.r_target)  # validates r_target
             k = min(config.r_target, m, n)
             if k < config.r_target:
                 clamped.append(f"{target.name} ({m}x{n}: {k})")
@@ -192,18 +226,11 @@ class SRLoRA:
                 if cache.U.shape != (m, k) or cache.V.shape != (n, k):
                     raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
             else:
-                cache = top_singular_triplets(
-                    effective_weight(target),
-                    k,
-                    method=config.svd_method,
-                    niter=config.svd_niter,
-                    oversample=config.svd_oversample,
-                    seed=config.seed,
-                )
+                cache = _svd_on_rank0(target, k, config)
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
             pissa_init_(target, cache)
-            self._layers[target.name] = _Layer(target, cache, r_prime, schedule, config)
+            self._layers[target.name] = _Layer(target, cache, r_prime, None, config)
 
         if clamped:
             warnings.warn(
@@ -213,7 +240,33 @@ class SRLoRA:
                 SRLoRAWarning,
                 stacklevel=2,
             )
-        shortest = min(layer.schedule.interval for layer in self._layers.values())
+        if config.total_steps != "auto" or config.switch_interval is not None:
+            self._build_schedules(None if config.total_steps == "auto" else config.total_steps, stacklevel=3)
+        logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Give ``N_all`` to a controller built with ``total_steps='auto'`` (the integrations
+        call this when training starts). With a fixed ``total_steps`` it only checks that
+        the two agree (a warning if not: the configured schedule is kept)."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
+        if self.config.total_steps == "auto":
+            self._build_schedules(total_steps, stacklevel=3)
+        elif self.config.total_steps is not None and self.config.total_steps != total_steps:
+            warnings.warn(
+                f"SRLoRAConfig.total_steps={self.config.total_steps}, but training runs {total_steps} optimizer "
+                f"steps; the configured schedule is kept. Use total_steps='auto' to follow the trainer.",
+                SRLoRAWarning,
+                stacklevel=2,
+            )
+
+    def _build_schedules(self, total_steps: int | None, stacklevel: int) -> None:
+        config = self.config
+        for layer in self._layers.values():
+            layer.schedule = SwitchSchedule.build(
+                layer.r, layer.r_prime, config.r_target, total_steps, config.switch_interval
+            )
+        shortest = min(layer.schedule.interval for layer in self._layers.values())  # type: ignore[union-attr]
         horizon = ema_warmup_steps(max(config.beta1, config.beta2))
         if shortest < horizon:
             warnings.warn(
@@ -221,14 +274,8 @@ class SRLoRA:
                 f"(beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs may be "
                 f"evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
                 SRLoRAWarning,
-                stacklevel=2,
+                stacklevel=stacklevel + 1,
             )
-        logger.info(
-            "SRLoRA: %d layers, SVD cache %.1f MiB, switch interval %d",
-            len(self._layers),
-            self.svd_cache_bytes() / 2**20,
-            shortest,
-        )
 
     # ------------------------------------------------------------------ queries
     @property
@@ -237,7 +284,10 @@ class SRLoRA:
 
     def schedule(self, layer: str | None = None) -> SwitchSchedule:
         """The switch schedule of ``layer`` (default: the first layer)."""
-        return self._layers[layer or next(iter(self._layers))].schedule
+        schedule = self._layers[layer or next(iter(self._layers))].schedule
+        if schedule is None:
+            raise RuntimeError(_NO_SCHEDULE)
+        return schedule
 
     def pair_scores(self) -> dict[str, torch.Tensor]:
         """``{layer: S_k for k in 0..r-1}`` (float32, on the adapter's device)."""
@@ -397,7 +447,9 @@ class SRLoRA:
             # The manual protocol learns the optimizer here; "seed" needs it before the next step.
             self._optimizer = optimizer
         self.global_step += 1
-        due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]
+        if any(layer.schedule is None for layer in self._layers.values()):
+            raise RuntimeError(_NO_SCHEDULE)
+        due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
         return self._switch(due, optimizer or self._optimizer) if due else []
 
     @torch.no_grad()

@@ -54,6 +54,23 @@ class SwitchSchedule:
             ValueError: when ``r_target`` leaves room for no switch, or ``total_steps``
                 is too short to fit even one step per switch.
         """
+        num_switches = cls.count_switches(r, r_prime, r_target)
+        if switch_interval is not None:
+            return cls(interval=switch_interval, num_switches=num_switches, total_steps=total_steps)
+        if total_steps is None:
+            raise ValueError("a schedule needs total_steps or switch_interval")
+        interval = total_steps // num_switches
+        if interval < 1:
+            raise ValueError(
+                f"total_steps={total_steps} is shorter than the N_switch={num_switches} switches that "
+                f"r_target={r_target}, r={r}, r'={r_prime} ask for. Lower r_target (to at most "
+                f"{r + total_steps * r_prime}) or train longer."
+            )
+        return cls(interval=interval, num_switches=num_switches, total_steps=total_steps)
+
+    @staticmethod
+    def count_switches(r: int, r_prime: int, r_target: int) -> int:
+        """``N_switch = floor((r_target - r) / r')``; raises when it is not >= 1."""
         if r_target <= r:
             raise ValueError(
                 f"r_target ({r_target}) must be larger than the LoRA rank r ({r}): SRLoRA explores "
@@ -65,17 +82,7 @@ class SwitchSchedule:
                 f"r_target={r_target} leaves room for no switch: each switch brings in r'={r_prime} new "
                 f"directions beyond the first r={r}. Use r_target >= {r + r_prime}."
             )
-        if switch_interval is not None:
-            return cls(interval=switch_interval, num_switches=num_switches, total_steps=total_steps)
-        assert total_steps is not None
-        interval = total_steps // num_switches
-        if interval < 1:
-            raise ValueError(
-                f"total_steps={total_steps} is shorter than the N_switch={num_switches} switches that "
-                f"r_target={r_target}, r={r}, r'={r_prime} ask for. Lower r_target (to at most "
-                f"{r + total_steps * r_prime}) or train longer."
-            )
-        return cls(interval=interval, num_switches=num_switches, total_steps=total_steps)
+        return num_switches
 
     def is_switch_step(self, step: int) -> bool:
         if step < self.interval or step % self.interval != 0:

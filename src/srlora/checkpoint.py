@@ -40,14 +40,19 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def _model_state(model: nn.Module, controller: SRLoRA) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+def _model_state(
+    model: nn.Module, controller: SRLoRA, trainable: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """Tensors to save: the switched frozen weights (and, with ``trainable``, every
+    trainable parameter and buffer); checksums of the frozen weights not saved."""
     names = _param_names(model)
     state: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            state[name] = p.detach().cpu().clone()
-    for name, b in model.named_buffers():
-        state[name] = b.detach().cpu().clone()
+    if trainable:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                state[name] = p.detach().cpu().clone()
+        for name, b in model.named_buffers():
+            state[name] = b.detach().cpu().clone()
     checksums: dict[str, list[float]] = {}
     for layer in controller._layers.values():
         pname = names[id(layer.target.base_param)]
@@ -89,7 +94,11 @@ def save_checkpoint(
         },
         "extra": extra,
     }
-    path = Path(path)
+    return atomic_torch_save(payload, Path(path))
+
+
+def atomic_torch_save(payload: Any, path: Path) -> int:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename; returns the size."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -125,6 +134,35 @@ def load_checkpoint(
             weights, other SRLoRA config).
     """
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+    restore_model_and_controller(payload, model, controller, str(path))
+    optimizer.load_state_dict(payload["optimizer"])
+    if lr_scheduler is not None:
+        if payload["lr_scheduler"] is None:
+            raise ValueError(f"{path}: saved without a learning-rate scheduler state.")
+        lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    if restore_rng:
+        torch.set_rng_state(payload["rng"]["torch"])
+        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+        random.setstate(payload["rng"]["python"])
+    return int(payload["step"])
+
+
+def method_state(model: nn.Module, controller: SRLoRA) -> dict[str, Any]:
+    """What SRLoRA adds to a framework's own checkpoint (which saves the adapter, the
+    optimizer and the scheduler): the controller's state and the frozen weights it
+    changed. Used by the Trainer and Lightning callbacks."""
+    model_state, checksums = _model_state(model, controller, trainable=False)
+    return {
+        "format": FORMAT_VERSION,
+        "model": model_state,
+        "frozen_checksums": checksums,
+        "controller": controller.state_dict(),
+    }
+
+
+def restore_model_and_controller(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, path: str) -> None:
+    """Check ``payload`` against the model, then load its tensors and controller state."""
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: not an srlora checkpoint (format {payload.get('format')!r}).")
     own = dict(model.named_parameters())
@@ -147,14 +185,3 @@ def load_checkpoint(
             if target.shape != value.shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(target.shape)}.")
             target.copy_(value)
-    optimizer.load_state_dict(payload["optimizer"])
-    if lr_scheduler is not None:
-        if payload["lr_scheduler"] is None:
-            raise ValueError(f"{path}: saved without a learning-rate scheduler state.")
-        lr_scheduler.load_state_dict(payload["lr_scheduler"])
-    if restore_rng:
-        torch.set_rng_state(payload["rng"]["torch"])
-        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        random.setstate(payload["rng"]["python"])
-    return int(payload["step"])

@@ -36,7 +36,7 @@ from torch import nn
 from .config import SRLoRAConfig
 from .importance import PairImportance, update_importance_
 from .layers import LoraTarget, find_lora_targets
-from .optim_state import optimizer_kind, seed_second_moment_, warn_unsupported, zero_moments_
+from .optim_state import optimizer_kind, seed_second_moment_, unwrap_optimizer, warn_unsupported, zero_moments_
 from .recompose import effective_weight, pissa_init_, switch_pairs_
 from .schedule import SwitchSchedule, ema_warmup_steps
 from .svd import SVDCache, top_singular_triplets
@@ -320,6 +320,7 @@ class SRLoRA:
         """
         if self._hooks:
             raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
+        optimizer = unwrap_optimizer(optimizer)
         self._check_optimizer(optimizer)
         self._optimizer = optimizer
         self._hooks = [
@@ -354,7 +355,8 @@ class SRLoRA:
 
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> list[SwitchEvent]:
         """Switch every layer that has unused directions left, now, whatever the schedule."""
-        return self._switch(list(self._layers.values()), optimizer or self._optimizer)
+        optimizer = unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
+        return self._switch(list(self._layers.values()), optimizer)
 
     # ------------------------------------------------------------------ export
     def merge_and_unload(self) -> nn.Module:
@@ -442,6 +444,8 @@ class SRLoRA:
             layer.pending_seed.zero_()
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
+        if optimizer is not None:
+            optimizer = unwrap_optimizer(optimizer)
         if optimizer is not None and self._optimizer is None:
             self._check_optimizer(optimizer)
             # The manual protocol learns the optimizer here; "seed" needs it before the next step.

@@ -23,11 +23,26 @@ entry's first step is ``~ (1 - beta1) lr`` and grows to a full step over
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The innermost ``torch.optim.Optimizer`` of accelerate's (``AcceleratedOptimizer``),
+    Lightning's or DeepSpeed's wrappers: the one whose ``step`` really runs and whose
+    ``state`` holds the moments."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    return optimizer
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:

@@ -1,0 +1,148 @@
+"""Hugging Face Trainer: one callback, schedule from max_steps, clipped and accumulated
+gradients, checkpoint and resume."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from conftest import CASES, make_base
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from srlora import SRLoRA, SRLoRAConfig
+from srlora.integrations import SRLoRACallback
+from srlora.integrations.hf import unwrap_optimizer
+from srlora.layers import find_lora_targets
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 100, (n, 12), generator=g)
+        self.labels = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _model_and_ctl(**cfg):
+    model = peft.get_peft_model(
+        make_base(CASES["bert"]),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets, modules_to_save=["classifier"]),
+    )
+    ctl = SRLoRA(model, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", **cfg))
+    return model, ctl
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=120,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_grad_norm=0.05,
+        save_steps=60,
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+class Recorder(TrainerCallback):
+    """Records what the optimizer sees at each step (its pre-hook runs after SRLoRA's)."""
+
+    def __init__(self, layer) -> None:
+        self.layer, self.snaps, self.norms = layer, [], []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        def hook(opt, a, k):
+            t = self.layer
+            self.snaps.append(
+                tuple(x.detach().double().clone() for x in (t.lora_A, t.lora_A.grad, t.lora_B, t.lora_B.grad))
+            )
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])))
+            )
+
+        unwrap_optimizer(optimizer).register_step_pre_hook(hook)
+
+
+def _hand(snaps, b1=0.85, b2=0.85):
+    ib = ub = None
+    for A, gA, B, gB in snaps:
+        sens = [(A * gA).abs(), (B * gB).abs()]
+        if ib is None:
+            ib, ub = [torch.zeros_like(s) for s in sens], [torch.zeros_like(s) for s in sens]
+        for i in range(2):
+            ib[i] = b1 * ib[i] + (1 - b1) * sens[i]
+            ub[i] = b2 * ub[i] + (1 - b2) * (sens[i] - ib[i]).abs()
+    return (ib[0] * ub[0]).mean(1) + (ib[1] * ub[1]).mean(0)
+
+
+def test_trainer_callback_schedule_and_importance(tmp_path):
+    model, ctl = _model_and_ctl()
+    layer = find_lora_targets(model, "default")[-1]
+    rec = Recorder(layer)
+    trainer = Trainer(
+        model=model, args=_args(tmp_path, save_steps=1000), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl), rec]
+    )
+    trainer.train()
+    # One importance update and one step count per optimizer step (2 micro-batches each).
+    assert ctl.global_step == 120 == len(rec.snaps)
+    # total_steps='auto' took max_steps: N_switch = 6, t = 20, no switch at 120.
+    assert ctl.schedule().steps() == [20, 40, 60, 80, 100]
+    assert sorted({e.step for e in ctl.history}) == [20, 40, 60, 80, 100]
+    # The gradients the optimizer applies are clipped (max_grad_norm = 0.05)...
+    assert max(rec.norms) <= 0.05 * (1 + 1e-4)
+    # ...and those are the ones the scores are made of (since the last switch of the layer).
+    last = max(e.step for e in ctl.history if e.layer == layer.name)
+    scores = ctl.pair_scores()[layer.name]
+    fresh = next(list(e.slots) for e in ctl.history if e.layer == layer.name and e.step == last)
+    # Recycled pairs restarted from zero at step `last`: their scores are the EMAs of the
+    # (clipped) gradients of steps last+1 .. 120 exactly.
+    torch.testing.assert_close(scores[fresh], _hand(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14)
+    assert not ctl.attached  # detached at train end
+
+
+def _final(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_trainer_resume_restores_frozen_weights_and_scores(tmp_path):
+    model, ctl = _model_and_ctl()
+    Trainer(model=model, args=_args(tmp_path / "a"), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl)]).train()
+    ref, ref_hist = _final(model), [e.to_dict() for e in ctl.history]
+
+    # Second run: stop after the checkpoint at step 60 (the switches at 20, 40, 60 changed W).
+    model2, ctl2 = _model_and_ctl()
+    Trainer(model=model2, args=_args(tmp_path / "b"), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl2)]).train()
+    assert (tmp_path / "b" / "checkpoint-60" / "srlora_state.pt").is_file()
+    model3, ctl3 = _model_and_ctl()
+    Trainer(model=model3, args=_args(tmp_path / "b"), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl3)]).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-60")
+    )
+    assert [e.to_dict() for e in ctl3.history] == ref_hist
+    got = _final(model3)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_resume_without_state_file_is_refused(tmp_path):
+    model, ctl = _model_and_ctl()
+    Trainer(model=model, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl)]).train()
+    (tmp_path / "checkpoint-60" / "srlora_state.pt").unlink()
+    model2, ctl2 = _model_and_ctl()
+    trainer = Trainer(model=model2, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl2)])
+    with pytest.raises(FileNotFoundError, match="srlora_state.pt is missing"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-60"))

@@ -144,5 +144,5 @@ def test_resume_without_state_file_is_refused(tmp_path):
     (tmp_path / "checkpoint-60" / "srlora_state.pt").unlink()
     model2, ctl2 = _model_and_ctl()
     trainer = Trainer(model=model2, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl2)])
-    with pytest.raises(FileNotFoundError, match="srlora_state.pt is missing"):
+    with pytest.raises(FileNotFoundError, match=r"srlora_state\.pt is missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-60"))

@@ -377,8 +377,23 @@ class SRLoRA:
         return export_lora(self, path, rank)
 
     # ------------------------------------------------------------------ internals
-    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._update_importance()
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            self._update_importance()
+            return None
+
+        # optimizer.step(closure): the gradients exist only once the closure has run
+        # (Lightning's closure also clips them), so the importance is updated right after
+        # it, still before the parameters move.
+        def closure_then_importance() -> Any:
+            result = closure()
+            self._update_importance()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_importance}
+        return (closure_then_importance, *args[1:]), kwargs
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step(optimizer)

@@ -1,0 +1,147 @@
+"""PyTorch Lightning: one callback, clipped and accumulated gradients, state in checkpoints."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from conftest import CASES, make_base
+
+from srlora import SRLoRA, SRLoRAConfig
+from srlora.layers import find_lora_targets
+
+pl = pytest.importorskip("lightning.pytorch")
+from srlora.integrations.lightning import SRLoRALightningCallback  # noqa: E402
+
+
+class Module(pl.LightningModule):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch[0], labels=batch[1]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _loader():
+    g = torch.Generator().manual_seed(0)
+    ids, labels = torch.randint(0, 100, (64, 12), generator=g), torch.randint(0, 3, (64,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, labels), batch_size=4, shuffle=False)
+
+
+def _build():
+    model = peft.get_peft_model(
+        make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+    )
+    return model, SRLoRA(model, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto"))
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    args = dict(
+        max_steps=120,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        deterministic=True,
+    )
+    args.update(kw)
+    return pl.Trainer(callbacks=callbacks, **args)
+
+
+def _hand(snaps, b=0.85):
+    ib = ub = None
+    for A, gA, B, gB in snaps:
+        sens = [(A * gA).abs(), (B * gB).abs()]
+        if ib is None:
+            ib, ub = [torch.zeros_like(s) for s in sens], [torch.zeros_like(s) for s in sens]
+        for i in range(2):
+            ib[i] = b * ib[i] + (1 - b) * sens[i]
+            ub[i] = b * ub[i] + (1 - b) * (sens[i] - ib[i]).abs()
+    return (ib[0] * ub[0]).mean(1) + (ib[1] * ub[1]).mean(0)
+
+
+class Recorder(pl.Callback):
+    """Weights before each optimizer step, and the gradients the step applied."""
+
+    def __init__(self, layer) -> None:
+        self.layer, self.snaps, self.norms, self._pre = layer, [], [], None
+
+    def on_fit_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        t = self.layer
+
+        def pre(o, a, k):
+            self._pre = (t.lora_A.detach().double().clone(), t.lora_B.detach().double().clone())
+
+        def post(o, a, k):
+            A, B = self._pre
+            self.snaps.append((A, t.lora_A.grad.double().clone(), B, t.lora_B.grad.double().clone()))
+            grads = [p.grad for g in o.param_groups for p in g["params"] if p.grad is not None]
+            self.norms.append(
+                float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads])))
+            )
+
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(post)
+
+
+def test_lightning_callback_schedule_and_clipped_importance(tmp_path):
+    model, ctl = _build()
+    layer = find_lora_targets(model, "default")[-1]
+    rec = Recorder(layer)
+    _trainer(tmp_path, [SRLoRALightningCallback(ctl), rec]).fit(Module(model), _loader())
+    assert ctl.global_step == 120 == len(rec.snaps)
+    assert sorted({e.step for e in ctl.history}) == [20, 40, 60, 80, 100]
+    assert max(rec.norms) <= 0.05 * (1 + 1e-4)
+    last = max(e.step for e in ctl.history if e.layer == layer.name)
+    fresh = next(list(e.slots) for e in ctl.history if e.layer == layer.name and e.step == last)
+    torch.testing.assert_close(
+        ctl.pair_scores()[layer.name][fresh], _hand(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14
+    )
+    assert not ctl.attached
+
+
+def test_lightning_checkpoint_resume(tmp_path):
+    """The controller's state travels in Lightning's checkpoint and is back before the
+    first resumed step. (Lightning itself does not restore the position inside a plain
+    DataLoader, so the resumed run is not compared bit for bit with an uninterrupted one;
+    srlora.save_checkpoint gives that in a plain loop, see test_checkpoint.py.)"""
+    model, ctl = _build()
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=60, save_top_k=-1)
+    _trainer(tmp_path / "a", [SRLoRALightningCallback(ctl), ckpt_cb], enable_checkpointing=True).fit(
+        Module(model), _loader()
+    )
+    ckpt = next(p for p in (tmp_path / "ck").glob("*.ckpt") if "step=60" in p.name)
+    saved = torch.load(ckpt, weights_only=False)
+    (state,) = [v for k, v in saved["callbacks"].items() if "SRLoRALightningCallback" in k]
+    assert state["controller"]["global_step"] == 60
+    assert sorted({e["step"] for e in state["controller"]["history"]}) == [20, 40, 60]
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = ctl2.state_dict()
+            self.frozen = {k: v.clone() for k, v in pl_module.model.state_dict().items() if "base_layer" in k}
+
+    model2, ctl2 = _build()
+    probe = AtStart()
+    _trainer(tmp_path / "b", [SRLoRALightningCallback(ctl2), probe]).fit(Module(model2), _loader(), ckpt_path=str(ckpt))
+    restored = probe.state
+    assert restored["global_step"] == 60 and restored["history"] == state["controller"]["history"]
+    for name, layer in state["controller"]["layers"].items():
+        for k, v in layer["importance"].items():
+            assert torch.equal(restored["layers"][name]["importance"][k], v)
+        assert restored["layers"][name]["pointer"] == layer["pointer"]
+    # The frozen weights SRLoRA changed come back from Lightning's module checkpoint.
+    for k, v in probe.frozen.items():
+        assert torch.equal(v, saved["state_dict"]["model." + k]), k
+    # Training then goes on with the same schedule.
+    assert ctl2.global_step == 120
+    assert sorted({e.step for e in ctl2.history}) == [20, 40, 60, 80, 100]

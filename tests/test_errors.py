@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import peft
 import pytest
+import torch
 from conftest import CASES, MLP, build, make_base
 from torch import nn
 
@@ -121,3 +122,22 @@ def test_short_interval_warns():
 
     with pytest.warns(SRLoRAWarning, match="shorter than the 19 steps"):
         build("mlp", r=4, r_target=16, switch_interval=5)
+
+
+def test_fsdp_sharded_model_refused():
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, DTensor, Replicate
+
+    if not dist.is_available():
+        pytest.skip("torch built without distributed")
+    model = peft.get_peft_model(make_base(CASES["mlp"]), peft.LoraConfig(r=4, target_modules=["fc1"]))
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = DeviceMesh("cpu", [0])
+        w = model.base_model.model.fc2.weight
+        model.base_model.model.fc2.weight = torch.nn.Parameter(DTensor.from_local(w.data, mesh, [Replicate()]))
+        with pytest.raises(NotImplementedError, match="does not support FSDP"):
+            SRLoRA(model, SRLoRAConfig(r_target=16, total_steps=100))
+    finally:
+        dist.destroy_process_group()

@@ -111,3 +111,27 @@ def test_manual_calls_refused_while_attached():
     ctl.detach()
     ctl.step()
     assert ctl.global_step == 1
+
+
+@pytest.mark.parametrize("as_kwarg", [False, True])
+def test_closure_step_updates_importance_after_the_closure(as_kwarg):
+    """optimizer.step(closure): gradients exist only once the closure ran; the scores
+    must be made from them (Lightning passes its closure this way)."""
+    model, ctl = build("mlp", r=4, r_target=16, switch_interval=1000)
+    opt = adam(model)
+    ctl.attach(opt)
+    case = CASES["mlp"]
+    batch = case.batch(torch.Generator().manual_seed(0))
+    t = find_lora_targets(model, "default")[0]
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        loss = case.loss(model, batch)
+        loss.backward()
+        seen.append(tuple(x.detach().double().clone() for x in (t.lora_A, t.lora_A.grad, t.lora_B, t.lora_B.grad)))
+        return loss
+
+    loss = opt.step(closure=closure) if as_kwarg else opt.step(closure)
+    assert loss is not None and ctl.global_step == 1
+    torch.testing.assert_close(ctl.pair_scores()[t.name], _hand_scores(seen, 0.85, 0.85).float(), rtol=1e-5, atol=1e-12)

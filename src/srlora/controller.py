@@ -378,7 +378,8 @@ class SRLoRA:
 
     # ------------------------------------------------------------------ internals
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        closure = kwargs.get("closure", args[0] if args else None)
+        # torch passes step()'s positional arguments with the optimizer itself first.
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
             self._update_importance()
             return None
@@ -393,7 +394,7 @@ class SRLoRA:
 
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_importance}
-        return (closure_then_importance, *args[1:]), kwargs
+        return (args[0], closure_then_importance, *args[2:]), kwargs
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step(optimizer)

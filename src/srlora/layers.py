@@ -72,6 +72,23 @@ class LoraTarget:
         return int(m), int(n)
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """FSDP shards the weights SRLoRA decomposes and rewrites: not supported yet."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    sharded = any(isinstance(m, FSDP) for m in model.modules()) or any(
+        isinstance(p, DTensor) for p in model.parameters()
+    )
+    if sharded:
+        raise NotImplementedError(
+            "SRLoRA does not support FSDP (sharded weights) yet: it needs each adapted layer's full weight for the "
+            "SVD and the switches. Build SRLoRA on the unwrapped model and train with DistributedDataParallel."
+        )
+
+
 def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     """All layers of a PEFT LoRA model that carry ``adapter``, checked for SRLoRA.
 
@@ -82,6 +99,8 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     """
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
+
+    _refuse_sharded(model)
 
     lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
     if not lora_layers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from srlora import assets
 from srlora.data import MR_POSITIVE_LINES, load_task
@@ -77,3 +78,23 @@ def test_mr_reg_and_imdb_on_minilm(minilm, tmp_path):
     )
     res = run(cfg, tmp_path / "imdb", task=imdb, progress=False)
     assert 0 <= res["final"]["accuracy"] <= 1
+
+
+def test_causal_lm_example_on_smollm2():
+    pytest.importorskip("gguf")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "causal_lm", Path(__file__).parent.parent / "examples" / "causal_lm.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--steps", "5", "--r", "4", "--r-target", "8"])
+    assert out["layers"] == 30 * 7  # every attention and MLP projection of the 30 Llama blocks
+    # r=4, r'=2, r_target=8: N_switch = 2, t = 2: a switch after step 2 and 4 in every layer.
+    assert out["switches"] == 2 * 30 * 7
+    assert set(out["directions_used"].values()) == {8}
+    assert all(torch.isfinite(torch.tensor(out["losses"])))
+    # Training on four sentences: the loss goes down.
+    assert out["losses"][-1] < out["losses"][0]

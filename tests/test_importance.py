@@ -4,25 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, adam, build
+from conftest import CASES, adam, build, hand_scores
 
 from srlora import SRLoRAWarning
 from srlora.layers import find_lora_targets
-
-
-def _hand_scores(snapshots, beta1, beta2):
-    """Eq. 3-7 in float64 from the (A, gradA, B, gradB) seen at each step."""
-    state = None
-    for A, gA, B, gB in snapshots:
-        sens = [(A * gA).abs(), (B * gB).abs()]
-        if state is None:
-            state = [[torch.zeros_like(t) for t in sens], [torch.zeros_like(t) for t in sens]]
-        ibar, ubar = state
-        for i in range(2):
-            ibar[i] = beta1 * ibar[i] + (1 - beta1) * sens[i]
-            ubar[i] = beta2 * ubar[i] + (1 - beta2) * (sens[i] - ibar[i]).abs()
-    ibar, ubar = state
-    return (ibar[0] * ubar[0]).mean(dim=1) + (ibar[1] * ubar[1]).mean(dim=0)
 
 
 @pytest.mark.parametrize("attach", [False, True])
@@ -50,7 +35,7 @@ def test_pair_scores_equal_hand_computation(case_name, attach, beta1, beta2):
         opt.zero_grad()
     scores = ctl.pair_scores()
     for t in targets:
-        expected = _hand_scores(snaps[t.name], beta1, beta2).float()
+        expected = hand_scores(snaps[t.name], beta1, beta2).float()
         # float32 EMAs of float32 products vs a float64 reference: relative error of a
         # few ulps per step, accumulated over 6 steps.
         torch.testing.assert_close(scores[t.name], expected, rtol=1e-5, atol=1e-12)
@@ -74,7 +59,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step():
         opt.zero_grad()
     assert ctl.global_step == 3
     torch.testing.assert_close(
-        ctl.pair_scores()[targets[0].name], _hand_scores(snaps, 0.85, 0.85).float(), rtol=1e-5, atol=1e-12
+        ctl.pair_scores()[targets[0].name], hand_scores(snaps, 0.85, 0.85).float(), rtol=1e-5, atol=1e-12
     )
 
 
@@ -134,4 +119,4 @@ def test_closure_step_updates_importance_after_the_closure(as_kwarg):
 
     loss = opt.step(closure=closure) if as_kwarg else opt.step(closure)
     assert loss is not None and ctl.global_step == 1
-    torch.testing.assert_close(ctl.pair_scores()[t.name], _hand_scores(seen, 0.85, 0.85).float(), rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(ctl.pair_scores()[t.name], hand_scores(seen, 0.85, 0.85).float(), rtol=1e-5, atol=1e-12)

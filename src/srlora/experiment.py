@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import SRLoRAConfig
 from .controller import SRLoRA
-from .data import Split, Task, load_task
+from .data import ImageSplit, Split, Task, load_task
 from .metrics import compute_metrics
 
 METHODS = ("lora", "pissa", "srlora")
@@ -43,11 +43,18 @@ METHODS = ("lora", "pissa", "srlora")
 class RunConfig:
     """Everything that defines one run; the CLI's options are these fields."""
 
-    task: str = field(default="mr", metadata={"help": "Task: mr, mr-reg, imdb, or GLUE sst2/mrpc/cola/qnli/rte/stsb."})
+    task: str = field(
+        default="mr",
+        metadata={
+            "help": "Task: mr, mr-reg, imdb, digits, mnist, fashion-mnist, or GLUE sst2/mrpc/cola/qnli/rte/stsb."
+        },
+    )
     method: str = field(default="srlora", metadata={"help": "lora (PEFT default init), pissa, or srlora."})
     model: str | None = field(
         default=None,
-        metadata={"help": "Hugging Face model id or local folder (default: the fetched MiniLM text encoder)."},
+        metadata={
+            "help": "Hugging Face model id or local folder (default: the fetched MiniLM for text, DINOv2-S for images)."
+        },
     )
     data_dir: str | None = field(default=None, metadata={"help": "GLUE folder in the official TSV layout."})
     seed: int = field(default=1, metadata={"help": "Seed of the head initialisation and of the data order."})
@@ -57,6 +64,12 @@ class RunConfig:
     warmup_steps: int = field(default=15, metadata={"help": "Linear learning-rate warm-up steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the paper uses none)."})
     max_length: int = field(default=64, metadata={"help": "Tokens per example (longer inputs are truncated)."})
+    image_size: int = field(
+        default=56,
+        metadata={
+            "help": "Image tasks: input side in pixels (DINOv2: a multiple of 14; position embeddings interpolate)."
+        },
+    )
     r: int = field(default=8, metadata={"help": "LoRA rank r (trainable ranks per layer)."})
     alpha: float = field(default=8, metadata={"help": "LoRA alpha (scaling s = alpha / r)."})
     target_modules: list[str] | None = field(
@@ -157,10 +170,34 @@ def apply_preset(name: str, overrides: dict[str, Any], train_size: int | None = 
     return values
 
 
-def default_model() -> str:
+def default_model(task: Task) -> str:
+    """MiniLM for text tasks, DINOv2-S for image tasks (fetched on first use)."""
     from .assets import fetch
 
-    return str(fetch("minilm"))
+    return str(fetch("dinov2-s" if task.is_image else "minilm"))
+
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as DINOv2 was trained with
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class _Images:
+    """Grayscale images resized to ``size`` and replicated to 3 normalised channels."""
+
+    def __init__(self, split: ImageSplit, size: int) -> None:
+        x = split.images.unsqueeze(1)
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+        self.pixels = ((x - mean) / std).contiguous()
+        self.labels = torch.tensor(split.labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, index: list[int]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -222,20 +259,24 @@ def _atomic_write_json(path: Path, data: Any) -> None:
 def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module, SRLoRA | None]:
     """The PEFT model of ``cfg.method`` (and its SRLoRA controller)."""
     import peft
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     torch.manual_seed(cfg.seed)  # the head's initialisation: the same for every method
-    base = AutoModelForSequenceClassification.from_pretrained(
+    auto = AutoModelForImageClassification if task.is_image else AutoModelForSequenceClassification
+    base = auto.from_pretrained(
         model_path,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
         ignore_mismatched_sizes=True,  # a checkpoint's own head of another size is replaced
     )
     targets = cfg.target_modules or default_targets(base)
+    # Text: PEFT's sequence-classification wrapper (it trains the head). Images: the same
+    # by hand, the fresh head trained in full as the head of a text model is.
+    head = {"modules_to_save": ["classifier"]} if task.is_image else {"task_type": peft.TaskType.SEQ_CLS}
     lora = peft.LoraConfig(
-        task_type=peft.TaskType.SEQ_CLS,
+        **head,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=0.0,
@@ -250,7 +291,7 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: _Encoded, task: Task, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: nn.Module, data: _Encoded | _Images, task: Task, batch_size: int = 64) -> dict[str, float]:
     model.eval()
     preds, losses, n = [], 0.0, 0
     for start in range(0, len(data), batch_size):
@@ -272,11 +313,10 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     task = task or load_task(cfg.task, cfg.data_dir)
-    model_path = cfg.model or default_model()
+    model_path = cfg.model or default_model(task)
     _atomic_write_json(
         out_dir / "config.json", {**dataclasses.asdict(cfg), "model": model_path, "task_description": task.description}
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_split, dev_split = task.train, task.dev
     # Caps take a fixed random subset (files are often sorted by label), the same for
     # every method and seed.
@@ -284,8 +324,14 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
         train_split = train_split.subset(fixed_subset(len(train_split), cfg.max_train))
     if cfg.max_eval is not None and cfg.max_eval < len(dev_split):
         dev_split = dev_split.subset(fixed_subset(len(dev_split), cfg.max_eval))
-    train = _Encoded(tokenizer, train_split, cfg.max_length, task.is_regression)
-    dev = _Encoded(tokenizer, dev_split, cfg.max_length, task.is_regression)
+    train: _Encoded | _Images
+    dev: _Encoded | _Images
+    if task.is_image:
+        train, dev = _Images(train_split, cfg.image_size), _Images(dev_split, cfg.image_size)  # type: ignore[arg-type]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        train = _Encoded(tokenizer, train_split, cfg.max_length, task.is_regression)  # type: ignore[arg-type]
+        dev = _Encoded(tokenizer, dev_split, cfg.max_length, task.is_regression)  # type: ignore[arg-type]
 
     model, ctl = build_model(cfg, task, model_path)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -209,3 +209,66 @@ def test_bad_options_are_clear(tiny_model, tmp_path, capsys):
     assert "Unknown task 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "lora,adalora", "--model", str(tiny_model)])
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=4, image_size=16
+    )
+    Dinov2Model(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_image_task_on_tiny_vit(tiny_vit, tmp_path):
+    """digits (scikit-learn, offline) through the image path: resize, 3 channels, ViT head."""
+    out = tmp_path / "cmp"
+    rc = main(
+        [
+            "compare",
+            "--task",
+            "digits",
+            "--model",
+            str(tiny_vit),
+            "--image-size",
+            "16",
+            "--max-steps",
+            "40",
+            "--eval-every",
+            "40",
+            "--r",
+            "4",
+            "--alpha",
+            "4",
+            "--r-target",
+            "12",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    for r in res["runs"]:
+        assert r["final"]["step"] == 40 and set(r["final"]) == {"step", "eval_loss", "accuracy"}
+    # The head is trained in full with every method (modules_to_save), LoRA on the rest.
+    assert len({r["trainable_params"] for r in res["runs"]}) == 1
+    hist = json.loads((out / "srlora" / "seed1" / "history.json").read_text())
+    assert any("attention" in name for name in hist["slot_directions"])
+    assert (out / "active_intervals.png").stat().st_size > 1000
+
+
+def test_digits_split():
+    task = data.load_task("digits")
+    assert (len(task.train), len(task.dev), len(task.test)) == (1438, 180, 179)
+    assert task.train.images.shape[1:] == (8, 8) and float(task.train.images.max()) == 1.0
+    # Ten classes, each 8-12% of the dev split.
+    counts = [task.dev.labels.count(k) for k in range(10)]
+    assert min(counts) >= 0.05 * len(task.dev) and max(counts) <= 0.15 * len(task.dev)

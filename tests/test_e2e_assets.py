@@ -98,3 +98,40 @@ def test_causal_lm_example_on_smollm2():
     assert all(torch.isfinite(torch.tensor(out["losses"])))
     # Training on four sentences: the loss goes down.
     assert out["losses"][-1] < out["losses"][0]
+
+
+def test_image_data_as_documented():
+    mnist = load_task("mnist")
+    assert (len(mnist.train), len(mnist.dev)) == (60000, 10000)
+    fashion = load_task("fashion-mnist")
+    assert (len(fashion.train), len(fashion.dev)) == (60000, 10000)
+    # Fashion-MNIST is exactly balanced: 6,000 / 1,000 per class.
+    assert [fashion.train.labels.count(k) for k in range(10)] == [6000] * 10
+    assert [fashion.dev.labels.count(k) for k in range(10)] == [1000] * 10
+    for task in (mnist, fashion):
+        assert task.train.images.shape[1:] == (28, 28)
+        assert float(task.train.images.min()) >= 0.0 and float(task.train.images.max()) <= 1.0
+
+
+def test_fashion_mnist_on_dinov2(tmp_path):
+    path = assets.fetch("dinov2-s")
+    cfg = RunConfig(
+        task="fashion-mnist",
+        method="srlora",
+        model=str(path),
+        max_steps=7,
+        eval_every=7,
+        max_eval=64,
+        max_train=256,
+        batch_size=8,
+        image_size=28,
+        r=8,
+        alpha=8,
+        r_target=16,
+        warmup_steps=1,
+        lr=1e-3,
+    )
+    res = run(cfg, tmp_path / "run", progress=False)
+    assert res["final"]["step"] == 7 and 0 <= res["final"]["accuracy"] <= 1
+    # 12 blocks x (q, k, v, o, fc1, fc2) adapted; switches after steps 3 and 6.
+    assert len(res["directions_used"]) == 72 and set(res["directions_used"].values()) == {16}

@@ -135,3 +135,22 @@ def test_fashion_mnist_on_dinov2(tmp_path):
     assert res["final"]["step"] == 7 and 0 <= res["final"]["accuracy"] <= 1
     # 12 blocks x (q, k, v, o, fc1, fc2) adapted; switches after steps 3 and 6.
     assert len(res["directions_used"]) == 72 and set(res["directions_used"].values()) == {16}
+
+
+def test_fine_foods_on_minilm(minilm, tmp_path):
+    task = load_task("fine-foods")
+    # Documented: the official 4,000 / 1,000 split, 65% / 65.8% "great".
+    assert (len(task.train), len(task.dev)) == (4000, 1000)
+    assert (sum(task.train.labels), sum(task.dev.labels)) == (2600, 658)
+    cfg = RunConfig(
+        task="fine-foods",
+        method="lora",
+        model=minilm,
+        max_steps=3,
+        eval_every=3,
+        max_eval=64,
+        batch_size=8,
+        warmup_steps=1,
+    )
+    res = run(cfg, tmp_path / "run", task=task, progress=False)
+    assert set(res["final"]) == {"step", "eval_loss", "accuracy", "f1"}

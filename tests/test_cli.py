@@ -272,3 +272,44 @@ def test_digits_split():
     # Ten classes, each 8-12% of the dev split.
     counts = [task.dev.labels.count(k) for k in range(10)]
     assert min(counts) >= 0.05 * len(task.dev) and max(counts) <= 0.15 * len(task.dev)
+
+
+def test_train_with_adaptive_switch(tiny_model, tmp_path):
+    root = _glue_folder(tmp_path / "GLUE")
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(root),
+            "--model",
+            str(tiny_model),
+            "--method",
+            "srlora",
+            "--max-steps",
+            "60",
+            "--eval-every",
+            "60",
+            "--r",
+            "4",
+            "--r-target",
+            "8",
+            "--batch-size",
+            "8",
+            "--adaptive-switch",
+            "--adaptive-patience",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["adaptive_switch"] is True
+    hist = json.loads((out / "history.json").read_text())
+    # r=4, r'=2, r_target=8: at most 2 switches per layer, the first not before step 19.
+    per_layer = {}
+    for e in hist["events"]:
+        per_layer.setdefault(e["layer"], []).append(e["step"])
+    assert per_layer and all(1 <= len(v) <= 2 and v[0] >= 19 for v in per_layer.values())

@@ -55,3 +55,24 @@ def test_r_target_leaving_no_switch():
 def test_too_few_steps_for_the_switches():
     with pytest.raises(ValueError, match="shorter than the N_switch=126"):
         SwitchSchedule.build(8, 4, 512, total_steps=100, switch_interval=None)
+
+
+def test_adaptive_trigger_waits_for_a_stable_ranking():
+    import torch
+
+    from srlora.schedule import AdaptiveTrigger
+
+    trig = AdaptiveTrigger(patience=5, min_interval=8, max_interval=40)
+    stable = torch.tensor([3.0, 1.0, 2.0, 0.5])  # bottom-2 = {1, 3}
+    fired = [trig.update(stable, 2) for _ in range(12)]
+    # Stable from the 2nd step on, so patience is met at step 6, but min_interval holds it to 8.
+    assert fired.index(True) == 7
+    trig.switched()
+    # A ranking that keeps changing: only max_interval fires.
+    a, b = torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0, 0.0])
+    fired = [trig.update(a if i % 2 else b, 2) for i in range(40)]
+    assert fired.index(True) == 39
+    # State round trip.
+    again = AdaptiveTrigger(patience=5, min_interval=8, max_interval=40)
+    again.load_state_dict(trig.state_dict())
+    assert again.state_dict()["since_switch"] == trig.since_switch == 40

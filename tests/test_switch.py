@@ -207,3 +207,31 @@ def test_per_layer_rank_pattern():
     ctl.attach(opt)
     train(model, "mlp", opt, steps=200)
     assert ctl.directions_used() == {names["fc1"]: 4 + 9 * 2, names["fc2"]: 8 + 3 * 4}
+
+
+def test_adaptive_switching_in_training():
+    """adaptive_switch: switches come when rankings settle, never sooner than the EMA
+    warm-up after the previous one, within the r_target budget and before the last step."""
+    model, ctl = build(
+        "mlp",
+        r=4,
+        r_target=16,
+        gamma=0.5,
+        switch_interval=None,
+        total_steps=300,
+        adaptive_switch=True,
+        adaptive_patience=5,
+    )
+    opt = adam(model)
+    ctl.attach(opt)
+    train(model, "mlp", opt, steps=300)
+    for name in ctl.layer_names:
+        steps = [e.step for e in ctl.history if e.layer == name]
+        assert 1 <= len(steps) <= 6  # N_switch = (16 - 4) / 2
+        gaps = [b - a for a, b in zip([0, *steps], steps, strict=False)]
+        assert min(gaps) >= 19 and max(gaps) <= 2 * 50  # warm-up .. twice t_interval (300 // 6)
+        assert max(steps) < 300
+    # Not the fixed schedule: at least one switch off the multiples of 50.
+    assert any(e.step % 50 for e in ctl.history)
+    state = ctl.state_dict()
+    assert all(layer["trigger"] is not None for layer in state["layers"].values())

@@ -43,10 +43,10 @@ def test_only_adapter_parameters_change(case_name):
     assert all(not p.requires_grad for t in targets.values() for p in [t.base_param])
 
 
-def _run(steps, split=None, load_controller=True):
+def _run(steps, split=None, load_controller=True, **config):
     """Train the tiny BERT with SRLoRA; with ``split``, stop there, rebuild model,
     optimizer and controller from scratch, load the three state dicts, and go on."""
-    model, ctl = build("bert", r=4, r_target=16, gamma=0.5, total_steps=steps)
+    model, ctl = build("bert", r=4, r_target=16, gamma=0.5, total_steps=steps, **config)
     opt = adam(model)
     ctl.attach(opt)
     g = torch.Generator().manual_seed(0)
@@ -68,7 +68,7 @@ def _run(steps, split=None, load_controller=True):
         opt.state_dict(),
         ctl.state_dict(),
     )
-    model2, ctl2 = build("bert", r=4, r_target=16, gamma=0.5, total_steps=steps)
+    model2, ctl2 = build("bert", r=4, r_target=16, gamma=0.5, total_steps=steps, **config)
     model2.load_state_dict(saved[0])
     opt2 = adam(model2)
     opt2.load_state_dict(saved[1])
@@ -95,6 +95,12 @@ def test_state_dict_resume_reproduces_the_run():
     full = _run(120)
     _assert_same_run(full, _run(120, split=40))
     _assert_same_run(full, _run(120, split=53))
+
+
+def test_state_dict_resume_with_adaptive_switching():
+    full = _run(120, adaptive_switch=True, adaptive_patience=3)
+    assert full[1].history
+    _assert_same_run(full, _run(120, split=47, adaptive_switch=True, adaptive_patience=3))
 
 
 def test_resume_without_controller_state_diverges():

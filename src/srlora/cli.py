@@ -45,6 +45,9 @@ def _arg_type(f: dataclasses.Field) -> Any:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"Start from a preset: {', '.join(sorted(PRESETS))} (options given win).")
     for f in _RUN_FIELDS:
+        if _arg_type(f) is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None, help=f.metadata["help"])
+            continue
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=_arg_type(f),

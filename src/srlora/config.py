@@ -64,6 +64,19 @@ class SRLoRAConfig:
         default=None,
         metadata={"help": "Switch every this many optimizer steps (use when the total number of steps is not known)."},
     )
+    adaptive_switch: bool = field(
+        default=False,
+        metadata={
+            "help": "Adaptive schedule (the paper's future work): switch a layer once the set of its r' "
+            "lowest-scoring pairs has not changed for adaptive_patience steps, no sooner than the EMA warm-up "
+            "(19 steps at beta 0.85) and no later than twice the fixed interval after its last switch; same "
+            "r_target budget, no switch at or after the last step."
+        },
+    )
+    adaptive_patience: int = field(
+        default=10,
+        metadata={"help": "Steps the lowest-scoring set must stay the same before an adaptive switch."},
+    )
     optimizer_reset: OptimizerReset = field(
         default="seed",
         metadata={
@@ -130,6 +143,9 @@ class SRLoRAConfig:
         _check_choice("optimizer_reset", self.optimizer_reset, _OPTIMIZER_RESET)
         _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
         _check_choice("svd_method", self.svd_method, _SVD_METHODS)
+        if not isinstance(self.adaptive_switch, bool):
+            raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
+        _check_int("adaptive_patience", self.adaptive_patience, minimum=1)
         _check_int("svd_niter", self.svd_niter, minimum=0)
         _check_int("svd_oversample", self.svd_oversample, minimum=0)
         _check_int("seed", self.seed, minimum=None)

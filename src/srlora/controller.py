@@ -38,7 +38,7 @@ from .importance import PairImportance, update_importance_
 from .layers import LoraTarget, find_lora_targets
 from .optim_state import optimizer_kind, seed_second_moment_, unwrap_optimizer, warn_unsupported, zero_moments_
 from .recompose import effective_weight, pissa_init_, switch_pairs_
-from .schedule import SwitchSchedule, ema_warmup_steps
+from .schedule import AdaptiveTrigger, SwitchSchedule, ema_warmup_steps
 from .svd import SVDCache, top_singular_triplets
 
 logger = logging.getLogger("srlora")
@@ -145,10 +145,15 @@ class _Layer:
         # Recycled slots whose Adam second moment waits for its first gradient ("seed").
         self.pending_seed = torch.zeros(self.r, dtype=torch.bool)
         self.exhausted = False
+        self.trigger: AdaptiveTrigger | None = None  # set with the schedule under adaptive_switch
 
     @property
     def can_switch(self) -> bool:
         return self.pointer + self.r_prime <= self.limit
+
+    @property
+    def switches_done(self) -> int:
+        return (self.pointer - self.r) // self.r_prime
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +165,7 @@ class _Layer:
             "fused_A": self.fused_A[: self.pointer - self.r].clone(),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
+            "trigger": None if self.trigger is None else self.trigger.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -178,6 +184,10 @@ class _Layer:
         self.fused_A[:used] = state["fused_A"]
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
+        if (state.get("trigger") is None) != (self.trigger is None):
+            raise ValueError("saved and current SRLoRA disagree on adaptive_switch; build SRLoRA the same way.")
+        if self.trigger is not None:
+            self.trigger.load_state_dict(state["trigger"])
 
 
 class SRLoRA:
@@ -268,6 +278,15 @@ class SRLoRA:
             )
         shortest = min(layer.schedule.interval for layer in self._layers.values())  # type: ignore[union-attr]
         horizon = ema_warmup_steps(max(config.beta1, config.beta2))
+        if config.adaptive_switch:
+            for layer in self._layers.values():
+                interval = layer.schedule.interval  # type: ignore[union-attr]
+                layer.trigger = AdaptiveTrigger(
+                    patience=config.adaptive_patience,
+                    min_interval=horizon,
+                    max_interval=max(horizon, 2 * interval),
+                )
+            return  # adaptive switches never come sooner than the EMA warm-up
         if shortest < horizon:
             warnings.warn(
                 f"The switch interval ({shortest} steps) is shorter than the {horizon} steps the importance EMAs "
@@ -469,8 +488,21 @@ class SRLoRA:
         self.global_step += 1
         if any(layer.schedule is None for layer in self._layers.values()):
             raise RuntimeError(_NO_SCHEDULE)
-        due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
+        if self.config.adaptive_switch:
+            due = [layer for layer in self._layers.values() if self._adaptive_due(layer)]
+        else:
+            due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
         return self._switch(due, optimizer or self._optimizer) if due else []
+
+    def _adaptive_due(self, layer: _Layer) -> bool:
+        assert layer.trigger is not None and layer.schedule is not None
+        fire = layer.trigger.update(layer.importance.pair_scores(), layer.r_prime)
+        schedule = layer.schedule
+        if schedule.total_steps is not None and self.global_step >= schedule.total_steps:
+            return False
+        if schedule.num_switches is not None and layer.switches_done >= schedule.num_switches:
+            return False
+        return fire
 
     @torch.no_grad()
     def _switch(self, layers: list[_Layer], optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
@@ -512,6 +544,8 @@ class SRLoRA:
         layer.slot_direction[slots] = directions
         layer.slot_since[slots] = self.global_step
         layer.importance.reset(None if self.config.reset_scores == "all" else slots.to(layer.importance.ibar_A.device))
+        if layer.trigger is not None:
+            layer.trigger.switched()
         if optimizer is not None and self.config.optimizer_reset != "none":
             self._check_optimizer(optimizer)
             zero_moments_(optimizer, layer.target.lora_A, slots, dim=0)

@@ -91,6 +91,12 @@ class RunConfig:
     svd_method: str = field(
         default="full", metadata={"help": SRLoRAConfig.__dataclass_fields__["svd_method"].metadata["help"]}
     )
+    adaptive_switch: bool = field(
+        default=False, metadata={"help": SRLoRAConfig.__dataclass_fields__["adaptive_switch"].metadata["help"]}
+    )
+    adaptive_patience: int = field(
+        default=10, metadata={"help": SRLoRAConfig.__dataclass_fields__["adaptive_patience"].metadata["help"]}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -109,6 +115,8 @@ class RunConfig:
             optimizer_reset=self.optimizer_reset,  # type: ignore[arg-type]
             reset_scores=self.reset_scores,  # type: ignore[arg-type]
             svd_method=self.svd_method,  # type: ignore[arg-type]
+            adaptive_switch=self.adaptive_switch,
+            adaptive_patience=self.adaptive_patience,
         )
 
 

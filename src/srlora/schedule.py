@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 def ema_warmup_steps(beta: float, residual: float = 0.05) -> int:
     """Steps an EMA with coefficient ``beta`` needs before its zero start weighs < ``residual``."""
@@ -100,3 +102,58 @@ class SwitchSchedule:
         if end is None:
             raise ValueError("this schedule has no end: pass limit=")
         return [t for t in range(self.interval, end, self.interval) if self.is_switch_step(t)]
+
+
+@dataclass
+class AdaptiveTrigger:
+    """When to switch one layer under ``adaptive_switch`` (the paper's future work).
+
+    After every optimizer step the layer's ``r'`` lowest-scoring pairs are compared with
+    those of the previous step. The layer switches once that set has stayed the same for
+    ``patience`` consecutive steps (its ranking has settled, so the pairs to evict are
+    known), but never sooner than ``min_interval`` steps after its previous switch (the
+    importance EMAs of fresh pairs must forget their zero start first), and at the
+    latest ``max_interval`` steps after it. The r_target budget and the "no switch at or
+    after the last step" rule of :class:`SwitchSchedule` still apply (checked by the
+    caller).
+
+    All state is plain integers and a tensor, returned by :meth:`state_dict`.
+    """
+
+    patience: int
+    min_interval: int
+    max_interval: int
+    since_switch: int = 0
+    stable: int = 0
+    last_bottom: torch.Tensor | None = None
+
+    def update(self, scores: torch.Tensor, r_prime: int) -> bool:
+        """Record one step's pair scores; ``True`` when the layer should switch now."""
+        self.since_switch += 1
+        bottom = torch.zeros(scores.numel(), dtype=torch.bool)
+        bottom[torch.sort(scores.cpu(), stable=True).indices[:r_prime]] = True
+        if self.last_bottom is not None and torch.equal(bottom, self.last_bottom):
+            self.stable += 1
+        else:
+            self.stable = 0
+        self.last_bottom = bottom
+        if self.since_switch < self.min_interval:
+            return False
+        return self.stable >= self.patience or self.since_switch >= self.max_interval
+
+    def switched(self) -> None:
+        self.since_switch = 0
+        self.stable = 0
+        self.last_bottom = None
+
+    def state_dict(self) -> dict:
+        return {
+            "since_switch": self.since_switch,
+            "stable": self.stable,
+            "last_bottom": None if self.last_bottom is None else self.last_bottom.clone(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.since_switch = int(state["since_switch"])
+        self.stable = int(state["stable"])
+        self.last_bottom = None if state["last_bottom"] is None else state["last_bottom"].clone()

@@ -133,3 +133,24 @@ def test_lightning_checkpoint_resume(tmp_path):
     # Training then goes on with the same schedule.
     assert ctl2.global_step == 120
     assert sorted({e.step for e in ctl2.history}) == [20, 40, 60, 80, 100]
+
+
+def test_adaptive_state_restored_before_schedule_exists():
+    """Lightning restores callback state before on_fit_start builds an 'auto' schedule:
+    the adaptive trigger's counters must survive that order."""
+    model, ctl = _build()
+    ctl.set_total_steps(120)
+    state = ctl.state_dict()
+    model2 = peft.get_peft_model(
+        make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+    )
+    adaptive = SRLoRA(model2, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", adaptive_switch=True))
+    with pytest.raises(ValueError, match="adaptive_switch=False cannot resume"):
+        adaptive.load_state_dict(state)
+    src = SRLoRA(model, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", adaptive_switch=True))
+    src.set_total_steps(120)
+    for layer in src._layers.values():
+        layer.trigger.since_switch, layer.trigger.stable = 7, 3
+    adaptive.load_state_dict(src.state_dict())  # before the schedule exists
+    adaptive.set_total_steps(120)
+    assert all((la.trigger.since_switch, la.trigger.stable) == (7, 3) for la in adaptive._layers.values())

@@ -146,6 +146,7 @@ class _Layer:
         self.pending_seed = torch.zeros(self.r, dtype=torch.bool)
         self.exhausted = False
         self.trigger: AdaptiveTrigger | None = None  # set with the schedule under adaptive_switch
+        self.trigger_state: dict[str, Any] | None = None
 
     @property
     def can_switch(self) -> bool:
@@ -184,10 +185,11 @@ class _Layer:
         self.fused_A[:used] = state["fused_A"]
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
-        if (state.get("trigger") is None) != (self.trigger is None):
-            raise ValueError("saved and current SRLoRA disagree on adaptive_switch; build SRLoRA the same way.")
-        if self.trigger is not None:
-            self.trigger.load_state_dict(state["trigger"])
+        # With total_steps="auto" the trigger is built later (set_total_steps), after a
+        # framework may already have restored this state: keep it until then.
+        self.trigger_state = state.get("trigger")
+        if self.trigger is not None and self.trigger_state is not None:
+            self.trigger.load_state_dict(self.trigger_state)
 
 
 class SRLoRA:
@@ -202,8 +204,8 @@ class SRLoRA:
         model: a ``peft.PeftModel`` (or its ``LoraModel``) with LoRA on ``nn.Linear`` or
             transformers' ``Conv1D`` layers.
         config: the SRLoRA hyper-parameters.
-        svd_caches: precomputed SVDs by layer name (used by distributed training to
-            share rank 0's decomposition); computed here when ``None``.
+        svd_caches: precomputed SVDs by layer name (to reuse a decomposition); computed
+            here when ``None``, on rank 0 and broadcast under ``torch.distributed``.
     """
 
     def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: dict[str, SVDCache] | None = None) -> None:
@@ -286,6 +288,8 @@ class SRLoRA:
                     min_interval=horizon,
                     max_interval=max(horizon, 2 * interval),
                 )
+                if layer.trigger_state is not None:
+                    layer.trigger.load_state_dict(layer.trigger_state)
             return  # adaptive switches never come sooner than the EMA warm-up
         if shortest < horizon:
             warnings.warn(
@@ -575,6 +579,11 @@ class SRLoRA:
                 f"build the model and SRLoRA the same way as the run that saved it."
             )
         saved_config = SRLoRAConfig.from_dict(state["config"])
+        if saved_config.adaptive_switch != self.config.adaptive_switch:
+            raise ValueError(
+                f"SRLoRA state saved with adaptive_switch={saved_config.adaptive_switch} cannot resume a controller "
+                f"with adaptive_switch={self.config.adaptive_switch}; build SRLoRA the same way."
+            )
         if saved_config != self.config:
             warnings.warn(
                 f"Loading SRLoRA state saved with a different config ({saved_config}) into {self.config}.",

@@ -313,3 +313,41 @@ def test_train_with_adaptive_switch(tiny_model, tmp_path):
     for e in hist["events"]:
         per_layer.setdefault(e["layer"], []).append(e["step"])
     assert per_layer and all(1 <= len(v) <= 2 and v[0] >= 19 for v in per_layer.values())
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_compare_resume_keeps_finished_runs(tiny_model, fake_cache, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--model",
+        str(tiny_model),
+        "--max-steps",
+        "20",
+        "--eval-every",
+        "20",
+        "--max-eval",
+        "32",
+        "--r",
+        "4",
+        "--r-target",
+        "8",
+        "--batch-size",
+        "8",
+        "--methods",
+        "lora,srlora",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    first = (out / "lora" / "seed1" / "results.json").read_text()
+    (out / "srlora" / "seed1" / "results.json").unlink()  # as if killed before it finished
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "lora/seed1: finished earlier, kept" in err and "srlora/seed1: finished earlier" not in err
+    assert (out / "lora" / "seed1" / "results.json").read_text() == first
+    assert (out / "srlora" / "seed1" / "results.json").is_file()
+    # A changed configuration is not "the same run": everything runs again.
+    assert main([*args, "--resume", "--lr", "1e-3"]) == 0
+    assert "finished earlier" not in capsys.readouterr().err

@@ -142,6 +142,20 @@ def format_table(task: str, summary: dict[str, Any], headline: str) -> str:
     return "\n".join(lines)
 
 
+def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """``results.json`` of a run that finished with the same configuration, else ``None``."""
+    try:
+        saved_cfg = json.loads((run_dir / "config.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    wanted = dataclasses.asdict(cfg)
+    same = all(saved_cfg.get(k) == v for k, v in wanted.items() if k != "model") and (
+        cfg.model is None or saved_cfg.get("model") == cfg.model
+    )
+    return results if same and not results.get("interrupted") else None
+
+
 def cmd_compare(ns: argparse.Namespace) -> int:
     from . import plots
     from .data import load_task
@@ -163,7 +177,13 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         for seed in seeds:
             for method in methods:
                 cfg = dataclasses.replace(base, method=method, seed=seed)
-                all_results.append(run(cfg, out / method / f"seed{seed}", task=task))
+                run_dir = out / method / f"seed{seed}"
+                done = finished_run(run_dir, cfg) if ns.resume else None
+                if done is not None:
+                    print(f"{task.name}/{method}/seed{seed}: finished earlier, kept ({run_dir})", file=sys.stderr)
+                    all_results.append(done)
+                    continue
+                all_results.append(run(cfg, run_dir, task=task))
     except KeyboardInterrupt:
         interrupted = True
         print("interrupted: summarising the runs that finished", file=sys.stderr)
@@ -246,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1", help="Comma-separated seeds (data order and head initialisation).")
     p.add_argument("--out", help="Output folder (default: runs/compare-TASK).")
     p.add_argument("--layer", help="Layer (name or suffix) for the active-interval plot (default: a middle one).")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep runs in --out that finished with the same configuration; run only the missing ones.",
+    )
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
     return ap

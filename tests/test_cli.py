@@ -351,3 +351,10 @@ def test_compare_resume_keeps_finished_runs(tiny_model, fake_cache, tmp_path, ca
     # A changed configuration is not "the same run": everything runs again.
     assert main([*args, "--resume", "--lr", "1e-3"]) == 0
     assert "finished earlier" not in capsys.readouterr().err
+
+
+def test_compare_checks_srlora_settings_before_any_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny_model), "--r", "8", "--r-target", "10", "--out", str(out)]) == 2
+    assert "r_target >= 12" in capsys.readouterr().err
+    assert not (out / "lora").exists()

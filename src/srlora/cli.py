@@ -167,6 +167,12 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
     base = RunConfig(**values)
+    if "srlora" in methods:
+        # Fail before any run when SRLoRA's settings cannot work (not after LoRA and PiSSA ran).
+        from .schedule import SwitchSchedule
+
+        srl = base.srlora_config()
+        SwitchSchedule.count_switches(base.r, srl.recycled_per_switch(base.r), base.r_target)
     out = Path(ns.out or f"runs/compare-{base.task}")
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(base.task, base.data_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import assets
-from .experiment import METHODS, PRESETS, RunConfig, apply_preset, run
+from .experiment import METHODS, PRESETS, RunConfig, apply_preset, atomic_write_text, run
 
 # SPEC section 5: the paper's GLUE dev numbers (DeBERTa-v3-base), for results.md.
 PAPER_GLUE = {
@@ -207,7 +207,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         "runs": all_results,
         "interrupted": interrupted,
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
 
     # Plots: loss curves of every method, and SRLoRA's active intervals.
     curves: dict[str, list[list[float]]] = {}
@@ -243,7 +243,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     if task.name in PAPER_GLUE:
         md += ["`paper`: the SRLoRA paper's GLUE dev numbers (DeBERTa-v3-base), for reference.", ""]
     md += [f"![{p.stem}]({p.name})" for p in figures]
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
     print(table)
     print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in figures))
     return 130 if interrupted else 0

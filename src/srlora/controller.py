@@ -500,13 +500,9 @@ class SRLoRA:
 
     def _adaptive_due(self, layer: _Layer) -> bool:
         assert layer.trigger is not None and layer.schedule is not None
+        # The trigger counts every step, even those on which the schedule forbids a switch.
         fire = layer.trigger.update(layer.importance.pair_scores(), layer.r_prime)
-        schedule = layer.schedule
-        if schedule.total_steps is not None and self.global_step >= schedule.total_steps:
-            return False
-        if schedule.num_switches is not None and layer.switches_done >= schedule.num_switches:
-            return False
-        return fire
+        return fire and layer.schedule.allows(self.global_step, layer.switches_done)
 
     @torch.no_grad()
     def _switch(self, layers: list[_Layer], optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:

@@ -86,12 +86,17 @@ class SwitchSchedule:
             )
         return num_switches
 
+    def allows(self, step: int, switches_done: int) -> bool:
+        """The rules every switch obeys, fixed or adaptive: fewer than ``N_switch`` switches
+        so far, and none at or after the last step ``total_steps``."""
+        if self.total_steps is not None and step >= self.total_steps:
+            return False
+        return self.num_switches is None or switches_done < self.num_switches
+
     def is_switch_step(self, step: int) -> bool:
         if step < self.interval or step % self.interval != 0:
             return False
-        if self.total_steps is not None and step >= self.total_steps:
-            return False
-        return self.num_switches is None or step // self.interval <= self.num_switches
+        return self.allows(step, switches_done=step // self.interval - 1)
 
     def steps(self, limit: int | None = None) -> list[int]:
         """All switch steps (up to ``limit`` when the schedule has no end of its own)."""

@@ -78,6 +78,7 @@ def _fake_run(study, root: Path, job, acc: float, early: float) -> None:
         "wall_s": 60.0,
         "interrupted": False,
     }
+    (out / "config.json").write_text("{}")
     (out / "results.json").write_text(json.dumps(results))
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": early / s}) + "\n" for s in range(1, 5)))
 
@@ -89,7 +90,7 @@ def test_render_reports_the_runs_and_keeps_the_notes(study, tmp_path, monkeypatc
     for job in study.main_jobs([1, 2, 3]):
         if job.cell == "mr":
             _fake_run(study, tmp_path, job, accs[job.method][job.seed - 1], 0.6)
-    path = study.render([1, 2, 3], {})
+    path = study.render([1, 2, 3])
     text = path.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| SRLoRA | 3 |"))
     assert f"{statistics.fmean(accs['srlora']):.3f} ± {statistics.stdev(accs['srlora']):.3f}" in row
@@ -100,4 +101,4 @@ def test_render_reports_the_runs_and_keeps_the_notes(study, tmp_path, monkeypatc
 
     notes = "SRLoRA wins here, by hand."
     path.write_text(text.replace(study.NOTES_BEGIN + "\n", study.NOTES_BEGIN + "\n" + notes + "\n"))
-    assert notes in study.render([1, 2, 3], {}).read_text()
+    assert notes in study.render([1, 2, 3]).read_text()

@@ -1,6 +1,6 @@
 """The results study: runs what is missing, then writes docs/RESULTS.md.
 
-    .venv/bin/python scripts/study.py                  # everything (resumable; ~1.5-2 h on 2 cores)
+    .venv/bin/python scripts/study.py                  # everything (resumable; 1 h 47 min on 2 cores)
     .venv/bin/python scripts/study.py --part perf      # only the performance benchmarks
     .venv/bin/python scripts/study.py --part main      # only the 4-task x 4-variant table
     .venv/bin/python scripts/study.py --part ablations # only the MR ablations
@@ -300,15 +300,17 @@ def render(seeds: list[int]) -> Path:
         "have stayed the same for 10 steps (bounded by the EMA warm-up and 2 t_interval; METHOD.md",
         "section 5), within the same budget. The three methods share the model, head initialisation, data",
         "order and trainable parameters; only the adapter's initialisation and SRLoRA's switches differ.",
-        "Text: all-MiniLM-L6-v2-sized MiniLM (`srlora fetch minilm`), 64 tokens. Images: DINOv2-S at",
+        "Text: all-MiniLM-L6-v2 (`srlora fetch minilm`, 6 layers, hidden 384), 64 tokens. Images: DINOv2-S at",
         "56 px (16 patches), lr 1e-3, a fixed 20k-image training subset. Dev: a fixed 1000-example",
         "subset, evaluated once after the last step. `early loss` is the mean training loss over the",
         "first 25% of steps (the paper's headline claim is a faster early fall of the training loss).",
         "Mean ± standard deviation over seeds " + ", ".join(map(str, seeds)) + ".",
         "",
         "Verdicts compare SRLoRA's mean with the other method's: a **win** or **loss** when the",
-        "difference is more than twice its standard error (sqrt(s1²/n1 + s2²/n2)), else a **tie**.",
-        "With 3 seeds this is a coarse test; ties are the honest reading of most rows.",
+        "difference is more than twice its standard error (sqrt(s1²/n1 + s2²/n2)), else a **tie**;",
+        "the signed difference is positive where SRLoRA is better (higher metric, lower loss).",
+        "With 3 seeds this is a coarse test, and with some twenty comparisons about one win or loss",
+        "is expected from noise alone.",
         "",
         "## Main table",
         "",

@@ -476,12 +476,11 @@ def render(seeds: list[int]) -> Path:
         "",
         "The paper trains DeBERTa-v3-base on GLUE for 10-50 epochs (SPEC section 4). That is days of",
         "this 2-core machine per task, and neither the model nor GLUE can be fetched here. Where both",
-        "are at hand (GLUE in the official TSV layout under `GLUE/`, a GPU):",
+        "are at hand (GLUE in the official TSV layout: `GLUE/SST-2/train.tsv`, ...; a GPU):",
         "",
         "```",
         *[
-            f"srlora compare --task {t} --data-dir GLUE/{t.upper() if t != 'cola' else 'CoLA'} "
-            f"--preset paper-{t} --seeds 1,2,3 --out runs/paper-{t}"
+            f"srlora compare --task {t} --data-dir GLUE --preset paper-{t} --seeds 1,2,3 --out runs/paper-{t}"
             for t in ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
         ],
         "```",

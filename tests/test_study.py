@@ -99,6 +99,17 @@ def test_render_reports_the_runs_and_keeps_the_notes(study, tmp_path, monkeypatc
     assert (tmp_path / "docs/results/mr_loss.png").stat().st_size > 0
     assert len(json.loads((tmp_path / "docs/results/runs.json").read_text())) == 9
 
+    # The commands the doc gives for longer runs parse, and the 2,000-step ones can run.
+    commands = [line.split()[1:] for line in text.splitlines() if line.startswith("srlora compare ")]
+    assert len(commands) == len(study.TASKS) + 6
+    for argv in commands:
+        ns = build_parser().parse_args(argv)
+        if ns.preset == "quick":
+            cfg = RunConfig(**_run_values(ns, None))
+            srl = cfg.srlora_config()
+            n_switch = SwitchSchedule.count_switches(cfg.r, srl.recycled_per_switch(cfg.r), cfg.r_target)
+            assert cfg.max_steps // n_switch >= 19  # t_interval above the EMA warm-up
+
     notes = "SRLoRA wins here, by hand."
     path.write_text(text.replace(study.NOTES_BEGIN + "\n", study.NOTES_BEGIN + "\n" + notes + "\n"))
     assert notes in study.render([1, 2, 3]).read_text()

@@ -23,6 +23,7 @@ def _save(fig, path: Path) -> Path:
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     tmp.replace(path)
+    _plt().close(fig)  # pyplot keeps every figure alive until closed; a study draws dozens
     return path
 
 

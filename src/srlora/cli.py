@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import assets
-from .experiment import METHODS, PRESETS, RunConfig, apply_preset, atomic_write_text, run
+from .experiment import METHODS, PRESETS, RunConfig, apply_preset, atomic_write_text, run, train_losses
 
 # SPEC section 5: the paper's GLUE dev numbers (DeBERTa-v3-base), for results.md.
 PAPER_GLUE = {
@@ -212,9 +212,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     # Plots: loss curves of every method, and SRLoRA's active intervals.
     curves: dict[str, list[list[float]]] = {}
     for r in all_results:
-        path = out / r["method"] / f"seed{r['seed']}" / "metrics.jsonl"
-        losses = [json.loads(line)["loss"] for line in path.read_text().splitlines() if '"loss"' in line]
-        curves.setdefault(r["method"], []).append(losses)
+        curves.setdefault(r["method"], []).append(train_losses(out / r["method"] / f"seed{r['seed']}"))
     figures = []
     if curves:
         figures.append(plots.plot_loss_curves(curves, out / "loss_curves.png", f"{task.name}: training loss"))

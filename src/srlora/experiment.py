@@ -131,7 +131,7 @@ PAPER_GLUE = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU-sized: ~1 minute per method for MiniLM on MR with 2 cores.
+    # CPU-sized: about 2 minutes per method for MiniLM on MR with 2 cores (eval included).
     "quick": dict(
         max_steps=150,
         batch_size=16,
@@ -267,6 +267,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2))
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The per-step training losses of a run, from its ``metrics.jsonl``."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
 def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module, SRLoRA | None]:

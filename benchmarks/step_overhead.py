@@ -41,7 +41,6 @@ def load_base(model: str | None, base_size: bool = False) -> tuple[torch.nn.Modu
     if base_size:
         # No base-size checkpoint can be fetched offline here. Step, switch and SVD costs
         # depend on the shapes, not on the values, so random weights measure the same.
-        torch.manual_seed(0)
         source = "random-init BERT-base shapes (768x12, MLP 3072)"
         return BertForSequenceClassification(BertConfig(num_labels=2)), source
     path = Path(model) if model else local_path("minilm")

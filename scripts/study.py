@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srlora.cli import PAPER_GLUE, _mean_std, _run_values, build_parser, finished_run
+from srlora.experiment import PRESETS, RunConfig, atomic_write_text, train_losses
+from srlora.schedule import SwitchSchedule
+
 ROOT = Path(__file__).resolve().parents[1]
 SRLORA = [sys.executable, "-m", "srlora.cli"]
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "<!-- end of notes -->"
@@ -51,9 +55,9 @@ TASKS: dict[str, list[str]] = {
 }
 # Closest task of the paper (SPEC section 5; GLUE dev with DeBERTa-v3-base, ViT for MNIST).
 PAPER = {
-    "mr": ("SST-2 acc", {"lora": "95.9", "pissa": "95.7", "srlora": "96.1"}),
-    "mr-reg": ("STS-B Pearson/Spearman", {"lora": "90.5/89.8", "pissa": "89.6/89.0", "srlora": "90.4/90.2"}),
-    "imdb": ("SST-2 acc", {"lora": "95.9", "pissa": "95.7", "srlora": "96.1"}),
+    "mr": ("SST-2 acc", PAPER_GLUE["sst2"]),
+    "mr-reg": ("STS-B Pearson/Spearman", PAPER_GLUE["stsb"]),
+    "imdb": ("SST-2 acc", PAPER_GLUE["sst2"]),
     "fashion-mnist": ("MNIST acc (ViT)", {"lora": "98.89", "pissa": "-", "srlora": "94.83"}),
 }
 ABLATIONS: dict[str, tuple[str, list[str]]] = {
@@ -103,6 +107,10 @@ class Job:
             str(self.out),
         ]
 
+    def config(self) -> RunConfig:
+        """The run's configuration, as ``srlora train`` builds it from :meth:`argv`."""
+        return RunConfig(method=self.method, **_run_values(build_parser().parse_args(self.argv()), None))
+
     def command(self) -> str:
         return "srlora " + shlex.join(self.argv())
 
@@ -122,12 +130,7 @@ def ablation_jobs(seeds: list[int]) -> list[Job]:
 
 def is_finished(job: Job) -> bool:
     """Finished earlier with the same configuration (the rule of ``srlora compare --resume``)."""
-    from srlora.cli import _run_values, build_parser, finished_run
-    from srlora.experiment import RunConfig
-
-    ns = build_parser().parse_args(job.argv())
-    cfg = RunConfig(method=job.method, **_run_values(ns, None))
-    return finished_run(ROOT / job.out, cfg) is not None
+    return finished_run(ROOT / job.out, job.config()) is not None
 
 
 def run_jobs(jobs: list[Job], n_jobs: int) -> None:
@@ -171,8 +174,6 @@ def run_perf() -> None:
         data = json.loads(path.read_text())
         data["command"] = "python " + shlex.join(cmd[1:-2])
         data["benchmark_wall_s"] = time.perf_counter() - started
-        from srlora.experiment import atomic_write_text
-
         atomic_write_text(path, json.dumps(data, indent=2))
 
 
@@ -192,9 +193,8 @@ def load_runs(cell: str, method: str) -> list[dict[str, Any]]:
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
-    if not values:
-        return math.nan, math.nan, 0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+    """``srlora compare``'s mean and standard deviation, and the number of seeds."""
+    return (*_mean_std(values), len(values))
 
 
 def fmt(ms: tuple[float, float, int], digits: int = 3) -> str:
@@ -214,18 +214,13 @@ def verdict(a: tuple[float, float, int], b: tuple[float, float, int], higher_is_
     return f"{word} ({'+' if d >= 0 else ''}{d:.3f}, 2·se {2 * se:.3f})"
 
 
-VARIANTS = [("lora", "lora", "LoRA"), ("pissa", "pissa", "PiSSA"), ("srlora", "srlora", "SRLoRA")]
+VARIANTS = [("lora", "LoRA"), ("pissa", "PiSSA"), ("srlora", "SRLoRA")]
 
 
 def variant_runs(task: str) -> dict[str, list[dict[str, Any]]]:
-    out = {label: load_runs(task, method) for method, _, label in VARIANTS}
+    out = {label: load_runs(task, method) for method, label in VARIANTS}
     out["SRLoRA adaptive"] = load_runs(f"{task}-adaptive", "srlora")
     return out
-
-
-def losses_of(run: dict[str, Any]) -> list[float]:
-    lines = (run["_dir"] / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
 def switch_dynamics(history: dict[str, Any]) -> dict[str, float]:
@@ -289,19 +284,32 @@ def render(seeds: list[int]) -> Path:
         notes = text[text.index(NOTES_BEGIN) + len(NOTES_BEGIN) : text.index(NOTES_END)].strip("\n")
     md += ["## Summary (written by hand)", "", NOTES_BEGIN, notes, NOTES_END, ""]
 
+    q = RunConfig(**PRESETS["quick"])
+    r_prime = q.srlora_config().recycled_per_switch(q.r)
+    schedule = SwitchSchedule.build(q.r, r_prime, q.r_target, q.max_steps, None)
+    at = schedule.steps()
+    dropped = (
+        f" (SPEC drops switch {', '.join(str(k) for k in range(len(at) + 1, schedule.num_switches + 1))}, "
+        "which would fall on or after the last step)"
+        if len(at) < schedule.num_switches
+        else ""
+    )
     md += [
         "## Setup",
         "",
-        "The quick preset: 150 AdamW steps, batch 16, peak lr 5e-4 with 15 warm-up steps and linear",
-        "decay, LoRA r=8, alpha=8 on every Linear of the encoder (attention and MLP), the task head",
-        "trained in full; SRLoRA r_target=32, gamma=0.5: r'=4 pairs per switch, N_switch=6, t_interval=25,",
-        "so switches at steps 25, 50, ..., 125 (SPEC drops the sixth, which falls on the last step),",
-        "optimizer_reset=seed. The adaptive variant switches a layer once its 4 lowest-scoring pairs",
-        "have stayed the same for 10 steps (bounded by the EMA warm-up and 2 t_interval; METHOD.md",
+        f"The quick preset: {q.max_steps} AdamW steps, batch {q.batch_size}, peak lr {q.lr:g} with "
+        f"{q.warmup_steps} warm-up steps and linear",
+        f"decay, LoRA r={q.r}, alpha={q.alpha:g} on every Linear of the encoder (attention and MLP), the task head",
+        f"trained in full; SRLoRA r_target={q.r_target}, gamma={q.gamma}: r'={r_prime} pairs per switch, "
+        f"N_switch={schedule.num_switches}, t_interval={schedule.interval},",
+        f"so switches at steps {', '.join(map(str, at))}{dropped},",
+        f"optimizer_reset={q.optimizer_reset}. The adaptive variant switches a layer once its {r_prime} "
+        "lowest-scoring pairs",
+        f"have stayed the same for {q.adaptive_patience} steps (bounded by the EMA warm-up and 2 t_interval; METHOD.md",
         "section 5), within the same budget. The three methods share the model, head initialisation, data",
         "order and trainable parameters; only the adapter's initialisation and SRLoRA's switches differ.",
         "Text: all-MiniLM-L6-v2 (`srlora fetch minilm`, 6 layers, hidden 384), 64 tokens. Images: DINOv2-S at",
-        "56 px (16 patches), lr 1e-3, a fixed 20k-image training subset. Dev: a fixed 1000-example",
+        f"56 px (16 patches), lr 1e-3, a fixed 20k-image training subset. Dev: a fixed {q.max_eval}-example",
         "subset, evaluated once after the last step. `early loss` is the mean training loss over the",
         "first 25% of steps (the paper's headline claim is a faster early fall of the training loss).",
         "Mean ± standard deviation over seeds " + ", ".join(map(str, seeds)) + ".",
@@ -355,7 +363,7 @@ def render(seeds: list[int]) -> Path:
                     f"{verdict(stats[me][headline], stats[other][headline], higher)} | "
                     f"{verdict(stats[me]['early'], stats[other]['early'], False)} |"
                 )
-        curves = {label: [losses_of(r) for r in rs] for label, rs in runs.items() if rs}
+        curves = {label: [train_losses(r["_dir"]) for r in rs] for label, rs in runs.items() if rs}
         loss_png = plots.plot_loss_curves(curves, fig_dir / f"{task}_loss.png", f"{task}: training loss")
         early = {k: [c[: max(1, len(c) // 4)] for c in v] for k, v in curves.items()}
         early_png = plots.plot_loss_curves(early, fig_dir / f"{task}_loss_early.png", f"{task}: first 25% of steps")
@@ -402,11 +410,11 @@ def render(seeds: list[int]) -> Path:
         vs = ["", ""] if rs is base else [verdict(acc, b_acc, True), verdict(early, b_early, False)]
         md.append("| " + " | ".join([desc, str(len(rs)), fmt(acc), fmt(early), fmt(ev), *vs]) + " |")
     md.append("")
-    ab_curves = {"default": [losses_of(r) for r in base]} if base else {}
+    ab_curves = {"default": [train_losses(r["_dir"]) for r in base]} if base else {}
     for cell in ABLATIONS:
         rs = load_runs(cell, "srlora")
         if rs:
-            ab_curves[cell.removeprefix("mr-")] = [losses_of(r) for r in rs]
+            ab_curves[cell.removeprefix("mr-")] = [train_losses(r["_dir"]) for r in rs]
     if ab_curves:
         png = plots.plot_loss_curves(ab_curves, fig_dir / "mr_ablations_loss.png", "mr: SRLoRA ablations")
         md += [f"![mr ablations]({png.relative_to(ROOT / 'docs')})", ""]
@@ -434,9 +442,10 @@ def render(seeds: list[int]) -> Path:
     md += render_perf()
 
     md += ["## Wall time and commands", ""]
-    all_jobs = main_jobs(seeds) + ablation_jobs(seeds)
-    done = [j for j in all_jobs if (ROOT / j.out / "results.json").is_file()]
-    missing = [j for j in all_jobs if j not in done]
+    mains, ablations = main_jobs(seeds), ablation_jobs(seeds)
+    done = [j for j in mains + ablations if is_finished(j)]
+    done_main = [j for j in done if j in mains]
+    missing = [j for j in mains + ablations if j not in done]
     total = sum(json.loads((ROOT / j.out / "results.json").read_text())["wall_s"] for j in done)
     perf_files = (ROOT / "runs/study/perf").glob("*.json")
     perf_s = sum(json.loads(path.read_text()).get("benchmark_wall_s", 0.0) for path in perf_files)
@@ -444,8 +453,8 @@ def render(seeds: list[int]) -> Path:
         f"Performance benchmarks: {perf_s / 60:.0f} min, one after another on an otherwise idle machine.",
         f"Training: {len(done)} runs, {total / 60:.0f} min of run time in all (each run's own training and",
         "evaluation, one thread); two at a time, the main table took "
-        f"{span_minutes([j for j in done if j in main_jobs(seeds)])} and the ablations "
-        f"{span_minutes([j for j in done if j in ablation_jobs(seeds)])} of wall-clock time (first start",
+        f"{span_minutes(done_main)} and the ablations "
+        f"{span_minutes([j for j in done if j in ablations])} of wall-clock time (first start",
         "to last finish).",
         "",
         "Every run, as a command (from the repository root, with `.venv/bin` on `PATH`):",
@@ -472,7 +481,7 @@ def render(seeds: list[int]) -> Path:
         ],
         "```",
         "",
-        long_estimate(done),
+        long_estimate(done_main),
         "",
         "The paper trains DeBERTa-v3-base on GLUE for 10-50 epochs (SPEC section 4). That is days of",
         "this 2-core machine per task, and neither the model nor GLUE can be fetched here. Where both",
@@ -486,16 +495,12 @@ def render(seeds: list[int]) -> Path:
         "```",
         "",
     ]
-    from srlora.experiment import atomic_write_text
-
     # Every run's figures, compact, beside the doc (runs/ itself is not committed).
     keep = ("task", "method", "seed", "steps", "final", "early_train_loss", "final_train_loss", "wall_s")
     per_run = []
-    for job in main_jobs(seeds) + ablation_jobs(seeds):
-        path = ROOT / job.out / "results.json"
-        if path.is_file():
-            r = json.loads(path.read_text())
-            per_run.append({"cell": job.cell, "command": job.command(), **{k: r.get(k) for k in keep}})
+    for job in done:
+        r = json.loads((ROOT / job.out / "results.json").read_text())
+        per_run.append({"cell": job.cell, "command": job.command(), **{k: r.get(k) for k in keep}})
     atomic_write_text(fig_dir / "runs.json", json.dumps(per_run, indent=1))
     path = ROOT / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md) + "\n")
@@ -511,13 +516,12 @@ def span_minutes(jobs: list[Job]) -> str:
     return f"{(end - start) / 60:.0f} min"
 
 
-def long_estimate(done: list[Job]) -> str:
-    """Wall time of the 2,000-step study, extrapolated from the measured 150-step runs."""
-    main = {j.out for j in main_jobs([j.seed for j in done])}
-    walls = [json.loads((ROOT / j.out / "results.json").read_text())["wall_s"] for j in done if j.out in main]
-    if not walls:
+def long_estimate(done_main: list[Job]) -> str:
+    """Wall time of the 2,000-step study, extrapolated from the measured main-table runs."""
+    results = [json.loads((ROOT / j.out / "results.json").read_text()) for j in done_main]
+    if not results:
         return ""
-    per_step = statistics.fmean(walls) / 150
+    per_step = statistics.fmean(r["wall_s"] / r["steps"] for r in results)
     runs = len(TASKS) * 3 * 3
     return (
         f"At the {per_step:.2f} s per step measured here (one thread, evaluation included), those "

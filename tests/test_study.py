@@ -3,6 +3,7 @@ doc it renders reports the runs it finds (and keeps the hand-written notes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -34,19 +35,15 @@ def study():
 def test_every_study_command_parses_and_its_schedule_is_valid(study):
     jobs = study.main_jobs([1, 2, 3]) + study.ablation_jobs([1, 2, 3])
     assert len({j.out for j in jobs}) == len(jobs), "two runs would share a folder"
+    cfg_of = {}
     for job in jobs:
-        ns = build_parser().parse_args(job.argv())
-        cfg = RunConfig(method=job.method, **_run_values(ns, None))
+        cfg = cfg_of[job.out] = job.config()
         assert (cfg.task, cfg.method, cfg.seed, cfg.max_steps) == (job.task, job.method, job.seed, 150)
         if cfg.method == "srlora":
             srl = cfg.srlora_config()
             assert SwitchSchedule.count_switches(cfg.r, srl.recycled_per_switch(cfg.r), cfg.r_target) >= 1
     # The ablations change exactly the option they name.
-    by_cell = {j.cell: j for j in study.ablation_jobs([1])}
-    cfg = {
-        c: RunConfig(method="srlora", **_run_values(build_parser().parse_args(j.argv()), None))
-        for c, j in by_cell.items()
-    }
+    cfg = {j.cell: cfg_of[j.out] for j in study.ablation_jobs([1])}
     assert cfg["mr-reset-none"].optimizer_reset == "none" and cfg["mr-reset-zero"].optimizer_reset == "zero"
     assert cfg["mr-gamma0.25"].gamma == 0.25 and cfg["mr-gamma1.0"].gamma == 1.0
     assert cfg["mr-rtarget64"].r_target == 64 and cfg["mr-scores-all"].reset_scores == "all"
@@ -78,7 +75,7 @@ def _fake_run(study, root: Path, job, acc: float, early: float) -> None:
         "wall_s": 60.0,
         "interrupted": False,
     }
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(job.config())))
     (out / "results.json").write_text(json.dumps(results))
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": early / s}) + "\n" for s in range(1, 5)))
 

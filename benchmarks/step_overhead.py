@@ -31,8 +31,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from srlora import SRLoRA, SRLoRAConfig, SRLoRAWarning
-from srlora.assets import local_path
-from srlora.experiment import atomic_write_text
+from srlora.atomic import atomic_write_text
+from srlora.experiments.assets import local_path
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 

@@ -16,7 +16,8 @@ import peft
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from srlora import SRLoRA, SRLoRAConfig, assets
+from srlora import SRLoRA, SRLoRAConfig
+from srlora.experiments import assets
 
 TEXT = [
     "The film is a charming, funny and moving portrait of a family.",

@@ -1,17 +1,21 @@
-"""Tiny random models for the unit tests (an MLP, a BERT, a GPT-2) and helpers."""
+"""Tiny random models for the unit tests (an MLP, a BERT, a GPT-2) and helpers; for the
+harness, a tiny BERT folder, a fake MR asset and a GLUE folder built here."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
 from srlora import SRLoRA, SRLoRAConfig
+from srlora.experiments import tasks
 
 
 class MLP(nn.Module):
@@ -181,3 +185,82 @@ def hand_scores(snapshots, beta1: float = 0.85, beta2: float = 0.85) -> torch.Te
 @pytest.fixture(params=list(CASES))
 def case_name(request) -> str:
     return request.param
+
+
+# ---------------------------------------------------------------- the harness
+WORDS = [
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "fine",
+    "poor",
+    "movie",
+    "film",
+    "plot",
+    "acting",
+    "story",
+    "dull",
+    "fun",
+    "boring",
+    "superb",
+    "weak",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    return folder
+
+
+def sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
+
+
+@pytest.fixture()
+def fake_cache(tmp_path, monkeypatch) -> Path:
+    """An SRLORA_CACHE whose 'vader' asset is a small file in the real layout."""
+    cache = tmp_path / "cache"
+    folder = cache / "vader"
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    n_pos = tasks.MR_POSITIVE_LINES
+    lines = []
+    for i in range(1, 6001):
+        rating = rng.uniform(0.1, 4) if i <= n_pos else -rng.uniform(0.1, 4)
+        lines.append(f"{i}\t{rating:.3f}\t{sentence(rng)} {i}")  # unique: the splits can be checked
+    (folder / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("SRLORA_CACHE", str(cache))
+    return cache
+
+
+def glue_folder(root: Path) -> Path:
+    rng = random.Random(1)
+    (root / "SST-2").mkdir(parents=True)
+    (root / "RTE").mkdir()
+    (root / "STS-B").mkdir()
+    for split, n in (("train", 64), ("dev", 24)):
+        rows = ["sentence\tlabel"] + [f"{sentence(rng)}\t{rng.randint(0, 1)}" for _ in range(n)]
+        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{sentence(rng)}\t{sentence(rng)}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)
+        ]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        rows = ["index\tgenre\tsentence1\tsentence2\tscore"] + [
+            f"{i}\tmain\t{sentence(rng)}\t{sentence(rng)}\t{rng.uniform(0, 5):.2f}" for i in range(n)
+        ]
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root

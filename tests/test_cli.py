@@ -3,117 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from conftest import glue_folder
 
-from srlora import data
-from srlora.cli import main
-from srlora.plots import active_intervals
-
-WORDS = [
-    "good",
-    "bad",
-    "great",
-    "awful",
-    "fine",
-    "poor",
-    "movie",
-    "film",
-    "plot",
-    "acting",
-    "story",
-    "dull",
-    "fun",
-    "boring",
-    "superb",
-    "weak",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    cfg = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    return folder
-
-
-def _sentence(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
-
-
-@pytest.fixture()
-def fake_cache(tmp_path, monkeypatch) -> Path:
-    """An SRLORA_CACHE whose 'vader' asset is a small file in the real layout."""
-    cache = tmp_path / "cache"
-    folder = cache / "vader"
-    folder.mkdir(parents=True)
-    rng = random.Random(0)
-    n_pos = data.MR_POSITIVE_LINES
-    lines = []
-    for i in range(1, 6001):
-        rating = rng.uniform(0.1, 4) if i <= n_pos else -rng.uniform(0.1, 4)
-        lines.append(f"{i}\t{rating:.3f}\t{_sentence(rng)}")
-    (folder / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.setenv("SRLORA_CACHE", str(cache))
-    return cache
-
-
-def test_mr_split_is_fixed_and_documented(fake_cache):
-    task = data.load_task("mr")
-    again = data.load_task("mr")
-    assert task.train.text_a == again.train.text_a
-    n = 6000
-    assert (len(task.train), len(task.dev), len(task.test)) == (4800, 600, 600)
-    assert len(set(task.train.text_a) & set(task.dev.text_a)) <= len(task.dev)  # same texts may repeat
-    # Labels follow file order: line <= 5152 is positive.
-    assert sum(task.train.labels) + sum(task.dev.labels) + sum(task.test.labels) == data.MR_POSITIVE_LINES
-    reg = data.load_task("mr-reg")
-    assert reg.num_labels == 1 and all(-1 <= y <= 1 for y in reg.train.labels)
-    assert n == len(task.train) + len(task.dev) + len(task.test)
-
-
-def _glue_folder(root: Path) -> Path:
-    rng = random.Random(1)
-    (root / "SST-2").mkdir(parents=True)
-    (root / "RTE").mkdir()
-    (root / "STS-B").mkdir()
-    for split, n in (("train", 64), ("dev", 24)):
-        rows = ["sentence\tlabel"] + [f"{_sentence(rng)}\t{rng.randint(0, 1)}" for _ in range(n)]
-        (root / "SST-2" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-        rows = ["index\tsentence1\tsentence2\tlabel"] + [
-            f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)
-        ]
-        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-        rows = ["index\tgenre\tsentence1\tsentence2\tscore"] + [
-            f"{i}\tmain\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.uniform(0, 5):.2f}" for i in range(n)
-        ]
-        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def test_glue_pairs_are_read(tmp_path):
-    root = _glue_folder(tmp_path / "GLUE")
-    rte = data.load_task("rte", root)
-    assert rte.train.text_b is not None and len(rte.train.text_b) == 64
-    assert set(rte.train.labels) <= {0, 1}
-    stsb = data.load_task("stsb", root)
-    assert stsb.num_labels == 1 and stsb.metrics == ["pearson", "spearman"]
-    with pytest.raises(FileNotFoundError, match="official layout"):
-        data.load_task("mrpc", root)
+from srlora.experiments.cli import main
+from srlora.experiments.plots import active_intervals
 
 
 @pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
@@ -170,7 +66,7 @@ def test_compare_writes_table_and_plots(tiny_model, fake_cache, tmp_path, capsys
 
 @pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
 def test_train_on_glue_pairs_regression(tiny_model, tmp_path):
-    root = _glue_folder(tmp_path / "GLUE")
+    root = glue_folder(tmp_path / "GLUE")
     out = tmp_path / "run"
     rc = main(
         [
@@ -265,17 +161,8 @@ def test_image_task_on_tiny_vit(tiny_vit, tmp_path):
     assert (out / "active_intervals.png").stat().st_size > 1000
 
 
-def test_digits_split():
-    task = data.load_task("digits")
-    assert (len(task.train), len(task.dev), len(task.test)) == (1438, 180, 179)
-    assert task.train.images.shape[1:] == (8, 8) and float(task.train.images.max()) == 1.0
-    # Ten classes, each 8-12% of the dev split.
-    counts = [task.dev.labels.count(k) for k in range(10)]
-    assert min(counts) >= 0.05 * len(task.dev) and max(counts) <= 0.15 * len(task.dev)
-
-
 def test_train_with_adaptive_switch(tiny_model, tmp_path):
-    root = _glue_folder(tmp_path / "GLUE")
+    root = glue_folder(tmp_path / "GLUE")
     out = tmp_path / "run"
     rc = main(
         [
@@ -306,7 +193,7 @@ def test_train_with_adaptive_switch(tiny_model, tmp_path):
         ]
     )
     assert rc == 0
-    assert json.loads((out / "config.json").read_text())["adaptive_switch"] is True
+    assert json.loads((out / "config.json").read_text())["srlora"]["adaptive_switch"] is True
     hist = json.loads((out / "history.json").read_text())
     # r=4, r'=2, r_target=8: at most 2 switches per layer, the first not before step 19.
     per_layer = {}

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from srlora import assets
-from srlora.data import MR_POSITIVE_LINES, load_task
-from srlora.experiment import RunConfig, run
+from srlora.experiments import assets
+from srlora.experiments.config import RunConfig
+from srlora.experiments.runs import run
+from srlora.experiments.tasks import MR_POSITIVE_LINES, load_task
 
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")]
 
@@ -36,7 +37,7 @@ def test_mr_on_minilm(minilm, tmp_path):
         batch_size=8,
         r=8,
         alpha=8,
-        r_target=16,
+        srlora={"r_target": 16},
         warmup_steps=1,
     )
     res = run(cfg, tmp_path / "run", progress=False)
@@ -127,7 +128,7 @@ def test_fashion_mnist_on_dinov2(tmp_path):
         image_size=28,
         r=8,
         alpha=8,
-        r_target=16,
+        srlora={"r_target": 16},
         warmup_steps=1,
         lr=1e-3,
     )

@@ -89,7 +89,7 @@ def test_svd_cache_size_and_device():
         k = min(16, m, n)
         expected += 4 * (m * k + k + n * k)
     assert ctl.svd_cache_bytes() == expected
-    assert all(layer.cache.U.device.type == "cpu" for layer in ctl._layers.values())
+    assert all(layer.cache.U.device.type == "cpu" for layer in ctl.layers.values())
 
 
 def test_bf16_model_init_in_float32():
@@ -100,7 +100,7 @@ def test_bf16_model_init_in_float32():
         ref = base(x).float()
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=case.targets))
     ctl = SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
-    for layer in ctl._layers.values():
+    for layer in ctl.layers.values():
         assert layer.cache.U.dtype == torch.float32
     with torch.no_grad():
         out = model(x).float()

@@ -25,7 +25,7 @@ def test_bf16_autocast_training_with_switches():
     assert all(torch.isfinite(torch.tensor(losses)))
     assert ctl.skipped_steps == 0
     # Weights and SRLoRA state stay float32 under autocast.
-    assert all(layer.target.weight.dtype == torch.float32 for layer in ctl._layers.values())
+    assert all(layer.target.weight.dtype == torch.float32 for layer in ctl.layers.values())
     # The switch itself is float32 math on float32 weights: under autocast the logits of
     # the same batch move only by bf16 compute noise, which is the same before and after
     # (the fp32 logits move by <= 1e-5, as without autocast).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import adam, build, train
@@ -108,5 +110,10 @@ def test_unsupported_optimizer_warns_once():
     opt = torch.optim.RMSprop([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     with pytest.warns(UnsupportedOptimizerWarning, match="RMSprop"):
         ctl.attach(opt)
-    train(model, "mlp", opt, steps=2)
-    ctl.switch()  # no second warning (pytest's filter turns unexpected warnings into errors)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        train(model, "mlp", opt, steps=2)
+        ctl.switch()
+        ctl.detach()
+        ctl.attach(opt)
+    assert again == []  # warned once only, also when attached again

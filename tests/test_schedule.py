@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from srlora import SwitchSchedule
+from srlora import SRLoRAConfig, SwitchSchedule
+
+
+def build(r: int, r_prime: int, r_target: int, total_steps: int | None, switch_interval: int | None):
+    budget = SRLoRAConfig(r_target=r_target, gamma=r_prime / r, switch_interval=1).budget(r)
+    return SwitchSchedule.build(budget, total_steps, switch_interval)
 
 
 @pytest.mark.parametrize(
@@ -25,36 +30,49 @@ from srlora import SwitchSchedule
     ],
 )
 def test_paper_schedule(n_all, r, r_target, r_prime, expected):
-    sched = SwitchSchedule.build(r, r_prime, r_target, total_steps=n_all, switch_interval=None)
+    sched = build(r, r_prime, r_target, total_steps=n_all, switch_interval=None)
     assert sched.steps() == expected
     assert [t for t in range(1, n_all + 1) if sched.is_switch_step(t)] == expected
 
 
 def test_fixed_interval_without_total():
-    sched = SwitchSchedule.build(4, 2, 16, total_steps=None, switch_interval=25)
+    sched = build(4, 2, 16, total_steps=None, switch_interval=25)
     # N_switch = 6 bounds the number of switches even without N_all.
     assert sched.steps() == [25, 50, 75, 100, 125, 150]
     assert not sched.is_switch_step(175)
 
 
 def test_fixed_interval_with_total_stops_before_last_step():
-    sched = SwitchSchedule.build(4, 2, 64, total_steps=100, switch_interval=25)
+    sched = build(4, 2, 64, total_steps=100, switch_interval=25)
     assert sched.steps() == [25, 50, 75]
 
 
 def test_r_target_not_above_r():
     with pytest.raises(ValueError, match="must be larger than the LoRA rank"):
-        SwitchSchedule.build(8, 4, 8, total_steps=100, switch_interval=None)
+        build(8, 4, 8, total_steps=100, switch_interval=None)
 
 
 def test_r_target_leaving_no_switch():
     with pytest.raises(ValueError, match=r"room for no switch.*r_target >= 12"):
-        SwitchSchedule.build(8, 4, 10, total_steps=100, switch_interval=None)
+        build(8, 4, 10, total_steps=100, switch_interval=None)
+
+
+def test_budget_is_clamped_to_a_narrow_layer():
+    config = SRLoRAConfig(r_target=64, gamma=0.5, total_steps=100)
+    wide, narrow, no_room = config.budget(8, 384), config.budget(8, 48), config.budget(8, 10)
+    assert (wide.directions, wide.num_switches, wide.clamped) == (64, 14, False)
+    assert (narrow.directions, narrow.num_switches, narrow.clamped) == (48, 10, True)
+    assert (no_room.directions, no_room.num_switches) == (10, 0)
+    # The schedule of the narrow layer spreads its 10 switches over the run: every 10 steps.
+    assert SwitchSchedule.build(narrow, 100, None).steps() == list(range(10, 100, 10))
+    assert SwitchSchedule.build(no_room, 100, None).steps() == []
+    with pytest.raises(ValueError, match="exceeds min"):
+        config.budget(16, 8)
 
 
 def test_too_few_steps_for_the_switches():
     with pytest.raises(ValueError, match="shorter than the N_switch=126"):
-        SwitchSchedule.build(8, 4, 512, total_steps=100, switch_interval=None)
+        build(8, 4, 512, total_steps=100, switch_interval=None)
 
 
 def test_adaptive_trigger_waits_for_a_stable_ranking():

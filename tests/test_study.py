@@ -1,38 +1,22 @@
-"""scripts/study.py: its commands are valid, its verdicts follow the stated rule, and the
-doc it renders reports the runs it finds (and keeps the hand-written notes)."""
+"""The results study (``srlora study``): its commands are valid, its verdicts follow the
+stated rule, and the doc it renders reports the runs it finds (and keeps the hand-written notes)."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
-import pytest
-
-from srlora.cli import _run_values, build_parser
-from srlora.experiment import RunConfig
-from srlora.schedule import SwitchSchedule
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules["study"]
+from srlora.experiments import report, study
+from srlora.experiments.cli import build_parser
+from srlora.experiments.config import RunConfig
+from srlora.experiments.options import run_values
+from srlora.experiments.stats import verdict
+from srlora.schedule import ema_warmup_steps
 
 
-def test_every_study_command_parses_and_its_schedule_is_valid(study):
+def test_every_study_command_parses_and_its_schedule_is_valid():
     jobs = study.main_jobs([1, 2, 3]) + study.ablation_jobs([1, 2, 3])
     assert len({j.out for j in jobs}) == len(jobs), "two runs would share a folder"
     cfg_of = {}
@@ -40,25 +24,31 @@ def test_every_study_command_parses_and_its_schedule_is_valid(study):
         cfg = cfg_of[job.out] = job.config()
         assert (cfg.task, cfg.method, cfg.seed, cfg.max_steps) == (job.task, job.method, job.seed, 150)
         if cfg.method == "srlora":
-            srl = cfg.srlora_config()
-            assert SwitchSchedule.count_switches(cfg.r, srl.recycled_per_switch(cfg.r), cfg.r_target) >= 1
+            assert cfg.srlora_config().budget(cfg.r).num_switches >= 1
     # The ablations change exactly the option they name.
-    cfg = {j.cell: cfg_of[j.out] for j in study.ablation_jobs([1])}
-    assert cfg["mr-reset-none"].optimizer_reset == "none" and cfg["mr-reset-zero"].optimizer_reset == "zero"
-    assert cfg["mr-gamma0.25"].gamma == 0.25 and cfg["mr-gamma1.0"].gamma == 1.0
-    assert cfg["mr-rtarget64"].r_target == 64 and cfg["mr-scores-all"].reset_scores == "all"
-    assert cfg["mr-gamma1.0"].r_target == 32 and cfg["mr-scores-all"].optimizer_reset == "seed"
+    cfg = {j.cell: cfg_of[j.out].srlora for j in study.ablation_jobs([1])}
+    default = cfg_of[next(j.out for j in study.main_jobs([1]) if j.cell == "mr" and j.method == "srlora")].srlora
+    changed = {cell: {k for k in default if options[k] != default[k]} for cell, options in cfg.items()}
+    assert changed == {
+        "mr-reset-zero": {"optimizer_reset"},
+        "mr-reset-none": {"optimizer_reset"},
+        "mr-gamma0.25": {"gamma"},
+        "mr-gamma1.0": {"gamma"},
+        "mr-rtarget64": {"r_target"},
+        "mr-scores-all": {"reset_scores"},
+    }
+    assert cfg["mr-reset-none"]["optimizer_reset"] == "none" and cfg["mr-gamma0.25"]["gamma"] == 0.25
 
 
-def test_verdict_is_a_two_standard_error_rule(study):
+def test_verdict_is_a_two_standard_error_rule():
     se = math.sqrt(0.01**2 / 3 + 0.01**2 / 3)
-    assert study.verdict((0.80, 0.01, 3), (0.80 - 1.9 * se, 0.01, 3), True).startswith("tie")
-    assert study.verdict((0.80, 0.01, 3), (0.80 - 2.1 * se, 0.01, 3), True).startswith("win")
-    assert study.verdict((0.80, 0.01, 3), (0.80 - 2.1 * se, 0.01, 3), False).startswith("loss")
-    assert study.verdict((0.80, 0.01, 1), (0.70, 0.01, 3), True).startswith("n/a")
+    assert verdict((0.80, 0.01, 3), (0.80 - 1.9 * se, 0.01, 3), True).startswith("tie")
+    assert verdict((0.80, 0.01, 3), (0.80 - 2.1 * se, 0.01, 3), True).startswith("win")
+    assert verdict((0.80, 0.01, 3), (0.80 - 2.1 * se, 0.01, 3), False).startswith("loss")
+    assert verdict((0.80, 0.01, 1), (0.70, 0.01, 3), True).startswith("n/a")
 
 
-def _fake_run(study, root: Path, job, acc: float, early: float) -> None:
+def _fake_run(root: Path, job: study.Job, acc: float, early: float) -> None:
     out = root / job.out
     out.mkdir(parents=True)
     final = {"step": 150, "eval_loss": 0.5, "accuracy": acc, "f1": acc}
@@ -75,19 +65,18 @@ def _fake_run(study, root: Path, job, acc: float, early: float) -> None:
         "wall_s": 60.0,
         "interrupted": False,
     }
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(job.config())))
+    (out / "config.json").write_text(json.dumps(job.config().to_dict()))
     (out / "results.json").write_text(json.dumps(results))
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": early / s}) + "\n" for s in range(1, 5)))
 
 
-def test_render_reports_the_runs_and_keeps_the_notes(study, tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "ROOT", tmp_path)
+def test_render_reports_the_runs_and_keeps_the_notes(tmp_path):
     (tmp_path / "docs").mkdir()
     accs = {"lora": [0.70, 0.71, 0.72], "pissa": [0.70, 0.70, 0.70], "srlora": [0.80, 0.81, 0.82]}
     for job in study.main_jobs([1, 2, 3]):
         if job.cell == "mr":
-            _fake_run(study, tmp_path, job, accs[job.method][job.seed - 1], 0.6)
-    path = study.render([1, 2, 3])
+            _fake_run(tmp_path, job, accs[job.method][job.seed - 1], 0.6)
+    path = report.render([1, 2, 3], tmp_path)
     text = path.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| SRLoRA | 3 |"))
     assert f"{statistics.fmean(accs['srlora']):.3f} ± {statistics.stdev(accs['srlora']):.3f}" in row
@@ -102,11 +91,11 @@ def test_render_reports_the_runs_and_keeps_the_notes(study, tmp_path, monkeypatc
     for argv in commands:
         ns = build_parser().parse_args(argv)
         if ns.preset == "quick":
-            cfg = RunConfig(**_run_values(ns, None))
+            cfg = RunConfig.from_flat(run_values(ns, None))
             srl = cfg.srlora_config()
-            n_switch = SwitchSchedule.count_switches(cfg.r, srl.recycled_per_switch(cfg.r), cfg.r_target)
-            assert cfg.max_steps // n_switch >= 19  # t_interval above the EMA warm-up
+            num_switches = srl.budget(cfg.r).num_switches
+            assert cfg.max_steps // num_switches >= ema_warmup_steps(srl.beta1)  # t_interval above the warm-up
 
     notes = "SRLoRA wins here, by hand."
-    path.write_text(text.replace(study.NOTES_BEGIN + "\n", study.NOTES_BEGIN + "\n" + notes + "\n"))
-    assert notes in study.render([1, 2, 3]).read_text()
+    path.write_text(text.replace(report.NOTES_BEGIN + "\n", report.NOTES_BEGIN + "\n" + notes + "\n"))
+    assert notes in report.render([1, 2, 3], tmp_path).read_text()

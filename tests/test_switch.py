@@ -130,7 +130,7 @@ def test_r_target_clamped_per_layer_with_one_warning():
     with pytest.warns(SRLoRAWarning, match="clamped") as record:
         _, ctl = build("bert", r=4, r_target=48, gamma=0.5)
     assert len([w for w in record if "clamped" in str(w.message)]) == 1
-    limits = {name: layer.limit for name, layer in ctl._layers.items()}
+    limits = {name: layer.limit for name, layer in ctl.layers.items()}
     assert set(limits.values()) == {32}  # every BERT layer has min(m, n) = 32
 
 
@@ -185,7 +185,7 @@ def test_bf16_switch_drift_is_bounded():
     # Each switch rounds W once to bf16 (relative 2^-9); ten switches drift by at most
     # ~10 such roundings of the logits' scale.
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
-    assert all(layer.target.weight.dtype == torch.bfloat16 for layer in ctl._layers.values())
+    assert all(layer.target.weight.dtype == torch.bfloat16 for layer in ctl.layers.values())
 
 
 def test_per_layer_rank_pattern():

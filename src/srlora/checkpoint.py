@@ -18,7 +18,6 @@ checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save
 from .controller import SRLoRA
 
 FORMAT_VERSION = 1
@@ -54,9 +54,9 @@ def _model_state(
         for name, b in model.named_buffers():
             state[name] = b.detach().cpu().clone()
     checksums: dict[str, list[float]] = {}
-    for layer in controller._layers.values():
+    for layer in controller.layers.values():
         pname = names[id(layer.target.base_param)]
-        if layer.pointer > layer.r:
+        if layer.has_switched:
             state[pname] = layer.target.base_param.detach().cpu().clone()
         else:
             checksums[pname] = _checksum(layer.target.base_param)
@@ -94,28 +94,7 @@ def save_checkpoint(
         },
         "extra": extra,
     }
-    return atomic_torch_save(payload, Path(path))
-
-
-def atomic_torch_save(payload: Any, path: Path) -> int:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename; returns the size."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path.stat().st_size
+    return atomic_torch_save(payload, path)
 
 
 def load_checkpoint(

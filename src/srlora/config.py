@@ -22,6 +22,25 @@ _SCORE_RESET = ("recycled", "all")
 _SVD_METHODS = ("full", "randomized")
 
 
+@dataclass(frozen=True)
+class SwitchBudget:
+    """What one layer may explore (see :meth:`SRLoRAConfig.budget`).
+
+    Attributes:
+        r: trainable pairs (the LoRA rank).
+        r_prime: pairs recycled per switch, ``gamma r``.
+        directions: singular directions the layer may use, ``min(r_target, m, n)``.
+        num_switches: ``N_switch = floor((directions - r) / r')``.
+        clamped: ``directions < r_target`` (a layer narrower than ``r_target``).
+    """
+
+    r: int
+    r_prime: int
+    directions: int
+    num_switches: int
+    clamped: bool = False
+
+
 @dataclass
 class SRLoRAConfig:
     """Hyper-parameters of SRLoRA (see ``docs/METHOD.md`` for the math).
@@ -166,6 +185,43 @@ class SRLoRAConfig:
                 f"Choose gamma as k / {r} for some k in 1..{r} (e.g. gamma={max(1, round(value)) / r:g})."
             )
         return int(rounded)
+
+    def budget(self, r: int, width: int | None = None) -> SwitchBudget:
+        """The switch budget of a layer of LoRA rank ``r`` and ``min(m, n) = width``: the one
+        place where the rule "r_target must exceed r and leave room for a switch" lives.
+
+        ``directions = min(r_target, width)``, ``r' = gamma r`` and
+        ``N_switch = floor((directions - r) / r')``.
+
+        Raises:
+            ValueError: ``gamma r`` is not whole, ``r_target <= r`` or ``r_target`` leaves room
+                for no switch, or ``r > width``. A layer narrower than ``r_target`` is not an
+                error: its budget is clamped (``clamped`` is True), possibly to no switch at all.
+        """
+        _check_int("r", r, minimum=1)
+        r_prime = self.recycled_per_switch(r)
+        if self.r_target <= r:
+            raise ValueError(
+                f"r_target ({self.r_target}) must be larger than the LoRA rank r ({r}): SRLoRA explores "
+                f"r_target directions with r trainable ranks. Raise r_target or use plain PiSSA."
+            )
+        if (self.r_target - r) // r_prime < 1:
+            raise ValueError(
+                f"r_target={self.r_target} leaves room for no switch: each switch brings in r'={r_prime} new "
+                f"directions beyond the first r={r}. Use r_target >= {r + r_prime}."
+            )
+        directions = self.r_target
+        if width is not None:
+            if r > width:
+                raise ValueError(f"the LoRA rank r={r} exceeds min(m, n)={width} of the layer.")
+            directions = min(self.r_target, width)
+        return SwitchBudget(
+            r=r,
+            r_prime=r_prime,
+            directions=directions,
+            num_switches=(directions - r) // r_prime,
+            clamped=directions < self.r_target,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

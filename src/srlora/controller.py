@@ -16,28 +16,31 @@ Without ``attach``, the same by hand::
 
     loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt); opt.zero_grad()
 
-All the method's state (step counter, per-layer pointer and slot contents, importance
-EMAs, switch history) is in :meth:`SRLoRA.state_dict`; the frozen-weight changes are
-in the model's own ``state_dict`` (PEFT keeps the base weights as parameters).
+The controller owns the step count, the switch history and the optimizer-reset policy;
+each layer's state is a :class:`~srlora.layer_state.LayerState` (read-only mapping
+:attr:`SRLoRA.layers`). All of it is in :meth:`SRLoRA.state_dict`; the frozen-weight
+changes are in the model's own ``state_dict`` (PEFT keeps the base weights as parameters).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
 from .config import SRLoRAConfig
-from .importance import PairImportance, update_importance_
+from .errors import DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
+from .importance import update_importance_
+from .layer_state import LayerState, SwitchEvent
 from .layers import LoraTarget, find_lora_targets
-from .optim_state import optimizer_kind, seed_second_moment_, unwrap_optimizer, warn_unsupported, zero_moments_
-from .recompose import effective_weight, pissa_init_, switch_pairs_
+from .optim_state import OptimizerStateReset, unwrap_optimizer
+from .recompose import effective_weight, pissa_init_
 from .schedule import AdaptiveTrigger, SwitchSchedule, ema_warmup_steps
 from .svd import SVDCache, top_singular_triplets
 
@@ -78,120 +81,6 @@ def _svd_on_rank0(target: LoraTarget, k: int, config: SRLoRAConfig) -> SVDCache:
     return cache
 
 
-class SRLoRAWarning(UserWarning):
-    """Something about the run the user should know but that is not an error."""
-
-
-@dataclass(frozen=True)
-class SwitchEvent:
-    """One layer's switch.
-
-    Attributes:
-        step: optimizer step after which it happened (0: forced before training).
-        layer: module name.
-        slots: pair indices recycled, ascending.
-        directions: singular directions of ``W0`` that entered those slots (same order).
-        evicted: singular directions that were fused into ``W`` (same order).
-        scores: their pair scores ``S_k`` at the switch (same order).
-    """
-
-    step: int
-    layer: str
-    slots: tuple[int, ...]
-    directions: tuple[int, ...]
-    evicted: tuple[int, ...]
-    scores: tuple[float, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SwitchEvent:
-        return cls(
-            step=int(d["step"]),
-            layer=str(d["layer"]),
-            slots=tuple(int(x) for x in d["slots"]),
-            directions=tuple(int(x) for x in d["directions"]),
-            evicted=tuple(int(x) for x in d["evicted"]),
-            scores=tuple(float(x) for x in d["scores"]),
-        )
-
-
-class _Layer:
-    """Everything SRLoRA keeps for one adapted layer."""
-
-    def __init__(
-        self, target: LoraTarget, cache: SVDCache, r_prime: int, schedule: SwitchSchedule | None, config: SRLoRAConfig
-    ):
-        self.target = target
-        self.cache = cache
-        self.r = target.r
-        self.r_prime = r_prime
-        self.schedule = schedule
-        self.limit = cache.rank  # min(r_target, m, n)
-        device = target.lora_A.device
-        m, n = target.shape
-        self.importance = PairImportance(self.r, m, n, config.beta1, config.beta2, device)
-        # Which SVD direction sits in each slot, and since which step.
-        self.slot_direction = torch.arange(self.r, dtype=torch.long)
-        self.slot_since = torch.zeros(self.r, dtype=torch.long)
-        self.pointer = self.r
-        # The fused pairs, in order: W_t = W0 - U_:p diag(S_:p) V_:p^T + s fused_B fused_A.
-        # A compact, exact record of every change made to the frozen weight, used to
-        # export the total update as a LoRA adapter (rank <= 2p) without keeping W0.
-        n_fused = max(self.limit - self.r, 0)
-        self.fused_B = torch.zeros(m, n_fused, dtype=torch.float32, device=device)
-        self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
-        # Recycled slots whose Adam second moment waits for its first gradient ("seed").
-        self.pending_seed = torch.zeros(self.r, dtype=torch.bool)
-        self.exhausted = False
-        self.trigger: AdaptiveTrigger | None = None  # set with the schedule under adaptive_switch
-        self.trigger_state: dict[str, Any] | None = None
-
-    @property
-    def can_switch(self) -> bool:
-        return self.pointer + self.r_prime <= self.limit
-
-    @property
-    def switches_done(self) -> int:
-        return (self.pointer - self.r) // self.r_prime
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "pointer": self.pointer,
-            "slot_direction": self.slot_direction.clone(),
-            "slot_since": self.slot_since.clone(),
-            "pending_seed": self.pending_seed.clone(),
-            "fused_B": self.fused_B[:, : self.pointer - self.r].clone(),
-            "fused_A": self.fused_A[: self.pointer - self.r].clone(),
-            "exhausted": self.exhausted,
-            "importance": self.importance.state_dict(),
-            "trigger": None if self.trigger is None else self.trigger.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["slot_direction"].shape != self.slot_direction.shape:
-            raise ValueError(
-                f"layer {self.target.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}."
-            )
-        self.pointer = int(state["pointer"])
-        self.slot_direction.copy_(state["slot_direction"])
-        self.slot_since.copy_(state["slot_since"])
-        self.pending_seed.copy_(state["pending_seed"])
-        used = self.pointer - self.r
-        self.fused_B.zero_()
-        self.fused_A.zero_()
-        self.fused_B[:, :used] = state["fused_B"]
-        self.fused_A[:used] = state["fused_A"]
-        self.exhausted = bool(state["exhausted"])
-        self.importance.load_state_dict(state["importance"])
-        # With total_steps="auto" the trigger is built later (set_total_steps), after a
-        # framework may already have restored this state: keep it until then.
-        self.trigger_state = state.get("trigger")
-        if self.trigger is not None and self.trigger_state is not None:
-            self.trigger.load_state_dict(self.trigger_state)
-
-
 class SRLoRA:
     """SRLoRA over a PEFT LoRA model.
 
@@ -208,7 +97,9 @@ class SRLoRA:
             here when ``None``, on rank 0 and broadcast under ``torch.distributed``.
     """
 
-    def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: dict[str, SVDCache] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, config: SRLoRAConfig, svd_caches: Mapping[str, SVDCache] | None = None
+    ) -> None:
         if not isinstance(config, SRLoRAConfig):
             raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}.")
         self.model = model
@@ -216,23 +107,18 @@ class SRLoRA:
         self.global_step = 0
         self.skipped_steps = 0
         self.history: list[SwitchEvent] = []
+        self.optimizer_reset = OptimizerStateReset(config.optimizer_reset)
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks: list[Any] = []
         self._warned: set[str] = set()
 
         targets = find_lora_targets(model, config.adapter_name)
-        self._layers: dict[str, _Layer] = {}
-        clamped: list[str] = []
+        budgets = {t.name: config.budget(t.r, min(t.shape)) for t in targets}
+        self._layers: dict[str, LayerState] = {}
         for target in targets:
+            budget = budgets[target.name]
+            k = budget.directions
             m, n = target.shape
-            r = target.r
-            if r > min(m, n):
-                raise ValueError(f"Layer {target.name!r}: LoRA rank r={r} exceeds min(m, n)={min(m, n)}.")
-            r_prime = config.recycled_per_switch(r)
-            SwitchSchedule.count_switches(r, r_prime, config.r_target)  # validates r_target
-            k = min(config.r_target, m, n)
-            if k < config.r_target:
-                clamped.append(f"{target.name} ({m}x{n}: {k})")
             if svd_caches is not None and target.name in svd_caches:
                 cache = svd_caches[target.name]
                 if cache.U.shape != (m, k) or cache.V.shape != (n, k):
@@ -242,14 +128,14 @@ class SRLoRA:
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
             pissa_init_(target, cache)
-            self._layers[target.name] = _Layer(target, cache, r_prime, None, config)
+            self._layers[target.name] = LayerState(target, cache, budget, config.beta1, config.beta2)
 
+        clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
         if clamped:
             warnings.warn(
-                f"r_target={config.r_target} exceeds min(m, n) of {len(clamped)} layer(s); clamped to: "
-                + ", ".join(clamped[:8])
-                + (" ..." if len(clamped) > 8 else ""),
-                SRLoRAWarning,
+                f"r_target={config.r_target} exceeds min(m, n) of {len(clamped)} layer(s); their budget and schedule "
+                "use the clamped value: " + ", ".join(clamped[:8]) + (" ..." if len(clamped) > 8 else ""),
+                ScheduleWarning,
                 stacklevel=2,
             )
         if config.total_steps != "auto" or config.switch_interval is not None:
@@ -268,39 +154,43 @@ class SRLoRA:
             warnings.warn(
                 f"SRLoRAConfig.total_steps={self.config.total_steps}, but training runs {total_steps} optimizer "
                 f"steps; the configured schedule is kept. Use total_steps='auto' to follow the trainer.",
-                SRLoRAWarning,
+                ScheduleWarning,
                 stacklevel=2,
             )
 
     def _build_schedules(self, total_steps: int | None, stacklevel: int) -> None:
         config = self.config
-        for layer in self._layers.values():
-            layer.schedule = SwitchSchedule.build(
-                layer.r, layer.r_prime, config.r_target, total_steps, config.switch_interval
-            )
-        shortest = min(layer.schedule.interval for layer in self._layers.values())  # type: ignore[union-attr]
+        schedules = {
+            name: SwitchSchedule.build(layer.budget, total_steps, config.switch_interval)
+            for name, layer in self._layers.items()
+        }
         horizon = ema_warmup_steps(max(config.beta1, config.beta2))
-        if config.adaptive_switch:
-            for layer in self._layers.values():
-                interval = layer.schedule.interval  # type: ignore[union-attr]
-                layer.trigger = AdaptiveTrigger(
+        for name, layer in self._layers.items():
+            trigger = None
+            if config.adaptive_switch:
+                trigger = AdaptiveTrigger(
                     patience=config.adaptive_patience,
                     min_interval=horizon,
-                    max_interval=max(horizon, 2 * interval),
+                    max_interval=max(horizon, 2 * schedules[name].interval),
                 )
-                if layer.trigger_state is not None:
-                    layer.trigger.load_state_dict(layer.trigger_state)
-            return  # adaptive switches never come sooner than the EMA warm-up
-        if shortest < horizon:
+            layer.set_schedule(schedules[name], trigger)
+        switching = [s.interval for s in schedules.values() if s.num_switches > 0]
+        # Adaptive switches never come sooner than the EMA warm-up.
+        if switching and min(switching) < horizon and not config.adaptive_switch:
             warnings.warn(
-                f"The switch interval ({shortest} steps) is shorter than the {horizon} steps the importance EMAs "
-                f"(beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs may be "
-                f"evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
-                SRLoRAWarning,
+                f"The switch interval ({min(switching)} steps) is shorter than the {horizon} steps the importance "
+                f"EMAs (beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs "
+                f"may be evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
+                ScheduleWarning,
                 stacklevel=stacklevel + 1,
             )
 
     # ------------------------------------------------------------------ queries
+    @property
+    def layers(self) -> Mapping[str, LayerState]:
+        """``{layer name: LayerState}``, read-only."""
+        return MappingProxyType(self._layers)
+
     @property
     def layer_names(self) -> list[str]:
         return list(self._layers)
@@ -344,8 +234,7 @@ class SRLoRA:
         if self._hooks:
             raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
         optimizer = unwrap_optimizer(optimizer)
-        self._check_optimizer(optimizer)
-        self._optimizer = optimizer
+        self._bind(optimizer)
         self._hooks = [
             optimizer.register_step_pre_hook(self._pre_step_hook),
             optimizer.register_step_post_hook(self._post_step_hook),
@@ -358,6 +247,7 @@ class SRLoRA:
             handle.remove()
         self._hooks = []
         self._optimizer = None
+        self.optimizer_reset.unbind()
 
     @property
     def attached(self) -> bool:
@@ -378,8 +268,9 @@ class SRLoRA:
 
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> list[SwitchEvent]:
         """Switch every layer that has unused directions left, now, whatever the schedule."""
-        optimizer = unwrap_optimizer(optimizer) if optimizer is not None else self._optimizer
-        return self._switch(list(self._layers.values()), optimizer)
+        if optimizer is not None:
+            self._bind(unwrap_optimizer(optimizer))
+        return self._switch(list(self._layers.values()))
 
     # ------------------------------------------------------------------ export
     def merge_and_unload(self) -> nn.Module:
@@ -397,9 +288,13 @@ class SRLoRA:
         :func:`srlora.export.export_lora`."""
         from .export import export_lora
 
-        return export_lora(self, path, rank)
+        return export_lora(self.model, self.layers, self.config.adapter_name, path, rank)
 
     # ------------------------------------------------------------------ internals
+    def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self.optimizer_reset.bind(optimizer)
+
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         # torch passes step()'s positional arguments with the optimizer itself first.
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -429,16 +324,10 @@ class SRLoRA:
                 f"remove the manual call (or call detach() to drive SRLoRA by hand)."
             )
 
-    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if optimizer is None or self.config.optimizer_reset == "none":
-            return
-        if optimizer_kind(optimizer) == "other":
-            self._warn_once("optimizer", lambda: warn_unsupported(optimizer))
-
-    def _warn_once(self, key: str, emit: Any) -> None:
+    def _warn_once(self, key: str, message: str, category: type[Warning], stacklevel: int) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            emit()
+            warnings.warn(message, category, stacklevel=stacklevel + 1)
 
     @torch.no_grad()
     def _update_importance(self) -> bool:
@@ -454,12 +343,10 @@ class SRLoRA:
             self.skipped_steps += 1
             self._warn_once(
                 "nonfinite",
-                lambda: warnings.warn(
-                    "Non-finite gradients in the LoRA parameters: this step's importance update was skipped "
-                    "(counted in SRLoRA.skipped_steps; warned once).",
-                    SRLoRAWarning,
-                    stacklevel=4,
-                ),
+                "Non-finite gradients in the LoRA parameters: this step's importance update was skipped "
+                "(counted in SRLoRA.skipped_steps; warned once).",
+                NonFiniteWarning,
+                stacklevel=4,
             )
             return False
         update_importance_(
@@ -469,26 +356,16 @@ class SRLoRA:
             [layer.target.lora_B for layer in layers],
             grads_B,
         )
-        if self.config.optimizer_reset == "seed" and self._optimizer is not None:
-            self._seed_pending(self._optimizer, layers)
+        if self.optimizer_reset.pending:
+            self.optimizer_reset.before_step(
+                {name: (layer.target.lora_A, layer.target.lora_B) for name, layer in self._layers.items()}
+            )
         return True
 
-    def _seed_pending(self, optimizer: torch.optim.Optimizer, layers: list[_Layer]) -> None:
-        for layer in layers:
-            if not bool(layer.pending_seed.any()):
-                continue
-            slots = layer.pending_seed.nonzero().flatten()
-            seed_second_moment_(optimizer, layer.target.lora_A, slots, dim=0)
-            seed_second_moment_(optimizer, layer.target.lora_B, slots, dim=1)
-            layer.pending_seed.zero_()
-
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
-        if optimizer is not None:
-            optimizer = unwrap_optimizer(optimizer)
         if optimizer is not None and self._optimizer is None:
-            self._check_optimizer(optimizer)
             # The manual protocol learns the optimizer here; "seed" needs it before the next step.
-            self._optimizer = optimizer
+            self._bind(unwrap_optimizer(optimizer))
         self.global_step += 1
         if any(layer.schedule is None for layer in self._layers.values()):
             raise RuntimeError(_NO_SCHEDULE)
@@ -496,63 +373,36 @@ class SRLoRA:
             due = [layer for layer in self._layers.values() if self._adaptive_due(layer)]
         else:
             due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
-        return self._switch(due, optimizer or self._optimizer) if due else []
+        return self._switch(due) if due else []
 
-    def _adaptive_due(self, layer: _Layer) -> bool:
+    def _adaptive_due(self, layer: LayerState) -> bool:
         assert layer.trigger is not None and layer.schedule is not None
         # The trigger counts every step, even those on which the schedule forbids a switch.
         fire = layer.trigger.update(layer.importance.pair_scores(), layer.r_prime)
         return fire and layer.schedule.allows(self.global_step, layer.switches_done)
 
     @torch.no_grad()
-    def _switch(self, layers: list[_Layer], optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
+    def _switch(self, layers: list[LayerState]) -> list[SwitchEvent]:
         events: list[SwitchEvent] = []
+        reset_all = self.config.reset_scores == "all"
         for layer in layers:
             if not layer.can_switch:
                 if not layer.exhausted:
                     layer.exhausted = True
                     warnings.warn(
-                        f"Layer {layer.target.name!r} has used all {layer.limit} of its singular directions "
+                        f"Layer {layer.name!r} has used all {layer.limit} of its singular directions "
                         f"(r_target clamped to min(m, n) or reached); it stops switching.",
-                        SRLoRAWarning,
+                        DirectionsExhaustedWarning,
                         stacklevel=3,
                     )
                 continue
-            events.append(self._switch_layer(layer, optimizer))
+            event = layer.switch(self.global_step, reset_all_scores=reset_all)
+            self.optimizer_reset.on_switch(
+                layer.name, layer.target.lora_A, layer.target.lora_B, torch.tensor(event.slots, dtype=torch.long)
+            )
+            events.append(event)
         self.history.extend(events)
         return events
-
-    def _switch_layer(self, layer: _Layer, optimizer: torch.optim.Optimizer | None) -> SwitchEvent:
-        scores = layer.importance.pair_scores().cpu()
-        # Stable ascending sort: ties go to the lowest index first.
-        low = torch.sort(scores, stable=True).indices[: layer.r_prime]
-        slots = torch.sort(low).values
-        directions = torch.arange(layer.pointer, layer.pointer + layer.r_prime, dtype=torch.long)
-        event = SwitchEvent(
-            step=self.global_step,
-            layer=layer.target.name,
-            slots=tuple(slots.tolist()),
-            directions=tuple(directions.tolist()),
-            evicted=tuple(layer.slot_direction[slots].tolist()),
-            scores=tuple(scores[slots].tolist()),
-        )
-        used = layer.pointer - layer.r
-        layer.fused_B[:, used : used + layer.r_prime] = layer.target.lora_B[:, slots].float()
-        layer.fused_A[used : used + layer.r_prime] = layer.target.lora_A[slots].float()
-        switch_pairs_(layer.target, layer.cache, slots, directions)
-        layer.pointer += layer.r_prime
-        layer.slot_direction[slots] = directions
-        layer.slot_since[slots] = self.global_step
-        layer.importance.reset(None if self.config.reset_scores == "all" else slots.to(layer.importance.ibar_A.device))
-        if layer.trigger is not None:
-            layer.trigger.switched()
-        if optimizer is not None and self.config.optimizer_reset != "none":
-            self._check_optimizer(optimizer)
-            zero_moments_(optimizer, layer.target.lora_A, slots, dim=0)
-            zero_moments_(optimizer, layer.target.lora_B, slots, dim=1)
-            if self.config.optimizer_reset == "seed" and optimizer_kind(optimizer) == "adam":
-                layer.pending_seed[slots] = True
-        return event
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -563,6 +413,7 @@ class SRLoRA:
             "skipped_steps": self.skipped_steps,
             "history": [event.to_dict() for event in self.history],
             "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
+            "optimizer_reset": self.optimizer_reset.state_dict(),
             "warned": sorted(self._warned),
         }
 
@@ -583,11 +434,12 @@ class SRLoRA:
         if saved_config != self.config:
             warnings.warn(
                 f"Loading SRLoRA state saved with a different config ({saved_config}) into {self.config}.",
-                SRLoRAWarning,
+                ScheduleWarning,
                 stacklevel=2,
             )
         for name, layer in self._layers.items():
             layer.load_state_dict(state["layers"][name])
+        self.optimizer_reset.load_state_dict(state["optimizer_reset"])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.history = [SwitchEvent.from_dict(d) for d in state["history"]]

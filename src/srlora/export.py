@@ -7,9 +7,9 @@ low-rank::
 
     W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T
 
-where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorded by the
-controller at each switch). Its rank is at most ``(p - r) + r + p = 2p``, as SPEC
-section 6 says. :func:`export_lora` writes it as PEFT LoRA factors (scaling 1), exact
+where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorded by each
+:class:`~srlora.layer_state.LayerState` at its switches). Its rank is at most
+``(p - r) + r + p = 2p``, as SPEC section 6 says. :func:`export_lora` writes it as PEFT LoRA factors (scaling 1), exact
 when ``rank`` is ``None``, else truncated by SVD with the per-layer relative error
 reported.
 """
@@ -18,30 +18,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .controller import SRLoRA, _Layer
-
-
-@torch.no_grad()
-def total_update_factors(layer: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32)."""
-    t = layer.target
-    s = t.scaling
-    p = layer.pointer
-    used = p - layer.r
-    device = layer.fused_B.device
-    U, S, V = layer.cache.directions(torch.arange(p), device)
-    P = torch.cat([s * layer.fused_B[:, :used], s * t.lora_B.float().to(device), -(U * S)], dim=1)
-    Q = torch.cat([layer.fused_A[:used], t.lora_A.float().to(device), V.T], dim=0)
-    return P, Q
+from .atomic import atomic_dir
+from .layer_state import LayerState
 
 
 @torch.no_grad()
@@ -70,23 +54,28 @@ def truncate(P: torch.Tensor, Q: torch.Tensor, rank: int | None) -> tuple[torch.
     return B.float(), A.float(), err
 
 
-def export_lora(controller: SRLoRA, path: str | Path, rank: int | None = None) -> dict[str, float]:
+def export_lora(
+    model: nn.Module, layers: Mapping[str, LayerState], adapter: str, path: str | Path, rank: int | None = None
+) -> dict[str, float]:
     """Write a PEFT LoRA adapter of the total update relative to the original weights.
 
     ``PeftModel.from_pretrained(original_base_model, path)`` then computes what the
     trained SRLoRA model computes. Layer ``i`` gets rank ``min(rank, rank of its update)``
     (``rank=None``: exact) and scaling 1; other trainable modules PEFT saves with the
     adapter (``modules_to_save``, e.g. a classification head) are copied as they are.
-    Written atomically (a temporary folder renamed into place). Returns and writes
-    (``reconstruction_error.json``) each layer's relative Frobenius error.
+    The folder is written atomically (built beside ``path``, then swapped in). Returns
+    and writes (``reconstruction_error.json``) each layer's relative Frobenius error.
+
+    Args:
+        model: the PEFT model SRLoRA trained.
+        layers: the controller's layers (``SRLoRA.layers``).
+        adapter: the adapter name.
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None (exact), got {rank}.")
-    model = controller.model
-    adapter = controller.config.adapter_name
     state = {
         k: v.detach().cpu().clone().contiguous()
         for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
@@ -94,8 +83,8 @@ def export_lora(controller: SRLoRA, path: str | Path, rank: int | None = None) -
     peft_config = copy.deepcopy(model.peft_config[adapter])
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
-    for name, layer in controller._layers.items():
-        P, Q = total_update_factors(layer)
+    for name, layer in layers.items():
+        P, Q = layer.total_update_factors()
         B, A, err = truncate(P, Q, rank)
         key = name.split("base_model.model.", 1)[-1]
         a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
@@ -114,19 +103,10 @@ def export_lora(controller: SRLoRA, path: str | Path, rank: int | None = None) -
     peft_config.init_lora_weights = True
     peft_config.inference_mode = True
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
+    with atomic_dir(path) as tmp:
         peft_config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "reconstruction_error.json").write_text(
             json.dumps({"rank": rank, "ranks": ranks, "relative_frobenius_error": errors}, indent=2)
         )
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return errors

@@ -13,11 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:  # transformers is optional at import time; GPT-2 style Conv1D needs it.
-    from transformers.pytorch_utils import Conv1D as _HFConv1D
-except ImportError:  # pragma: no cover - transformers is a declared dependency
-    _HFConv1D = None
-
 
 @dataclass
 class LoraTarget:
@@ -89,6 +84,15 @@ def _refuse_sharded(model: nn.Module) -> None:
         )
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), checked without importing transformers up front."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a declared dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
 def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     """All layers of a PEFT LoRA model that carry ``adapter``, checked for SRLoRA.
 
@@ -124,8 +128,7 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
                 f"supported). Fix: {fix}, or load the base model unquantized."
             )
         base = mod.get_base_layer()
-        is_conv1d = _HFConv1D is not None and isinstance(base, _HFConv1D)
-        if type(base) is not nn.Linear and not is_conv1d:
+        if type(base) is not nn.Linear and not _is_conv1d(base):
             raise ValueError(
                 f"Layer {name!r} wraps a {type(base).__name__}, not nn.Linear or transformers' Conv1D; SRLoRA needs a "
                 f"plain float weight to decompose. Fix: {fix}, or load the base model unquantized."

@@ -18,14 +18,21 @@ which is exactly the value for which Adam's bias-corrected ``v_hat`` equals ``g^
 the update, as it would for a freshly created Adam. The first moment stays zero, so the
 entry's first step is ``~ (1 - beta1) lr`` and grows to a full step over
 ``~1 / (1 - beta1)`` steps: a per-entry learning-rate warm-up.
+
+:class:`OptimizerStateReset` is the policy object: the controller tells it of each
+switch (:meth:`~OptimizerStateReset.on_switch`) and of each coming optimizer step
+(:meth:`~OptimizerStateReset.before_step`); it owns the slots waiting for their seed.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from .errors import UnsupportedOptimizerWarning
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
@@ -107,8 +114,64 @@ def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, i
     return True
 
 
-class UnsupportedOptimizerWarning(UserWarning):
-    """The optimizer's state layout is unknown, so recycled pairs keep their state."""
+class OptimizerStateReset:
+    """The ``optimizer_reset`` policy (``"seed"``, ``"zero"`` or ``"none"``) for one controller.
+
+    It is bound to the optimizer that trains the LoRA parameters (:meth:`bind`). At a
+    switch it zeroes the recycled slices' moments; under ``"seed"`` with Adam/AdamW it
+    remembers those slots (on the host, so that checking for them costs no device sync)
+    and seeds their second moment just before the next optimizer step.
+    """
+
+    def __init__(self, mode: str) -> None:
+        if mode not in ("seed", "zero", "none"):
+            raise ValueError(f"optimizer_reset must be 'seed', 'zero' or 'none', got {mode!r}.")
+        self.mode = mode
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.kind: str | None = None
+        self.pending: dict[str, set[int]] = {}
+        self.warned = False
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` from now on (warned once when its state layout is unknown)."""
+        self.optimizer = optimizer
+        self.kind = optimizer_kind(optimizer)
+        if self.kind == "other" and self.mode != "none" and not self.warned:
+            self.warned = True
+            warn_unsupported(optimizer)
+
+    def unbind(self) -> None:
+        self.optimizer = None
+        self.kind = None
+
+    def on_switch(self, key: str, lora_A: torch.Tensor, lora_B: torch.Tensor, slots: torch.Tensor) -> None:
+        """Pairs ``slots`` (rows of ``A (r, n)``, columns of ``B (m, r)``) were recycled."""
+        if self.optimizer is None or self.mode == "none" or self.kind == "other":
+            return
+        zero_moments_(self.optimizer, lora_A, slots, dim=0)
+        zero_moments_(self.optimizer, lora_B, slots, dim=1)
+        if self.mode == "seed" and self.kind == "adam":
+            self.pending.setdefault(key, set()).update(int(k) for k in slots.tolist())
+
+    def before_step(self, params: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Seed the second moment of the pending slots from the gradients about to be
+        applied; ``params[key]`` is the layer's ``(A, B)``."""
+        if not self.pending or self.optimizer is None:
+            return
+        for key in list(self.pending):
+            lora_A, lora_B = params[key]
+            if lora_A.grad is None:
+                continue  # this layer takes no step now; seed at its next one
+            slots = torch.tensor(sorted(self.pending.pop(key)), dtype=torch.long)
+            seed_second_moment_(self.optimizer, lora_A, slots, dim=0)
+            seed_second_moment_(self.optimizer, lora_B, slots, dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": {k: sorted(v) for k, v in self.pending.items() if v}, "warned": self.warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = {str(k): {int(x) for x in v} for k, v in state["pending"].items()}
+        self.warned = bool(state.get("warned", False))
 
 
 def warn_unsupported(optimizer: torch.optim.Optimizer) -> None:
@@ -117,5 +180,5 @@ def warn_unsupported(optimizer: torch.optim.Optimizer) -> None:
         f"{type(optimizer).__name__} keeps the old pairs' state for the new directions. "
         f"Use one of those optimizers, or set optimizer_reset='none' to silence this warning.",
         UnsupportedOptimizerWarning,
-        stacklevel=3,
+        stacklevel=4,
     )

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SwitchBudget
+
 
 def ema_warmup_steps(beta: float, residual: float = 0.05) -> int:
     """Steps an EMA with coefficient ``beta`` needs before its zero start weighs < ``residual``."""
@@ -32,66 +34,43 @@ class SwitchSchedule:
 
     Attributes:
         interval: steps between two switches (``t_interval``).
-        num_switches: how many switches at most (``N_switch``, or ``None``: until the
-            directions run out).
+        num_switches: how many switches at most (``N_switch``).
         total_steps: ``N_all`` when known; no switch happens at a step ``>= total_steps``.
     """
 
     interval: int
-    num_switches: int | None
+    num_switches: int
     total_steps: int | None
 
     @classmethod
-    def build(
-        cls,
-        r: int,
-        r_prime: int,
-        r_target: int,
-        total_steps: int | None,
-        switch_interval: int | None,
-    ) -> SwitchSchedule:
-        """The paper's schedule; see the module docstring.
+    def build(cls, budget: SwitchBudget, total_steps: int | None, switch_interval: int | None) -> SwitchSchedule:
+        """The paper's schedule for one layer's budget; see the module docstring.
 
         Raises:
-            ValueError: when ``r_target`` leaves room for no switch, or ``total_steps``
-                is too short to fit even one step per switch.
+            ValueError: when ``total_steps`` is too short to fit even one step per switch.
         """
-        num_switches = cls.count_switches(r, r_prime, r_target)
+        num_switches = budget.num_switches
         if switch_interval is not None:
             return cls(interval=switch_interval, num_switches=num_switches, total_steps=total_steps)
         if total_steps is None:
             raise ValueError("a schedule needs total_steps or switch_interval")
+        if num_switches == 0:  # a layer too narrow for any switch
+            return cls(interval=total_steps, num_switches=0, total_steps=total_steps)
         interval = total_steps // num_switches
         if interval < 1:
             raise ValueError(
                 f"total_steps={total_steps} is shorter than the N_switch={num_switches} switches that "
-                f"r_target={r_target}, r={r}, r'={r_prime} ask for. Lower r_target (to at most "
-                f"{r + total_steps * r_prime}) or train longer."
+                f"{budget.directions} directions with r={budget.r}, r'={budget.r_prime} ask for. Lower r_target "
+                f"(to at most {budget.r + total_steps * budget.r_prime}) or train longer."
             )
         return cls(interval=interval, num_switches=num_switches, total_steps=total_steps)
-
-    @staticmethod
-    def count_switches(r: int, r_prime: int, r_target: int) -> int:
-        """``N_switch = floor((r_target - r) / r')``; raises when it is not >= 1."""
-        if r_target <= r:
-            raise ValueError(
-                f"r_target ({r_target}) must be larger than the LoRA rank r ({r}): SRLoRA explores "
-                f"r_target directions with r trainable ranks. Raise r_target or use plain PiSSA."
-            )
-        num_switches = (r_target - r) // r_prime
-        if num_switches < 1:
-            raise ValueError(
-                f"r_target={r_target} leaves room for no switch: each switch brings in r'={r_prime} new "
-                f"directions beyond the first r={r}. Use r_target >= {r + r_prime}."
-            )
-        return num_switches
 
     def allows(self, step: int, switches_done: int) -> bool:
         """The rules every switch obeys, fixed or adaptive: fewer than ``N_switch`` switches
         so far, and none at or after the last step ``total_steps``."""
         if self.total_steps is not None and step >= self.total_steps:
             return False
-        return self.num_switches is None or switches_done < self.num_switches
+        return switches_done < self.num_switches
 
     def is_switch_step(self, step: int) -> bool:
         if step < self.interval or step % self.interval != 0:
@@ -100,12 +79,11 @@ class SwitchSchedule:
 
     def steps(self, limit: int | None = None) -> list[int]:
         """All switch steps (up to ``limit`` when the schedule has no end of its own)."""
-        end = self.total_steps if self.total_steps is not None else limit
-        if self.num_switches is not None:
-            last = self.num_switches * self.interval
-            end = last + 1 if end is None else min(end, last + 1)
-        if end is None:
-            raise ValueError("this schedule has no end: pass limit=")
+        end = self.num_switches * self.interval + 1
+        if self.total_steps is not None:
+            end = min(end, self.total_steps)
+        if limit is not None:
+            end = min(end, limit + 1)
         return [t for t in range(self.interval, end, self.interval) if self.is_switch_step(t)]
 
 

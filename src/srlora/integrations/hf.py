@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from ..checkpoint import atomic_torch_save, method_state, restore_model_and_controller
+from ..atomic import atomic_torch_save
+from ..checkpoint import method_state, restore_model_and_controller
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
 

@@ -4,6 +4,7 @@ srlora compare                    # main job: MiniLM on MR, LoRA vs PiSSA vs SRL
 srlora train --task mr --method srlora --max-steps 300
 srlora compare --task stsb --data-dir GLUE --preset paper-stsb --model microsoft/deberta-v3-base --seeds 1,2,3
 srlora fetch minilm vader
+srlora study --part render        # docs/RESULTS.md from the study's runs
 """
 
 from __future__ import annotations
@@ -11,63 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_json, atomic_write_text
 from . import assets
-from .experiment import METHODS, PRESETS, RunConfig, apply_preset, atomic_write_text, run, train_losses
-
-# SPEC section 5: the paper's GLUE dev numbers (DeBERTa-v3-base), for results.md.
-PAPER_GLUE = {
-    "sst2": {"lora": "95.9", "pissa": "95.7", "srlora": "96.1"},
-    "mrpc": {"lora": "90.8/87.5", "pissa": "90.5/87.2", "srlora": "90.3/86.6"},
-    "cola": {"lora": "65.4", "pissa": "64.7", "srlora": "65.1"},
-    "qnli": {"lora": "94.0", "pissa": "94.4", "srlora": "93.4"},
-    "rte": {"lora": "80.4", "pissa": "82.0", "srlora": "82.1"},
-    "stsb": {"lora": "90.5/89.8", "pissa": "89.6/89.0", "srlora": "90.4/90.2"},
-}
-
-_RUN_FIELDS = [f for f in dataclasses.fields(RunConfig) if f.name not in ("method",)]
-
-
-def _arg_type(f: dataclasses.Field) -> Any:
-    hint = typing.get_type_hints(RunConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    if typing.get_origin(base) is list:
-        return lambda s: [x.strip() for x in s.split(",") if x.strip()]
-    return base
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", help=f"Start from a preset: {', '.join(sorted(PRESETS))} (options given win).")
-    for f in _RUN_FIELDS:
-        if _arg_type(f) is bool:
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", default=None, help=f.metadata["help"])
-            continue
-        p.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=_arg_type(f),
-            default=None,
-            help=f.metadata["help"] + (" Comma-separated." if f.name == "target_modules" else ""),
-        )
-
-
-def _run_values(ns: argparse.Namespace, default_preset: str | None) -> dict[str, Any]:
-    overrides = {f.name: getattr(ns, f.name) for f in _RUN_FIELDS if getattr(ns, f.name) is not None}
-    preset = ns.preset or default_preset
-    if preset is None:
-        return overrides
-    task_name = overrides.get("task") or PRESETS.get(preset, {}).get("task")
-    train_size = None
-    if preset.startswith("paper-") and "max_steps" not in overrides:
-        from .data import load_task
-
-        train_size = len(load_task(task_name or "mr", overrides.get("data_dir")).train)
-    return apply_preset(preset, overrides, train_size)
+from .config import METHODS, RunConfig
+from .options import add_run_options, run_values
+from .paper import GLUE_SCORES
+from .runs import finished_run, run, train_losses
+from .stats import fmt, mean_std
 
 
 def cmd_fetch(ns: argparse.Namespace) -> int:
@@ -82,8 +37,7 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    values = _run_values(ns, None)
-    cfg = RunConfig(method=ns.method, **values)
+    cfg = RunConfig.from_flat({"method": ns.method, **run_values(ns, None)})
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.method}-seed{cfg.seed}")
     try:
         results = run(cfg, out)
@@ -99,12 +53,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(all_results: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     """Mean and standard deviation over seeds, per method."""
     summary: dict[str, Any] = {}
@@ -115,64 +63,46 @@ def summarize(all_results: list[dict[str, Any]], methods: list[str]) -> dict[str
         metric_names = [k for k in rows[0]["final"] if k != "step"]
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in rows]}
         for k in metric_names:
-            entry[k] = _mean_std([r["final"][k] for r in rows])
-        entry["early_train_loss"] = _mean_std([r["early_train_loss"] for r in rows])
-        entry["wall_s"] = _mean_std([r["wall_s"] for r in rows])
+            entry[k] = mean_std([r["final"][k] for r in rows])[:2]
+        entry["early_train_loss"] = mean_std([r["early_train_loss"] for r in rows])[:2]
+        entry["wall_s"] = mean_std([r["wall_s"] for r in rows])[:2]
         entry["trainable_params"] = rows[0]["trainable_params"]
         summary[method] = entry
     return summary
 
 
-def format_table(task: str, summary: dict[str, Any], headline: str) -> str:
+def format_table(task: str, summary: dict[str, Any]) -> str:
+    """The compare table: mean over seeds, ``± std`` where there are two seeds or more."""
     methods = list(summary)
     if not methods:
         return "(no finished run)"
     metrics = [k for k in summary[methods[0]] if isinstance(summary[methods[0]][k], tuple) and k != "wall_s"]
     head = ["method", *metrics, "trainable", "wall s"]
-    if task in PAPER_GLUE:
+    if task in GLUE_SCORES:
         head.append("paper")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         e = summary[m]
-        cells = [m] + [f"{e[k][0]:.4f} ± {e[k][1]:.4f}" for k in metrics]
+        n = len(e["seeds"])
+        cells = [m] + [fmt((*e[k], n), digits=4) for k in metrics]
         cells += [f"{e['trainable_params']:,}", f"{e['wall_s'][0]:.0f}"]
-        if task in PAPER_GLUE:
-            cells.append(PAPER_GLUE[task].get(m, ""))
+        if task in GLUE_SCORES:
+            cells.append(GLUE_SCORES[task].get(m, ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """``results.json`` of a run that finished with the same configuration, else ``None``."""
-    try:
-        saved_cfg = json.loads((run_dir / "config.json").read_text())
-        results = json.loads((run_dir / "results.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    wanted = dataclasses.asdict(cfg)
-    same = all(saved_cfg.get(k) == v for k, v in wanted.items() if k != "model") and (
-        cfg.model is None or saved_cfg.get("model") == cfg.model
-    )
-    return results if same and not results.get("interrupted") else None
-
-
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from . import plots
-    from .data import load_task
+    from .tasks import load_task
 
-    values = _run_values(ns, "quick")
+    values = run_values(ns, "quick")
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
     seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
-    base = RunConfig(**values)
-    if "srlora" in methods:
-        # Fail before any run when SRLoRA's settings cannot work (not after LoRA and PiSSA ran).
-        from .schedule import SwitchSchedule
-
-        srl = base.srlora_config()
-        SwitchSchedule.count_switches(base.r, srl.recycled_per_switch(base.r), base.r_target)
+    # Fail before any run when SRLoRA's settings cannot work (not after LoRA and PiSSA ran).
+    base = RunConfig.from_flat({**values, "method": "srlora" if "srlora" in methods else methods[0]})
     out = Path(ns.out or f"runs/compare-{base.task}")
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(base.task, base.data_dir)
@@ -195,27 +125,51 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         print("interrupted: summarising the runs that finished", file=sys.stderr)
 
     summary = summarize(all_results, methods)
-    headline = task.metrics[0]
-    table = format_table(task.name, summary, headline)
+    table = format_table(task.name, summary)
     result = {
         "task": task.name,
         "description": task.description,
-        "config": dataclasses.asdict(base),
+        "config": base.to_dict(),
         "methods": methods,
         "seeds": seeds,
         "summary": summary,
         "runs": all_results,
         "interrupted": interrupted,
     }
-    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    atomic_write_json(out / "results.json", result)
+    figures = _compare_figures(ns, out, task.name, all_results, seeds)
+    md = [
+        f"# {task.name}: {', '.join(methods)}",
+        "",
+        task.description,
+        "",
+        f"Seeds {seeds}; metrics on dev at the last step (mean ± std over seeds where there are several); "
+        f"`early_train_loss`: mean training loss over the first 25% of steps.",
+        "",
+        table,
+        "",
+    ]
+    if task.name in GLUE_SCORES:
+        md += ["`paper`: the SRLoRA paper's GLUE dev numbers (DeBERTa-v3-base), for reference.", ""]
+    md += [f"![{p.stem}]({p.name})" for p in figures]
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    print(table)
+    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in figures))
+    return 130 if interrupted else 0
 
-    # Plots: loss curves of every method, and SRLoRA's active intervals.
+
+def _compare_figures(
+    ns: argparse.Namespace, out: Path, task: str, all_results: list[dict[str, Any]], seeds: list[int]
+) -> list[Path]:
+    """Loss curves of every method, and SRLoRA's active intervals and their variance."""
+    from . import plots
+
     curves: dict[str, list[list[float]]] = {}
     for r in all_results:
         curves.setdefault(r["method"], []).append(train_losses(out / r["method"] / f"seed{r['seed']}"))
     figures = []
     if curves:
-        figures.append(plots.plot_loss_curves(curves, out / "loss_curves.png", f"{task.name}: training loss"))
+        figures.append(plots.plot_loss_curves(curves, out / "loss_curves.png", f"{task}: training loss"))
     hist_path = out / "srlora" / f"seed{seeds[0]}" / "history.json"
     if hist_path.is_file():
         history = json.loads(hist_path.read_text())
@@ -226,25 +180,16 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             raise SystemExit(f"--layer {layer!r} matches no adapted layer; e.g. {layers[0]!r}")
         figures.append(plots.plot_active_intervals(history, matches[0], out / "active_intervals.png"))
         figures.append(plots.plot_interval_variance(history, out / "interval_variance.png"))
+    return figures
 
-    md = [
-        f"# {task.name}: {', '.join(methods)}",
-        "",
-        task.description,
-        "",
-        f"Seeds {seeds}; metrics on dev at the last step, mean ± std over seeds; "
-        f"`early_train_loss`: mean training loss over the first 25% of steps.",
-        "",
-        table,
-        "",
-    ]
-    if task.name in PAPER_GLUE:
-        md += ["`paper`: the SRLoRA paper's GLUE dev numbers (DeBERTa-v3-base), for reference.", ""]
-    md += [f"![{p.stem}]({p.name})" for p in figures]
-    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
-    print(table)
-    print(f"\nwritten: {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in figures))
-    return 130 if interrupted else 0
+
+def cmd_study(ns: argparse.Namespace) -> int:
+    from .report import render
+    from .study import run_parts
+
+    seeds, root = run_parts(ns)
+    print(f"written: {render(seeds, root)}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="One training run of one method.")
     p.add_argument("--method", default="srlora", choices=METHODS, help="lora, pissa or srlora.")
     p.add_argument("--out", help="Output folder (default: runs/TASK-METHOD-seedS).")
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="LoRA vs PiSSA vs SRLoRA on one task: table and plots (preset: quick).")
@@ -275,12 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Keep runs in --out that finished with the same configuration; run only the missing ones.",
     )
-    _add_run_options(p)
+    add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+    from . import study
+
+    p = sub.add_parser(
+        "study",
+        help="The results study: run what is missing, then write docs/RESULTS.md (resumable).",
+        description=study.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    study.add_arguments(p)
+    p.set_defaults(func=cmd_study)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command without the extras check (see :func:`srlora.experiments.main`)."""
     ns = build_parser().parse_args(argv)
     try:
         return int(ns.func(ns) or 0)

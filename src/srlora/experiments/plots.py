@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
+
 
 def _plt():
     import matplotlib
@@ -19,11 +21,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
-    _plt().close(fig)  # pyplot keeps every figure alive until closed; a study draws dozens
+def _save(fig: Any, path: Path) -> Path:
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight"))
+    finally:
+        _plt().close(fig)  # pyplot keeps every figure alive until closed; a study draws dozens
     return path
 
 

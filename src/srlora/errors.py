@@ -1,0 +1,34 @@
+"""SRLoRA's warnings: one hierarchy, so that ``-W error::srlora.SRLoRAWarning`` (or a
+``filterwarnings`` entry) catches all of them and a subclass picks out one kind."""
+
+from __future__ import annotations
+
+
+class SRLoRAWarning(UserWarning):
+    """Something about the run the user should know but that is not an error."""
+
+
+class ScheduleWarning(SRLoRAWarning):
+    """The schedule works but is likely not what was meant (short interval, clamped budget,
+    a trainer whose step count differs from the configured one)."""
+
+
+class DirectionsExhaustedWarning(SRLoRAWarning):
+    """A layer has used every singular direction it may use and stops switching."""
+
+
+class NonFiniteWarning(SRLoRAWarning):
+    """Non-finite gradients or weights: a step's importance update, or a switch, was skipped."""
+
+
+class UnsupportedOptimizerWarning(SRLoRAWarning):
+    """The optimizer's state layout is unknown, so recycled pairs keep their state."""
+
+
+__all__ = [
+    "DirectionsExhaustedWarning",
+    "NonFiniteWarning",
+    "SRLoRAWarning",
+    "ScheduleWarning",
+    "UnsupportedOptimizerWarning",
+]

@@ -1,0 +1,164 @@
+"""The configuration of one experiment run, and its presets.
+
+A :class:`RunConfig` holds what the harness adds (task, model, optimisation, LoRA rank
+and targets, evaluation) and, in its ``srlora`` field, the :class:`~srlora.SRLoRAConfig`
+fields a run may set (:data:`SRLORA_OPTIONS`). Those are not copied here: the command
+line builds their options from ``SRLoRAConfig``'s own fields and help texts, and
+:meth:`RunConfig.srlora_config` builds the ``SRLoRAConfig`` with ``total_steps`` set to
+the run's ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import SRLoRAConfig
+from .paper import GLUE_HPARAMS
+
+METHODS = ("lora", "pissa", "srlora")
+
+# SRLoRAConfig fields a run may set (each becomes a command-line option of the same name).
+SRLORA_OPTIONS = (
+    "r_target",
+    "gamma",
+    "beta1",
+    "beta2",
+    "optimizer_reset",
+    "reset_scores",
+    "svd_method",
+    "adaptive_switch",
+    "adaptive_patience",
+)
+# The harness's own default where SRLoRAConfig has none.
+SRLORA_DEFAULTS: dict[str, Any] = {"r_target": 32}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one run; the CLI's options are these fields (and the
+    :data:`SRLORA_OPTIONS` of ``SRLoRAConfig``)."""
+
+    task: str = field(
+        default="mr",
+        metadata={
+            "help": "Task: mr, mr-reg, imdb, fine-foods, digits, mnist, fashion-mnist, or GLUE "
+            "sst2/mrpc/cola/qnli/rte/stsb."
+        },
+    )
+    method: str = field(default="srlora", metadata={"help": "lora (PEFT default init), pissa, or srlora."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face model id or local folder (default: the fetched MiniLM for text, DINOv2-S for images)."
+        },
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "GLUE folder in the official TSV layout."})
+    seed: int = field(default=1, metadata={"help": "Seed of the head initialisation and of the data order."})
+    max_steps: int = field(default=150, metadata={"help": "Optimizer steps (N_all)."})
+    batch_size: int = field(default=16, metadata={"help": "Training batch size."})
+    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW (linear decay after warm-up)."})
+    warmup_steps: int = field(default=15, metadata={"help": "Linear learning-rate warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (the paper uses none)."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per example (longer inputs are truncated)."})
+    image_size: int = field(
+        default=56,
+        metadata={
+            "help": "Image tasks: input side in pixels (DINOv2: a multiple of 14; position embeddings interpolate)."
+        },
+    )
+    r: int = field(default=8, metadata={"help": "LoRA rank r (trainable ranks per layer)."})
+    alpha: float = field(default=8, metadata={"help": "LoRA alpha (scaling s = alpha / r)."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt (default: every Linear of the encoder's attention and MLP)."},
+    )
+    eval_every: int = field(default=50, metadata={"help": "Evaluate on dev every this many steps (and at the end)."})
+    max_eval: int | None = field(default=None, metadata={"help": "Evaluate on at most this many dev examples."})
+    max_train: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
+    srlora: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": f"SRLoRAConfig fields of the run: {', '.join(SRLORA_OPTIONS)}."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
+        for name in ("max_steps", "batch_size", "max_length", "r", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        unknown = sorted(set(self.srlora) - set(SRLORA_OPTIONS))
+        if unknown:
+            raise ValueError(f"RunConfig.srlora: unknown options {unknown}; a run may set {list(SRLORA_OPTIONS)}.")
+        # Normalised to every option's value, so that two configs are equal exactly when
+        # they describe the same run (resume compares them).
+        resolved = self.srlora_config()
+        self.srlora = {name: getattr(resolved, name) for name in SRLORA_OPTIONS}
+        if self.method == "srlora":
+            resolved.budget(self.r)  # r_target / gamma / r must leave room for a switch
+
+    def srlora_config(self) -> SRLoRAConfig:
+        """The run's ``SRLoRAConfig``: its options, ``total_steps = max_steps``."""
+        return SRLoRAConfig(**{**SRLORA_DEFAULTS, **self.srlora, "total_steps": self.max_steps})
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from one flat mapping in which the SRLoRA options sit beside the others
+        (as on the command line and in the presets)."""
+        srlora = {k: values[k] for k in SRLORA_OPTIONS if k in values}
+        return cls(**{k: v for k, v in values.items() if k not in SRLORA_OPTIONS}, srlora=srlora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: about 2 minutes per method for MiniLM on MR with 2 cores (eval included).
+    "quick": dict(
+        max_steps=150,
+        batch_size=16,
+        lr=5e-4,
+        warmup_steps=15,
+        max_length=64,
+        eval_every=50,
+        r=8,
+        alpha=8,
+        r_target=32,
+        gamma=0.5,
+        max_eval=1000,
+    ),
+}
+for _task, (_rt, _epochs, _bs, _lr) in GLUE_HPARAMS.items():
+    PRESETS[f"paper-{_task}"] = dict(
+        task=_task,
+        r_target=_rt,
+        batch_size=_bs,
+        lr=_lr,
+        r=8,
+        alpha=8,
+        gamma=0.5,
+        max_length=128,
+        warmup_steps=500,
+        weight_decay=0.0,
+        eval_every=500,
+        epochs=_epochs,
+        model="microsoft/deberta-v3-base",
+    )
+
+
+def apply_preset(name: str, overrides: dict[str, Any], train_size: int | None = None) -> dict[str, Any]:
+    """The preset's values, then ``overrides`` (flat); ``epochs`` becomes ``max_steps``."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    values = dict(PRESETS[name])
+    epochs = values.pop("epochs", None)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if epochs is not None and "max_steps" not in overrides:
+        if train_size is None:
+            raise ValueError("a paper preset needs the training-set size to turn epochs into steps")
+        values["max_steps"] = epochs * math.ceil(train_size / values["batch_size"])
+    return values

@@ -1,0 +1,263 @@
+"""One training run of LoRA, PiSSA or SRLoRA, and its outputs.
+
+A run writes into its folder:
+
+* ``config.json``: the :class:`~srlora.experiments.config.RunConfig`;
+* ``metrics.jsonl``: one line per optimizer step (``step``, ``loss``, ``lr``) and one
+  per evaluation (``step``, ``eval_loss`` and the task's metrics), flushed as written;
+* ``results.json``: final and best-by-dev-loss metrics, mean training loss over the
+  first 25% of steps, wall time, trainable parameters (``"interrupted": true`` when
+  stopped by Ctrl-C);
+* ``history.json`` (SRLoRA): every switch event, and the direction held by each slot.
+
+The three methods share everything but the adapter's initialisation and SRLoRA's
+switches: same model, classifier head initialisation, data order, optimizer and
+learning-rate schedule, and the same trainable parameters (PEFT LoRA with equal
+``r`` and targets).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_json
+from ..controller import SRLoRA
+from .batches import EncodedText, Images, fixed_subset
+from .config import RunConfig
+from .metrics import compute_metrics
+from .tasks import Task, load_task
+
+
+def default_model(task: Task) -> str:
+    """MiniLM for text tasks, DINOv2-S for image tasks (fetched on first use)."""
+    from .assets import fetch
+
+    return str(fetch("dinov2-s" if task.is_image else "minilm"))
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` of the encoder (attention and MLP), not the task head."""
+    skip = ("classifier", "pooler", "score", "lm_head", "head")
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(part in skip for part in name.split(".")):
+            names.append(name)
+    if not names:
+        raise ValueError("found no Linear layer to adapt; pass --target-modules")
+    return names
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    """The per-step training losses of a run, from its ``metrics.jsonl``."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+
+
+def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """``results.json`` of a run that finished with the same configuration, else ``None``."""
+    try:
+        saved_cfg = json.loads((run_dir / "config.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    wanted = cfg.to_dict()
+    same = all(saved_cfg.get(k) == v for k, v in wanted.items() if k != "model") and (
+        cfg.model is None or saved_cfg.get("model") == cfg.model
+    )
+    return results if same and not results.get("interrupted") else None
+
+
+def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module, SRLoRA | None]:
+    """The PEFT model of ``cfg.method`` (and its SRLoRA controller)."""
+    import peft
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    torch.manual_seed(cfg.seed)  # the head's initialisation: the same for every method
+    auto = AutoModelForImageClassification if task.is_image else AutoModelForSequenceClassification
+    base = auto.from_pretrained(
+        model_path,
+        num_labels=task.num_labels,
+        problem_type="regression" if task.is_regression else "single_label_classification",
+        ignore_mismatched_sizes=True,  # a checkpoint's own head of another size is replaced
+    )
+    targets = cfg.target_modules or default_targets(base)
+    # Text: PEFT's sequence-classification wrapper (it trains the head). Images: the same
+    # by hand, the fresh head trained in full as the head of a text model is.
+    head = {"modules_to_save": ["classifier"]} if task.is_image else {"task_type": peft.TaskType.SEQ_CLS}
+    lora = peft.LoraConfig(
+        **head,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        init_lora_weights="pissa" if cfg.method == "pissa" else True,
+    )
+    model = peft.get_peft_model(base, lora)
+    ctl = None
+    if cfg.method == "srlora":
+        ctl = SRLoRA(model, cfg.srlora_config())
+    return model, ctl
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: EncodedText | Images, task: Task, batch_size: int = 64) -> dict[str, float]:
+    """Dev loss and the task's metrics."""
+    model.eval()
+    preds, losses, n = [], 0.0, 0
+    for start in range(0, len(data), batch_size):
+        index = list(range(start, min(start + batch_size, len(data))))
+        out = model(**data.batch(index))
+        losses += out.loss.item() * len(index)
+        n += len(index)
+        logits = out.logits.float()
+        preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+    model.train()
+    pred = torch.cat(preds).numpy()
+    labels = data.labels.numpy()
+    return {"eval_loss": losses / n, **compute_metrics(task.metrics, pred, labels)}
+
+
+def prepare_data(cfg: RunConfig, task: Task, model_path: str) -> tuple[EncodedText | Images, EncodedText | Images]:
+    """The run's training and dev inputs, after the ``max_train`` / ``max_eval`` caps (a
+    fixed random subset: files are often sorted by label; the same for every method and seed)."""
+    train_split, dev_split = task.train, task.dev
+    if cfg.max_train is not None and cfg.max_train < len(train_split):
+        train_split = train_split.subset(fixed_subset(len(train_split), cfg.max_train))
+    if cfg.max_eval is not None and cfg.max_eval < len(dev_split):
+        dev_split = dev_split.subset(fixed_subset(len(dev_split), cfg.max_eval))
+    if task.is_image:
+        return Images(train_split, cfg.image_size), Images(dev_split, cfg.image_size)  # type: ignore[arg-type]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return (
+        EncodedText(tokenizer, train_split, cfg.max_length, task.is_regression),  # type: ignore[arg-type]
+        EncodedText(tokenizer, dev_split, cfg.max_length, task.is_regression),  # type: ignore[arg-type]
+    )
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar; where stderr is not a terminal (a log, CI) it refreshes every 10 s
+    instead of at every step, so a run writes a few lines, not hundreds."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="step", leave=False, mininterval=0.1 if interactive else 10.0)
+
+
+def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train one method and write its outputs into ``out_dir``; returns ``results.json``'s content."""
+    from transformers import get_linear_schedule_with_warmup
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = task or load_task(cfg.task, cfg.data_dir)
+    model_path = cfg.model or default_model(task)
+    atomic_write_json(
+        out_dir / "config.json", {**cfg.to_dict(), "model": model_path, "task_description": task.description}
+    )
+    train, dev = prepare_data(cfg, task, model_path)
+
+    model, ctl = build_model(cfg, task, model_path)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
+    if ctl is not None:
+        ctl.attach(opt)
+
+    # Identical data order for every method: a generator seeded by the run's seed only.
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():
+        while True:
+            perm = torch.randperm(len(train), generator=order_gen).tolist()
+            for start in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
+                yield perm[start : start + cfg.batch_size]
+
+    losses: list[float] = []
+    evals: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    interrupted = False
+    bar = progress_bar(cfg.max_steps, f"{task.name}/{cfg.method}/seed{cfg.seed}") if progress else None
+    with open(out_dir / "metrics.jsonl", "w") as log:
+        try:
+            model.train()
+            stream = batches()
+            for step in range(1, cfg.max_steps + 1):
+                loss = model(**train.batch(next(stream))).loss
+                loss.backward()
+                lr = sched.get_last_lr()[0]
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                log.write(json.dumps({"step": step, "loss": losses[-1], "lr": lr}) + "\n")
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    ev = {"step": step, **evaluate(model, dev, task)}
+                    evals.append(ev)
+                    log.write(json.dumps(ev) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+
+    results = summarize_run(cfg, task, losses, evals, params, model, time.perf_counter() - started, interrupted)
+    if ctl is not None:
+        atomic_write_json(
+            out_dir / "history.json",
+            {
+                "events": [e.to_dict() for e in ctl.history],
+                "slot_directions": ctl.slot_directions(),
+                "directions_used": ctl.directions_used(),
+                "steps": len(losses),
+                "r": cfg.r,
+            },
+        )
+        results["directions_used"] = ctl.directions_used()
+    atomic_write_json(out_dir / "results.json", results)
+    if interrupted:
+        raise KeyboardInterrupt
+    return results
+
+
+def summarize_run(
+    cfg: RunConfig,
+    task: Task,
+    losses: list[float],
+    evals: list[dict[str, Any]],
+    params: list[nn.Parameter],
+    model: nn.Module,
+    wall_s: float,
+    interrupted: bool,
+) -> dict[str, Any]:
+    """``results.json``'s content (without SRLoRA's figures)."""
+    n_early = max(1, len(losses) // 4)
+    return {
+        "task": task.name,
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "steps": len(losses),
+        "final": evals[-1] if evals else None,
+        "best_by_eval_loss": min(evals, key=lambda e: e["eval_loss"]) if evals else None,
+        "headline_metric": task.metrics[0],
+        "early_train_loss": float(np.mean(losses[:n_early])) if losses else None,
+        "final_train_loss": float(np.mean(losses[-n_early:])) if losses else None,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "wall_s": wall_s,
+        "interrupted": interrupted,
+    }

@@ -1,0 +1,199 @@
+"""The results study: runs what is missing, then writes docs/RESULTS.md.
+
+    srlora study                   # everything (resumable; 1 h 47 min on 2 cores)
+    srlora study --part perf       # only the performance benchmarks
+    srlora study --part main       # only the 4-task x 4-variant table
+    srlora study --part ablations  # only the MR ablations
+    srlora study --part render     # only rewrite docs/RESULTS.md from runs/study
+
+Run from the repository root (``--root``). Every training run is one ``srlora train``
+command (printed, and written into the doc), into ``runs/study/<cell>/<method>/seed<s>/``,
+the folder layout of ``srlora compare``. A run that finished with the same configuration
+is kept, so the study can be stopped (Ctrl-C) and started again;
+``srlora compare --resume --out runs/study/<cell> ...`` summarises any cell on its own.
+Training runs go ``--jobs`` at a time with one thread each (on 2 cores, two
+single-thread runs do ~1.5x the steps of one two-thread run). The performance benchmarks
+run first, alone, so that no training run disturbs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..atomic import atomic_write_json
+from .config import RunConfig
+from .options import train_config
+from .paper import GLUE_SCORES, VIT_SCORES
+from .runs import finished_run
+
+SRLORA = [sys.executable, "-m", "srlora.experiments"]
+
+# The quick preset (150 steps, r=8, r_target=32, gamma=0.5, batch 16, 1000 dev examples),
+# evaluated once, at the last step. Fashion-MNIST: DINOv2-S at 56 px, a larger learning
+# rate for its fresh 10-class head, and a fixed 20k-image training subset.
+COMMON = ["--preset", "quick", "--eval-every", "1000"]
+TASKS: dict[str, list[str]] = {
+    "mr": [],
+    "mr-reg": [],
+    "imdb": [],
+    "fashion-mnist": ["--lr", "1e-3", "--max-train", "20000", "--image-size", "56"],
+}
+# Closest task of the paper (SPEC section 5; GLUE dev with DeBERTa-v3-base, ViT for MNIST).
+PAPER: dict[str, tuple[str, dict[str, str]]] = {
+    "mr": ("SST-2 acc", GLUE_SCORES["sst2"]),
+    "mr-reg": ("STS-B Pearson/Spearman", GLUE_SCORES["stsb"]),
+    "imdb": ("SST-2 acc", GLUE_SCORES["sst2"]),
+    "fashion-mnist": ("MNIST acc (ViT)", {"pissa": "-", **VIT_SCORES["mnist"]}),
+}
+ABLATIONS: dict[str, tuple[str, list[str]]] = {
+    # cell: (what changes against the default SRLoRA run on mr, extra options)
+    "mr-reset-zero": ("optimizer_reset=zero (Adam moments zeroed, not seeded)", ["--optimizer-reset", "zero"]),
+    "mr-reset-none": ("optimizer_reset=none (Adam moments kept: reset off)", ["--optimizer-reset", "none"]),
+    "mr-gamma0.25": ("gamma=0.25 (r'=2 pairs per switch, every 12 steps)", ["--gamma", "0.25"]),
+    "mr-gamma1.0": ("gamma=1.0 (all 8 pairs per switch, every 50 steps)", ["--gamma", "1.0"]),
+    "mr-rtarget64": ("r_target=64 (r'=4, every 10 steps)", ["--r-target", "64"]),
+    "mr-scores-all": ("reset_scores=all (every pair's scores reset at a switch)", ["--reset-scores", "all"]),
+}
+PERF = [
+    # (name, options of benchmarks/step_overhead.py)
+    ("minilm-rt64", ["--r-target", "64", "--steps", "20"]),
+    ("minilm-rt16", ["--r-target", "16", "--steps", "6"]),
+    ("minilm-rt128", ["--r-target", "128", "--steps", "6"]),
+    ("minilm-rt256", ["--r-target", "256", "--steps", "6"]),
+    ("base-rt64", ["--base-size", "--r-target", "64", "--steps", "5"]),
+    ("base-rt256", ["--base-size", "--r-target", "256", "--steps", "2"]),
+]
+
+
+@dataclass
+class Job:
+    """One training run of the study: ``srlora train`` with these options."""
+
+    cell: str
+    task: str
+    method: str
+    seed: int
+    extra: list[str] = field(default_factory=list)
+    common: list[str] = field(default_factory=lambda: list(COMMON))
+
+    @property
+    def out(self) -> Path:
+        return Path("runs/study") / self.cell / self.method / f"seed{self.seed}"
+
+    def argv(self) -> list[str]:
+        return [
+            "train",
+            "--task",
+            self.task,
+            "--method",
+            self.method,
+            "--seed",
+            str(self.seed),
+            *self.common,
+            *self.extra,
+            "--out",
+            str(self.out),
+        ]
+
+    def config(self) -> RunConfig:
+        """The run's configuration, as ``srlora train`` builds it from :meth:`argv`."""
+        return train_config(self.argv()[1:])
+
+    def command(self) -> str:
+        return "srlora " + shlex.join(self.argv())
+
+
+def main_jobs(seeds: list[int]) -> list[Job]:
+    jobs = []
+    for seed in seeds:
+        for task, extra in TASKS.items():
+            jobs += [Job(task, task, m, seed, extra) for m in ("lora", "pissa", "srlora")]
+            jobs.append(Job(f"{task}-adaptive", task, "srlora", seed, [*extra, "--adaptive-switch"]))
+    return jobs
+
+
+def ablation_jobs(seeds: list[int]) -> list[Job]:
+    return [Job(cell, "mr", "srlora", seed, extra) for seed in seeds for cell, (_, extra) in ABLATIONS.items()]
+
+
+def is_finished(job: Job, root: Path) -> bool:
+    """Finished earlier with the same configuration (the rule of ``srlora compare --resume``)."""
+    return finished_run(root / job.out, job.config()) is not None
+
+
+def run_jobs(jobs: list[Job], n_jobs: int, root: Path) -> None:
+    """Run the jobs not finished yet, ``n_jobs`` at a time, one thread each."""
+    from tqdm.auto import tqdm
+
+    todo = [j for j in jobs if not is_finished(j, root)]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs finished earlier; running {len(todo)}", file=sys.stderr)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def one(job: Job) -> tuple[Job, int]:
+        (root / job.out).mkdir(parents=True, exist_ok=True)
+        with open(root / job.out / "train.log", "w") as log:
+            rc = subprocess.call([*SRLORA, *job.argv()], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return job, rc
+
+    failed = []
+    with ThreadPoolExecutor(n_jobs) as pool, tqdm(total=len(todo), desc="study runs", unit="run") as bar:
+        futures = [pool.submit(one, j) for j in todo]
+        for fut in as_completed(futures):
+            job, rc = fut.result()
+            if rc != 0:
+                failed.append(job)
+                tqdm.write(f"FAILED (rc {rc}): {job.command()}  -> {job.out / 'train.log'}")
+            bar.update(1)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed; see their train.log. Run the study again to retry them.")
+
+
+def run_perf(root: Path) -> None:
+    """The step-overhead benchmarks of :data:`PERF`, each once (kept when measured earlier)."""
+    out = root / "runs/study/perf"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, opts in PERF:
+        path = out / f"{name}.json"
+        if path.is_file():
+            print(f"perf {name}: measured earlier, kept ({path})", file=sys.stderr)
+            continue
+        cmd = [sys.executable, "benchmarks/step_overhead.py", *opts, "--json", str(path)]
+        print("$ python " + shlex.join(cmd[1:]), file=sys.stderr)
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=root, check=True)
+        data = json.loads(path.read_text())
+        data["command"] = "python " + shlex.join(cmd[1:-2])
+        data["benchmark_wall_s"] = time.perf_counter() - started
+        atomic_write_json(path, data)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--part", choices=["all", "perf", "main", "ablations", "render"], default="all")
+    ap.add_argument("--seeds", default="1,2,3", help="Comma-separated seeds.")
+    ap.add_argument("--jobs", type=int, default=2, help="Training runs at a time (one thread each).")
+    ap.add_argument("--root", default=".", help="The repository root (runs/study and docs/ live there).")
+
+
+def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
+    """Run the parts ``--part`` names (what is missing of them); returns the seeds and root."""
+    seeds = [int(s) for s in ns.seeds.split(",") if s.strip()]
+    root = Path(ns.root).resolve()
+    try:
+        if ns.part in ("all", "perf"):
+            run_perf(root)
+        if ns.part in ("all", "main"):
+            run_jobs(main_jobs(seeds), ns.jobs, root)
+        if ns.part in ("all", "ablations"):
+            run_jobs(ablation_jobs(seeds), ns.jobs, root)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; run the study again to go on", file=sys.stderr)
+    return seeds, root

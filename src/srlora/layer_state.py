@@ -1,0 +1,225 @@
+"""One adapted layer under SRLoRA: its state and the operations that change it.
+
+A :class:`LayerState` owns, for one PEFT LoRA layer (``y = x W^T + s x A^T B^T``,
+``W: (m, n)``, ``A: (r, n)``, ``B: (m, r)``):
+
+* the SVD cache of its pretrained weight ``W0 ~= U diag(S) V^T`` (top ``k`` directions);
+* the pair importance EMAs (:class:`~srlora.importance.PairImportance`);
+* which singular direction of ``W0`` each of the ``r`` slots holds, and the pointer
+  ``p`` to the next unused one;
+* the record of the fused pairs ``F_B (m, p - r)``, ``F_A (p - r, n)``, with which the
+  total update relative to ``W0`` is exactly::
+
+      W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T     (rank <= 2p)
+
+* its switch schedule (and, under ``adaptive_switch``, its trigger).
+
+The controller decides *when* a layer switches; the layer does the switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .config import SwitchBudget
+from .importance import PairImportance
+from .layers import LoraTarget
+from .recompose import switch_pairs_
+from .schedule import AdaptiveTrigger, SwitchSchedule
+from .svd import SVDCache
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    """One layer's switch.
+
+    Attributes:
+        step: optimizer step after which it happened (0: forced before training).
+        layer: module name.
+        slots: pair indices recycled, ascending.
+        directions: singular directions of ``W0`` that entered those slots (same order).
+        evicted: singular directions that were fused into ``W`` (same order).
+        scores: their pair scores ``S_k`` at the switch (same order).
+    """
+
+    step: int
+    layer: str
+    slots: tuple[int, ...]
+    directions: tuple[int, ...]
+    evicted: tuple[int, ...]
+    scores: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SwitchEvent:
+        return cls(
+            step=int(d["step"]),
+            layer=str(d["layer"]),
+            slots=tuple(int(x) for x in d["slots"]),
+            directions=tuple(int(x) for x in d["directions"]),
+            evicted=tuple(int(x) for x in d["evicted"]),
+            scores=tuple(float(x) for x in d["scores"]),
+        )
+
+
+class LayerState:
+    """SRLoRA's state of one adapted layer, and the switch that changes it.
+
+    Args:
+        target: the PEFT LoRA layer (already PiSSA-initialised from ``cache``).
+        cache: the top ``budget.directions`` singular triplets of its ``W0``.
+        budget: ``r``, ``r'`` and how many directions the layer may use.
+        beta1, beta2: the importance EMA coefficients.
+    """
+
+    def __init__(self, target: LoraTarget, cache: SVDCache, budget: SwitchBudget, beta1: float, beta2: float) -> None:
+        if cache.rank != budget.directions:
+            raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
+        self.target = target
+        self.cache = cache
+        self.budget = budget
+        device = target.lora_A.device
+        m, n = target.shape
+        self.importance = PairImportance(budget.r, m, n, beta1, beta2, device)
+        self.slot_direction = torch.arange(budget.r, dtype=torch.long)
+        self.pointer = budget.r
+        n_fused = budget.directions - budget.r
+        self.fused_B = torch.zeros(m, n_fused, dtype=torch.float32, device=device)
+        self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
+        self.exhausted = False
+        self.schedule: SwitchSchedule | None = None
+        self.trigger: AdaptiveTrigger | None = None
+        # A trigger state restored before the trigger exists (total_steps="auto": a
+        # framework may restore a checkpoint before it supplies the step count).
+        self._trigger_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    @property
+    def r(self) -> int:
+        return self.budget.r
+
+    @property
+    def r_prime(self) -> int:
+        return self.budget.r_prime
+
+    @property
+    def limit(self) -> int:
+        """Directions this layer may use: ``min(r_target, m, n)``."""
+        return self.budget.directions
+
+    @property
+    def can_switch(self) -> bool:
+        """Unused directions are left for one more switch."""
+        return self.pointer + self.r_prime <= self.limit
+
+    @property
+    def switches_done(self) -> int:
+        return (self.pointer - self.r) // self.r_prime
+
+    @property
+    def has_switched(self) -> bool:
+        """The frozen weight differs from the one the PiSSA initialisation left."""
+        return self.pointer > self.r
+
+    def set_schedule(self, schedule: SwitchSchedule, trigger: AdaptiveTrigger | None = None) -> None:
+        self.schedule = schedule
+        self.trigger = trigger
+        if trigger is not None and self._trigger_state is not None:
+            trigger.load_state_dict(self._trigger_state)
+
+    def lowest_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots, scores)``: the ``r'`` lowest-scoring pairs (ascending slot order; ties go
+        to the lowest index) and every pair's score, on the CPU."""
+        scores = self.importance.pair_scores().cpu()
+        low = torch.sort(scores, stable=True).indices[: self.r_prime]
+        return torch.sort(low).values, scores
+
+    def next_directions(self) -> torch.Tensor:
+        """The paper's choice: the next ``r'`` unused directions in singular-value order."""
+        return torch.arange(self.pointer, self.pointer + self.r_prime, dtype=torch.long)
+
+    # ------------------------------------------------------------------ the switch
+    @torch.no_grad()
+    def switch(self, step: int, reset_all_scores: bool = False) -> SwitchEvent:
+        """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
+        the next unused directions (:func:`~srlora.recompose.switch_pairs_`); reset the
+        importance of those slots (of every slot with ``reset_all_scores``).
+
+        The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
+        when no direction is left (check :attr:`can_switch`)."""
+        if not self.can_switch:
+            raise RuntimeError(f"layer {self.name!r} has no unused direction left ({self.pointer} of {self.limit}).")
+        slots, scores = self.lowest_pairs()
+        directions = self.next_directions()
+        event = SwitchEvent(
+            step=step,
+            layer=self.name,
+            slots=tuple(slots.tolist()),
+            directions=tuple(directions.tolist()),
+            evicted=tuple(self.slot_direction[slots].tolist()),
+            scores=tuple(scores[slots].tolist()),
+        )
+        used = self.pointer - self.r
+        self.fused_B[:, used : used + self.r_prime] = self.target.lora_B[:, slots].float()
+        self.fused_A[used : used + self.r_prime] = self.target.lora_A[slots].float()
+        switch_pairs_(self.target, self.cache, slots, directions)
+        self.pointer += self.r_prime
+        self.slot_direction[slots] = directions
+        self.importance.reset(None if reset_all_scores else slots.to(self.importance.ibar_A.device))
+        if self.trigger is not None:
+            self.trigger.switched()
+        return event
+
+    @torch.no_grad()
+    def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32), from the
+        record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
+        t = self.target
+        s = t.scaling
+        used = self.pointer - self.r
+        device = self.fused_B.device
+        U, S, V = self.cache.directions(torch.arange(self.pointer), device)
+        P = torch.cat([s * self.fused_B[:, :used], s * t.lora_B.float().to(device), -(U * S)], dim=1)
+        Q = torch.cat([self.fused_A[:used], t.lora_A.float().to(device), V.T], dim=0)
+        return P, Q
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        used = self.pointer - self.r
+        return {
+            "pointer": self.pointer,
+            "slot_direction": self.slot_direction.clone(),
+            "fused_B": self.fused_B[:, :used].clone(),
+            "fused_A": self.fused_A[:used].clone(),
+            "exhausted": self.exhausted,
+            "importance": self.importance.state_dict(),
+            "trigger": None if self.trigger is None else self.trigger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["slot_direction"].shape != self.slot_direction.shape:
+            raise ValueError(f"layer {self.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}.")
+        pointer = int(state["pointer"])
+        used = pointer - self.r
+        if not self.r <= pointer <= self.limit or state["fused_B"].shape[1] != used:
+            raise ValueError(f"layer {self.name!r}: saved pointer {pointer} does not fit {self.limit} directions.")
+        self.pointer = pointer
+        self.slot_direction.copy_(state["slot_direction"])
+        self.fused_B.zero_()
+        self.fused_A.zero_()
+        self.fused_B[:, :used] = state["fused_B"]
+        self.fused_A[:used] = state["fused_A"]
+        self.exhausted = bool(state["exhausted"])
+        self.importance.load_state_dict(state["importance"])
+        self._trigger_state = state.get("trigger")
+        if self.trigger is not None and self._trigger_state is not None:
+            self.trigger.load_state_dict(self._trigger_state)

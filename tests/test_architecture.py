@@ -1,0 +1,120 @@
+"""The shape of the package: the library is the method only, modules stay small, no import
+cycle, no module reads another's private attributes, and the console script stops at once
+when the harness's extras are missing."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "srlora"
+EXPERIMENT_ONLY = ("matplotlib", "sklearn", "scipy", "onnx", "gguf", "rdata", "lightning", "pytorch_lightning")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(SRC.rglob("*.py")):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """srlora modules that ``name`` imports, TYPE_CHECKING-only imports included."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            candidates = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if c in known and c != name}
+    return found
+
+
+def test_import_srlora_loads_no_experiment_package():
+    code = "import sys, srlora; print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert "srlora" in loaded
+    assert loaded.isdisjoint(EXPERIMENT_ONLY), loaded & set(EXPERIMENT_ONLY)
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    known = set(modules)
+    graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    # A package importing its own submodules (``__init__`` re-exports) is not a cycle.
+    graph = {n: {d for d in deps if not d.startswith(n + ".")} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = [*stack[stack.index(dep) :], dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    offences = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or node.level):
+                offences += [f"{name}: imports {a.name}" for a in node.names if _private(a.name)]
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                owner = node.value
+                while isinstance(owner, ast.Attribute):
+                    owner = owner.value
+                if isinstance(owner, ast.Name) and owner.id in ("self", "cls", "torch"):
+                    continue  # its own state, or PyTorch's fused kernels (torch._foreach_*)
+                offences.append(f"{name}:{node.lineno}: .{node.attr}")
+    assert offences == []
+
+
+def _private(attr: str) -> bool:
+    return attr.startswith("_") and not (attr.startswith("__") and attr.endswith("__"))
+
+
+def test_no_source_file_over_450_lines():
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 450}
+    assert long == {}
+
+
+@pytest.mark.parametrize("missing", ["scipy", "matplotlib"])
+def test_console_script_stops_at_once_without_its_extras(missing):
+    # A module set to None in sys.modules cannot be imported: as if it were not installed.
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; from srlora.experiments import main; sys.exit(main(['compare']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "pip install 'srlora[experiments]'" in lines[0] and missing in lines[0]

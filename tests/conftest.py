@@ -3,6 +3,7 @@ harness, a tiny BERT folder, a fake MR asset and a GLUE folder built here."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 
 from srlora import SRLoRA, SRLoRAConfig
-from srlora.experiments import tasks
+from srlora.experiments import assets, tasks
+from srlora.experiments.cache import write_manifest
 
 
 class MLP(nn.Module):
@@ -232,7 +234,8 @@ def sentence(rng: random.Random) -> str:
 
 @pytest.fixture()
 def fake_cache(tmp_path, monkeypatch) -> Path:
-    """An SRLORA_CACHE whose 'vader' asset is a small file in the real layout."""
+    """An SRLORA_CACHE whose 'vader' asset is a small file in the real layout, with the
+    manifest a fetch writes (the real file's pinned hash is lifted for it)."""
     cache = tmp_path / "cache"
     folder = cache / "vader"
     folder.mkdir(parents=True)
@@ -243,6 +246,8 @@ def fake_cache(tmp_path, monkeypatch) -> Path:
         rating = rng.uniform(0.1, 4) if i <= n_pos else -rng.uniform(0.1, 4)
         lines.append(f"{i}\t{rating:.3f}\t{sentence(rng)} {i}")  # unique: the splits can be checked
     (folder / "movieReviewSnippets_GroundTruth.txt").write_text("\n".join(lines) + "\n")
+    write_manifest(folder)
+    monkeypatch.setitem(assets.ASSETS, "vader", dataclasses.replace(assets.ASSETS["vader"], files=None))
     monkeypatch.setenv("SRLORA_CACHE", str(cache))
     return cache
 

@@ -101,7 +101,7 @@ def test_checkpoint_stores_only_switched_frozen_weights(tmp_path):
     big = save_checkpoint(tmp_path / "b.ckpt", model, ctl, opt)
     payload = torch.load(tmp_path / "a.ckpt", weights_only=False)
     assert not any(k.endswith("base_layer.weight") for k in payload["model"])
-    assert len(payload["frozen_checksums"]) == len(ctl.layer_names)
+    assert len(payload["frozen_fingerprints"]) == len(ctl.layer_names)
     assert big > small
 
 

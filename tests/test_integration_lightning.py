@@ -145,12 +145,12 @@ def test_adaptive_state_restored_before_schedule_exists():
         make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
     )
     adaptive = SRLoRA(model2, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", adaptive_switch=True))
-    with pytest.raises(ValueError, match="adaptive_switch=False cannot resume"):
+    with pytest.raises(ValueError, match=r"adaptive_switch=False \(here True\)"):
         adaptive.load_state_dict(state)
     src = SRLoRA(model, SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", adaptive_switch=True))
     src.set_total_steps(120)
-    for layer in src._layers.values():
+    for layer in src.layers.values():
         layer.trigger.since_switch, layer.trigger.stable = 7, 3
     adaptive.load_state_dict(src.state_dict())  # before the schedule exists
     adaptive.set_total_steps(120)
-    assert all((la.trigger.since_switch, la.trigger.stable) == (7, 3) for la in adaptive._layers.values())
+    assert all((la.trigger.since_switch, la.trigger.stable) == (7, 3) for la in adaptive.layers.values())

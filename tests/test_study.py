@@ -12,6 +12,7 @@ from srlora.experiments import report, study
 from srlora.experiments.cli import build_parser
 from srlora.experiments.config import RunConfig
 from srlora.experiments.options import run_values
+from srlora.experiments.runs import config_digest
 from srlora.experiments.stats import verdict
 from srlora.schedule import ema_warmup_steps
 
@@ -65,8 +66,9 @@ def _fake_run(root: Path, job: study.Job, acc: float, early: float) -> None:
         "wall_s": 60.0,
         "interrupted": False,
     }
-    (out / "config.json").write_text(json.dumps(job.config().to_dict()))
-    (out / "results.json").write_text(json.dumps(results))
+    config_bytes = json.dumps(job.config().to_dict()).encode()
+    (out / "config.json").write_bytes(config_bytes)
+    (out / "results.json").write_text(json.dumps({**results, "config_sha256": config_digest(config_bytes)}))
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": early / s}) + "\n" for s in range(1, 5)))
 
 

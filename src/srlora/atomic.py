@@ -53,9 +53,11 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> int:
     """Call ``write(fh)`` on a temporary file beside ``path``, fsync, rename it over
     ``path``; returns the size written. On any error the temporary file is removed and
-    ``path`` is untouched."""
+    ``path`` is untouched. Temporary files that killed writers of ``path`` left behind
+    are removed first (:func:`stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as fh:

@@ -6,18 +6,21 @@ A checkpoint holds what a freshly built model and controller do not already have
   every buffer of the model;
 * the frozen weight of each adapted layer that has switched (SRLoRA changed it). A
   layer that has not switched yet holds exactly what building the controller gives it,
-  so only a checksum is stored, and checked on load;
+  so only its fingerprint is stored, and checked on load;
 * the controller's state (pointers, slot contents, importance EMAs, fused-pair record,
-  history), the optimizer's and the learning-rate scheduler's state, the step, and
-  PyTorch's RNG states.
+  history, and each layer's fingerprint of its pretrained weight), the optimizer's and the
+  learning-rate scheduler's state, the step, and PyTorch's RNG states.
 
-The file is written to a temporary name in the same folder, flushed to disk, then
-renamed over the target: a crash or SIGKILL during the write leaves the previous
-checkpoint intact.
+Writing is atomic (:mod:`srlora.atomic`): a crash or SIGKILL during the write leaves the
+previous checkpoint intact, and the temporary file a killed writer left is removed by the
+next save. Loading reads with ``torch.load(weights_only=True)`` (tensors and plain data
+only: a checkpoint cannot run code), then checks the whole payload against the model,
+controller, optimizer and scheduler before it changes any of them.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -27,25 +30,19 @@ from torch import nn
 
 from .atomic import atomic_torch_save
 from .controller import SRLoRA
+from .errors import CheckpointError
+from .layers import fingerprint, same_fingerprint
+from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
-FORMAT_VERSION = 1
-
-
-def _checksum(t: torch.Tensor) -> list[float]:
-    x = t.detach().double()
-    return [float(x.sum()), float(x.abs().sum()), float(x.flatten()[:: max(1, x.numel() // 97)].sum())]
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
+FORMAT_VERSION = 2
 
 
 def _model_state(
     model: nn.Module, controller: SRLoRA, trainable: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Tensors to save: the switched frozen weights (and, with ``trainable``, every
-    trainable parameter and buffer); checksums of the frozen weights not saved."""
-    names = _param_names(model)
+    trainable parameter and buffer); fingerprints of the frozen weights not saved."""
+    names = {id(p): name for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     if trainable:
         for name, p in model.named_parameters():
@@ -53,14 +50,14 @@ def _model_state(
                 state[name] = p.detach().cpu().clone()
         for name, b in model.named_buffers():
             state[name] = b.detach().cpu().clone()
-    checksums: dict[str, list[float]] = {}
+    prints: dict[str, list[float]] = {}
     for layer in controller.layers.values():
         pname = names[id(layer.target.base_param)]
         if layer.has_switched:
             state[pname] = layer.target.base_param.detach().cpu().clone()
         else:
-            checksums[pname] = _checksum(layer.target.base_param)
-    return state, checksums
+            prints[pname] = fingerprint(layer.target.base_param)
+    return state, prints
 
 
 def save_checkpoint(
@@ -76,14 +73,16 @@ def save_checkpoint(
 
     Args:
         step: the training loop's step counter (default: the controller's).
-        extra: anything else picklable to keep beside (e.g. a data-loader position).
+        extra: anything else to keep beside (e.g. a data-loader position): tensors and
+            plain Python data only (numbers, strings, lists, dicts), which is what a
+            ``weights_only`` load accepts.
     """
-    model_state, checksums = _model_state(model, controller)
+    model_state, prints = _model_state(model, controller)
     payload = {
         "format": FORMAT_VERSION,
         "step": controller.global_step if step is None else int(step),
         "model": model_state,
-        "frozen_checksums": checksums,
+        "frozen_fingerprints": prints,
         "controller": controller.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
@@ -97,6 +96,36 @@ def save_checkpoint(
     return atomic_torch_save(payload, path)
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of an srlora checkpoint file, read with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is empty, truncated, not a checkpoint, holds objects other
+            than tensors and plain data, or is an srlora checkpoint of another format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint file there.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: not a checkpoint, or it holds objects other than tensors and plain data, which "
+            f"an srlora checkpoint never does and which could run code when loaded ({reason[:200]})."
+        ) from exc
+    except Exception as exc:  # truncated zip, empty file, random bytes: each library raises its own
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (empty, truncated or another kind of file: "
+            f"{type(exc).__name__}: {str(exc)[:200]})."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not an srlora checkpoint of format {FORMAT_VERSION} (found {found!r}).")
+    return payload
+
+
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -108,59 +137,129 @@ def load_checkpoint(
     """Restore a checkpoint into a model, controller and optimizer built the same way as
     the run that saved it; returns the saved step.
 
+    The whole checkpoint is checked before anything is changed.
+
     Raises:
-        ValueError: the checkpoint does not fit the model (other layers, other base
-            weights, other SRLoRA config).
+        CheckpointError: the file cannot be read safely, or does not fit the model (other
+            layers, other base weights), the controller (other SRLoRA config), the optimizer
+            (other parameter groups or shapes) or the scheduler (none saved).
     """
-    payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-    restore_model_and_controller(payload, model, controller, str(path))
+    payload = read_checkpoint(path)
+    for key in ("model", "frozen_fingerprints", "controller", "optimizer", "lr_scheduler", "rng", "step"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: the checkpoint has no {key!r} entry; it is incomplete.")
+    check_method_state(payload, model, controller, str(path))
+    _check_optimizer_state(payload["optimizer"], optimizer, str(path))
+    if lr_scheduler is not None and payload["lr_scheduler"] is None:
+        raise CheckpointError(
+            f"{path}: saved without a learning-rate scheduler state; load it with lr_scheduler=None, or save "
+            f"the scheduler with save_checkpoint(..., lr_scheduler=...)."
+        )
+    if restore_rng and not isinstance(payload["rng"], dict):
+        raise CheckpointError(f"{path}: the checkpoint has no RNG states; load it with restore_rng=False.")
+
+    _load_method_state(payload, model, controller)
     optimizer.load_state_dict(payload["optimizer"])
     if lr_scheduler is not None:
-        if payload["lr_scheduler"] is None:
-            raise ValueError(f"{path}: saved without a learning-rate scheduler state.")
         lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if restore_rng:
         torch.set_rng_state(payload["rng"]["torch"])
         if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        random.setstate(payload["rng"]["python"])
+        random.setstate(_as_rng_state(payload["rng"]["python"]))
     return int(payload["step"])
+
+
+def _as_rng_state(value: Any) -> tuple:
+    """``random.setstate`` wants tuples; a round trip may give lists."""
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
 
 
 def method_state(model: nn.Module, controller: SRLoRA) -> dict[str, Any]:
     """What SRLoRA adds to a framework's own checkpoint (which saves the adapter, the
     optimizer and the scheduler): the controller's state and the frozen weights it
     changed. Used by the Trainer and Lightning callbacks."""
-    model_state, checksums = _model_state(model, controller, trainable=False)
+    model_state, prints = _model_state(model, controller, trainable=False)
     return {
         "format": FORMAT_VERSION,
         "model": model_state,
-        "frozen_checksums": checksums,
+        "frozen_fingerprints": prints,
         "controller": controller.state_dict(),
     }
 
 
-def restore_model_and_controller(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, path: str) -> None:
-    """Check ``payload`` against the model, then load its tensors and controller state."""
-    if payload.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not an srlora checkpoint (format {payload.get('format')!r}).")
+def restore_method_state(path: str | Path, model: nn.Module, controller: SRLoRA) -> None:
+    """Read a :func:`method_state` file (``weights_only``), check it, then load it."""
+    payload = read_checkpoint(path)
+    for key in ("model", "frozen_fingerprints", "controller"):
+        if key not in payload:
+            raise CheckpointError(f"{path}: no {key!r} entry; it is incomplete.")
+    check_method_state(payload, model, controller, str(path))
+    _load_method_state(payload, model, controller)
+
+
+def check_method_state(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, path: str) -> None:
+    """Raise :class:`CheckpointError` (changing nothing) when the tensors and controller state
+    of ``payload`` do not fit ``model`` and ``controller``."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     unknown = sorted(set(payload["model"]) - set(own))
     if unknown:
-        raise ValueError(
-            f"{path}: checkpoint has tensors this model lacks: {unknown[:4]}; build the model the same way."
-        )
-    for name, checksum in payload["frozen_checksums"].items():
-        if name not in own or _checksum(own[name]) != checksum:
-            raise ValueError(
+        raise CheckpointError(f"{path}: it has tensors this model lacks: {unknown[:4]}; build the model the same way.")
+    for name, value in payload["model"].items():
+        if tuple(own[name].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}; build the model "
+                f"(and its LoRA config) the same way as the run that saved it."
+            )
+    for name, saved in payload["frozen_fingerprints"].items():
+        if name not in own or not same_fingerprint(saved, fingerprint(own[name])):
+            raise CheckpointError(
                 f"{path}: the frozen weight {name!r} differs from the one the checkpoint was saved against; "
                 f"build the model from the same pretrained weights, LoRA config and SRLoRA config."
             )
+    try:
+        controller.check_state_dict(payload["controller"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _load_method_state(payload: dict[str, Any], model: nn.Module, controller: SRLoRA) -> None:
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
     controller.load_state_dict(payload["controller"])
     with torch.no_grad():
         for name, value in payload["model"].items():
-            target = own[name]
-            if target.shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(target.shape)}.")
-            target.copy_(value)
+            own[name].copy_(value)
+
+
+def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """The checks ``Optimizer.load_state_dict`` makes, and the moments' shapes, made first."""
+    if not isinstance(saved, dict) or "param_groups" not in saved or "state" not in saved:
+        raise CheckpointError(f"{path}: the optimizer entry is not an optimizer state.")
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        raise CheckpointError(
+            f"{path}: the optimizer was saved with {len(saved['param_groups'])} parameter group(s), this one has "
+            f"{len(groups)}; build the optimizer the same way as the run that saved it."
+        )
+    params: dict[Any, torch.Tensor] = {}
+    for i, (g_saved, g_own) in enumerate(zip(saved["param_groups"], groups, strict=True)):
+        if len(g_saved["params"]) != len(g_own["params"]):
+            raise CheckpointError(
+                f"{path}: optimizer parameter group {i} was saved with {len(g_saved['params'])} parameters, this "
+                f"one has {len(g_own['params'])}; build the optimizer the same way as the run that saved it."
+            )
+        params.update(zip(g_saved["params"], g_own["params"], strict=True))
+    for key, entry in saved["state"].items():
+        param = params.get(key)
+        if param is None:
+            raise CheckpointError(f"{path}: the optimizer state names a parameter ({key!r}) no group holds.")
+        for name, value in entry.items():
+            moment = name in (*ADAM_MOMENTS, *SGD_MOMENTS)  # others (factored, scalar) have shapes of their own
+            if moment and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise CheckpointError(
+                    f"{path}: optimizer state {name!r} has shape {tuple(value.shape)}, its parameter "
+                    f"{tuple(param.shape)}; build the model and optimizer the same way as the run that saved it."
+                )

@@ -24,6 +24,7 @@ changes are in the model's own ``state_dict`` (PEFT keeps the base weights as pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -34,15 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import SRLoRAConfig
-from .errors import DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
-from .importance import update_importance_
+from .config import SRLoRAConfig, SwitchBudget
+from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
+from .importance import update_importance_from_grads_
 from .layer_state import LayerState, SwitchEvent
-from .layers import LoraTarget, find_lora_targets
-from .optim_state import OptimizerStateReset, unwrap_optimizer
-from .recompose import effective_weight, pissa_init_
-from .schedule import AdaptiveTrigger, SwitchSchedule, ema_warmup_steps
-from .svd import SVDCache, top_singular_triplets
+from .layers import find_lora_targets
+from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
+from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
+from .svd import SVDCache
 
 logger = logging.getLogger("srlora")
 
@@ -51,34 +51,6 @@ _NO_SCHEDULE = (
     "SRLoRA was built with total_steps='auto' and nobody has supplied the number of steps yet: use the "
     "Trainer/Lightning callback (srlora.integrations), or call controller.set_total_steps(N) before training."
 )
-
-
-def _svd_on_rank0(target: LoraTarget, k: int, config: SRLoRAConfig) -> SVDCache:
-    """The layer's SVD; under torch.distributed, computed on rank 0 and broadcast so that
-    every rank starts from bit-identical directions (LAPACK builds may differ per host)."""
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not distributed or dist.get_rank() == 0:
-        cache = top_singular_triplets(
-            effective_weight(target),
-            k,
-            method=config.svd_method,
-            niter=config.svd_niter,
-            oversample=config.svd_oversample,
-            seed=config.seed,
-        )
-        if not distributed:
-            return cache
-    else:
-        m, n = target.shape
-        device = target.weight.device
-        cache = SVDCache(
-            torch.empty(m, k, device=device), torch.empty(k, device=device), torch.empty(n, k, device=device)
-        )
-    for t in (cache.U, cache.S, cache.V):
-        dist.broadcast(t, src=0)
-    return cache
 
 
 class SRLoRA:
@@ -106,29 +78,29 @@ class SRLoRA:
         self.config = config
         self.global_step = 0
         self.skipped_steps = 0
+        self.skipped_switches = 0
         self.history: list[SwitchEvent] = []
         self.optimizer_reset = OptimizerStateReset(config.optimizer_reset)
         self._optimizer: torch.optim.Optimizer | None = None
         self._hooks: list[Any] = []
         self._warned: set[str] = set()
 
+        # Everything that can refuse the model or the config is checked before any weight changes.
         targets = find_lora_targets(model, config.adapter_name)
         budgets = {t.name: config.budget(t.r, min(t.shape)) for t in targets}
+        for target in targets:
+            cache = (svd_caches or {}).get(target.name)
+            k, (m, n) = budgets[target.name].directions, target.shape
+            if cache is not None and (cache.U.shape != (m, k) or cache.V.shape != (n, k)):
+                raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
+        scheduled = config.total_steps != "auto" or config.switch_interval is not None
+        total_steps = None if config.total_steps == "auto" else config.total_steps
+        schedules = self._schedules(budgets, total_steps) if scheduled else None
+
         self._layers: dict[str, LayerState] = {}
         for target in targets:
-            budget = budgets[target.name]
-            k = budget.directions
-            m, n = target.shape
-            if svd_caches is not None and target.name in svd_caches:
-                cache = svd_caches[target.name]
-                if cache.U.shape != (m, k) or cache.V.shape != (n, k):
-                    raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
-            else:
-                cache = _svd_on_rank0(target, k, config)
-            if config.svd_device is not None:
-                cache = cache.to(config.svd_device)
-            pissa_init_(target, cache)
-            self._layers[target.name] = LayerState(target, cache, budget, config.beta1, config.beta2)
+            cache = (svd_caches or {}).get(target.name)
+            self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache)
 
         clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
         if clamped:
@@ -138,8 +110,8 @@ class SRLoRA:
                 ScheduleWarning,
                 stacklevel=2,
             )
-        if config.total_steps != "auto" or config.switch_interval is not None:
-            self._build_schedules(None if config.total_steps == "auto" else config.total_steps, stacklevel=3)
+        if schedules is not None:
+            self._install_schedules(schedules, stacklevel=3)
         logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
 
     def set_total_steps(self, total_steps: int) -> None:
@@ -158,32 +130,19 @@ class SRLoRA:
                 stacklevel=2,
             )
 
+    def _schedules(self, budgets: Mapping[str, SwitchBudget], total_steps: int | None) -> dict[str, SwitchSchedule]:
+        """Every layer's schedule (raises, changing nothing, when one cannot be built)."""
+        return {name: SwitchSchedule.build(b, total_steps, self.config.switch_interval) for name, b in budgets.items()}
+
     def _build_schedules(self, total_steps: int | None, stacklevel: int) -> None:
+        budgets = {name: layer.budget for name, layer in self._layers.items()}
+        self._install_schedules(self._schedules(budgets, total_steps), stacklevel + 1)
+
+    def _install_schedules(self, schedules: Mapping[str, SwitchSchedule], stacklevel: int) -> None:
         config = self.config
-        schedules = {
-            name: SwitchSchedule.build(layer.budget, total_steps, config.switch_interval)
-            for name, layer in self._layers.items()
-        }
-        horizon = ema_warmup_steps(max(config.beta1, config.beta2))
         for name, layer in self._layers.items():
-            trigger = None
-            if config.adaptive_switch:
-                trigger = AdaptiveTrigger(
-                    patience=config.adaptive_patience,
-                    min_interval=horizon,
-                    max_interval=max(horizon, 2 * schedules[name].interval),
-                )
-            layer.set_schedule(schedules[name], trigger)
-        switching = [s.interval for s in schedules.values() if s.num_switches > 0]
-        # Adaptive switches never come sooner than the EMA warm-up.
-        if switching and min(switching) < horizon and not config.adaptive_switch:
-            warnings.warn(
-                f"The switch interval ({min(switching)} steps) is shorter than the {horizon} steps the importance "
-                f"EMAs (beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs "
-                f"may be evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
-                ScheduleWarning,
-                stacklevel=stacklevel + 1,
-            )
+            layer.set_schedule(schedules[name], adaptive_trigger(config, schedules[name]))
+        warn_short_interval(config, schedules.values(), stacklevel + 1)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -267,9 +226,11 @@ class SRLoRA:
         return self._after_step(optimizer)
 
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> list[SwitchEvent]:
-        """Switch every layer that has unused directions left, now, whatever the schedule."""
-        if optimizer is not None:
-            self._bind(unwrap_optimizer(optimizer))
+        """Switch every layer that has unused directions left, now, whatever the schedule.
+
+        ``optimizer`` (whose recycled moments are reset) must be the one SRLoRA is attached
+        to, if it is attached."""
+        self._use(optimizer)
         return self._switch(list(self._layers.values()))
 
     # ------------------------------------------------------------------ export
@@ -292,27 +253,26 @@ class SRLoRA:
 
     # ------------------------------------------------------------------ internals
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+        require_params(optimizer, {name: (ly.target.lora_A, ly.target.lora_B) for name, ly in self._layers.items()})
         self._optimizer = optimizer
         self.optimizer_reset.bind(optimizer)
 
+    def _use(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Accept the optimizer a manual call passes: the bound one, or a first one to bind."""
+        if optimizer is None:
+            return
+        optimizer = unwrap_optimizer(optimizer)
+        if self._optimizer is None:
+            self._bind(optimizer)
+        elif optimizer is not self._optimizer:
+            raise ValueError(
+                f"SRLoRA is bound to another optimizer ({type(self._optimizer).__name__}) than the one passed "
+                f"({type(optimizer).__name__}); a switch resets the moments of the optimizer that trains the "
+                f"LoRA parameters. Pass that one, or call detach() before using another."
+            )
+
     def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-        # torch passes step()'s positional arguments with the optimizer itself first.
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._update_importance()
-            return None
-
-        # optimizer.step(closure): the gradients exist only once the closure has run
-        # (Lightning's closure also clips them), so the importance is updated right after
-        # it, still before the parameters move.
-        def closure_then_importance() -> Any:
-            result = closure()
-            self._update_importance()
-            return result
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_importance}
-        return (args[0], closure_then_importance, *args[2:]), kwargs
+        return run_before_step(self._update_importance, args, kwargs)
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step(optimizer)
@@ -334,12 +294,8 @@ class SRLoRA:
         layers = [layer for layer in self._layers.values() if layer.target.lora_A.grad is not None]
         if not layers:
             return False
-        grads_A = [layer.target.lora_A.grad for layer in layers]
-        grads_B = [layer.target.lora_B.grad for layer in layers]
-        if any(g is None for g in grads_B):
-            raise RuntimeError("lora_B has no gradient while lora_A has one; is part of the adapter frozen?")
-        norms = torch._foreach_norm([*grads_A, *grads_B])
-        if not bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all()):
+        params = [(layer.target.lora_A, layer.target.lora_B) for layer in layers]
+        if not update_importance_from_grads_([layer.importance for layer in layers], params):
             self.skipped_steps += 1
             self._warn_once(
                 "nonfinite",
@@ -349,13 +305,6 @@ class SRLoRA:
                 stacklevel=4,
             )
             return False
-        update_importance_(
-            [layer.importance for layer in layers],
-            [layer.target.lora_A for layer in layers],
-            grads_A,
-            [layer.target.lora_B for layer in layers],
-            grads_B,
-        )
         if self.optimizer_reset.pending:
             self.optimizer_reset.before_step(
                 {name: (layer.target.lora_A, layer.target.lora_B) for name, layer in self._layers.items()}
@@ -363,23 +312,31 @@ class SRLoRA:
         return True
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
-        if optimizer is not None and self._optimizer is None:
-            # The manual protocol learns the optimizer here; "seed" needs it before the next step.
-            self._bind(unwrap_optimizer(optimizer))
+        # The manual protocol learns the optimizer here; "seed" needs it before the next step.
+        self._use(optimizer)
         self.global_step += 1
         if any(layer.schedule is None for layer in self._layers.values()):
             raise RuntimeError(_NO_SCHEDULE)
         if self.config.adaptive_switch:
-            due = [layer for layer in self._layers.values() if self._adaptive_due(layer)]
+            due = self._adaptive_due()
         else:
             due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
         return self._switch(due) if due else []
 
-    def _adaptive_due(self, layer: LayerState) -> bool:
-        assert layer.trigger is not None and layer.schedule is not None
-        # The trigger counts every step, even those on which the schedule forbids a switch.
-        fire = layer.trigger.update(layer.importance.pair_scores(), layer.r_prime)
-        return fire and layer.schedule.allows(self.global_step, layer.switches_done)
+    def _adaptive_due(self) -> list[LayerState]:
+        layers = list(self._layers.values())
+        # Every layer's scores in one host transfer.
+        scores = torch.cat([layer.importance.pair_scores().float().cpu() for layer in layers]).split(
+            [layer.r for layer in layers]
+        )
+        due = []
+        for layer, layer_scores in zip(layers, scores, strict=True):
+            assert layer.trigger is not None and layer.schedule is not None
+            # The trigger counts every step, even those on which the schedule forbids a switch.
+            fire = layer.trigger.update(layer_scores, layer.r_prime)
+            if fire and layer.schedule.allows(self.global_step, layer.switches_done):
+                due.append(layer)
+        return due
 
     @torch.no_grad()
     def _switch(self, layers: list[LayerState]) -> list[SwitchEvent]:
@@ -396,6 +353,18 @@ class SRLoRA:
                         stacklevel=3,
                     )
                 continue
+            if not layer.pairs_finite():
+                # Fusing a diverged pair would write NaN/inf into the frozen weight for good.
+                self.skipped_switches += 1
+                self._warn_once(
+                    "nonfinite-pairs",
+                    f"Layer {layer.name!r} has non-finite LoRA weights (the optimizer diverged): its switch was "
+                    f"skipped so that they are not fused into the frozen weight (counted in "
+                    f"SRLoRA.skipped_switches; warned once).",
+                    NonFiniteWarning,
+                    stacklevel=3,
+                )
+                continue
             event = layer.switch(self.global_step, reset_all_scores=reset_all)
             self.optimizer_reset.on_switch(
                 layer.name, layer.target.lora_A, layer.target.lora_B, torch.tensor(event.slots, dtype=torch.long)
@@ -411,36 +380,51 @@ class SRLoRA:
             "config": self.config.to_dict(),
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "skipped_switches": self.skipped_switches,
             "history": [event.to_dict() for event in self.history],
             "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
             "optimizer_reset": self.optimizer_reset.state_dict(),
             "warned": sorted(self._warned),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise :class:`~srlora.errors.CheckpointError`, changing nothing, when ``state`` was
+        not saved by a controller built like this one (layers, config, base weights, shapes)."""
+        if not isinstance(state, dict) or not {"config", "layers", "global_step", "history"} <= set(state):
+            raise CheckpointError("not an SRLoRA controller state (no config/layers/global_step/history).")
         saved = set(state["layers"])
         if saved != set(self._layers):
             missing, extra = sorted(set(self._layers) - saved), sorted(saved - set(self._layers))
-            raise ValueError(
+            raise CheckpointError(
                 f"SRLoRA state does not match this model's layers (missing {missing[:4]}, unexpected {extra[:4]}); "
                 f"build the model and SRLoRA the same way as the run that saved it."
             )
-        saved_config = SRLoRAConfig.from_dict(state["config"])
-        if saved_config.adaptive_switch != self.config.adaptive_switch:
-            raise ValueError(
-                f"SRLoRA state saved with adaptive_switch={saved_config.adaptive_switch} cannot resume a controller "
-                f"with adaptive_switch={self.config.adaptive_switch}; build SRLoRA the same way."
+        try:
+            saved_config = SRLoRAConfig.from_dict(state["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"SRLoRA state holds an invalid config: {exc}") from exc
+        # svd_device only places the SVD cache; everything else defines the run.
+        differ = [
+            f"{f.name}={getattr(saved_config, f.name)!r} (here {getattr(self.config, f.name)!r})"
+            for f in dataclasses.fields(SRLoRAConfig)
+            if f.name != "svd_device" and getattr(saved_config, f.name) != getattr(self.config, f.name)
+        ]
+        if differ:
+            raise CheckpointError(
+                f"SRLoRA state was saved with another config: {', '.join(differ)}; build SRLoRA with the config "
+                f"of the run that saved it."
             )
-        if saved_config != self.config:
-            warnings.warn(
-                f"Loading SRLoRA state saved with a different config ({saved_config}) into {self.config}.",
-                ScheduleWarning,
-                stacklevel=2,
-            )
+        for name, layer in self._layers.items():
+            layer.check_state(state["layers"][name])
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; checked whole first (:meth:`check_state_dict`)."""
+        self.check_state_dict(state)
         for name, layer in self._layers.items():
             layer.load_state_dict(state["layers"][name])
         self.optimizer_reset.load_state_dict(state["optimizer_reset"])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.skipped_switches = int(state.get("skipped_switches", 0))
         self.history = [SwitchEvent.from_dict(d) for d in state["history"]]
         self._warned = set(state.get("warned", []))

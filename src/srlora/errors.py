@@ -1,4 +1,6 @@
-"""SRLoRA's warnings: one hierarchy, so that ``-W error::srlora.SRLoRAWarning`` (or a
+"""SRLoRA's warnings and errors.
+
+Warnings form one hierarchy, so that ``-W error::srlora.SRLoRAWarning`` (or a
 ``filterwarnings`` entry) catches all of them and a subclass picks out one kind."""
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ class UnsupportedOptimizerWarning(SRLoRAWarning):
     """The optimizer's state layout is unknown, so recycled pairs keep their state."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded into this model: unreadable, not an srlora checkpoint,
+    holding objects other than tensors and plain data, or saved from another model, config
+    or optimizer. Raised before anything is changed."""
+
+
 __all__ = [
+    "CheckpointError",
     "DirectionsExhaustedWarning",
     "NonFiniteWarning",
     "SRLoRAWarning",

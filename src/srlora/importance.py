@@ -105,3 +105,24 @@ def update_importance_(
     torch._foreach_abs_(sens)  # |I - I_bar|
     torch._foreach_mul_(ubar, beta2)
     torch._foreach_add_(ubar, sens, alpha=1.0 - beta2)  # U_bar
+
+
+def update_importance_from_grads_(
+    states: Sequence[PairImportance], params: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> bool:
+    """One EMA step for every layer from the gradients of its ``(A, B)``; ``False``, updating
+    nothing, when a gradient is not finite.
+
+    The finite check reads the largest ``|g|`` of each tensor (finite exactly when every
+    entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers.
+    """
+    grads_A = [A.grad for A, _ in params]
+    grads_B = [B.grad for _, B in params]
+    if any(g is None for g in (*grads_A, *grads_B)):
+        raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+    peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))
+    device = peaks[0].device
+    if not bool(torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all()):
+        return False
+    update_importance_(states, [A for A, _ in params], grads_A, [B for _, B in params], grads_B)  # type: ignore[arg-type]
+    return True

@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from .config import SwitchBudget
+from .config import SRLoRAConfig, SwitchBudget
+from .errors import CheckpointError
 from .importance import PairImportance
-from .layers import LoraTarget
-from .recompose import switch_pairs_
+from .layers import LoraTarget, fingerprint, same_fingerprint
+from .recompose import effective_weight, pissa_init_, switch_pairs_
 from .schedule import AdaptiveTrigger, SwitchSchedule
-from .svd import SVDCache
+from .svd import SVDCache, distributed_top_triplets
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,23 @@ class LayerState:
         cache: the top ``budget.directions`` singular triplets of its ``W0``.
         budget: ``r``, ``r'`` and how many directions the layer may use.
         beta1, beta2: the importance EMA coefficients.
+        fingerprint: :func:`~srlora.layers.fingerprint` of the layer's weight ``W0`` (and bias)
+            before the PiSSA initialisation: a checkpoint of another base model is refused.
     """
 
-    def __init__(self, target: LoraTarget, cache: SVDCache, budget: SwitchBudget, beta1: float, beta2: float) -> None:
+    def __init__(
+        self,
+        target: LoraTarget,
+        cache: SVDCache,
+        budget: SwitchBudget,
+        beta1: float,
+        beta2: float,
+        fingerprint: list[float] | None = None,
+    ) -> None:
         if cache.rank != budget.directions:
             raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
         self.target = target
+        self.fingerprint = fingerprint
         self.cache = cache
         self.budget = budget
         device = target.lora_A.device
@@ -97,6 +109,22 @@ class LayerState:
         # A trigger state restored before the trigger exists (total_steps="auto": a
         # framework may restore a checkpoint before it supplies the step count).
         self._trigger_state: dict[str, Any] | None = None
+
+    @classmethod
+    def create(
+        cls, target: LoraTarget, budget: SwitchBudget, config: SRLoRAConfig, cache: SVDCache | None = None
+    ) -> LayerState:
+        """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
+        given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it."""
+        w_eff = effective_weight(target)
+        print_ = fingerprint(w_eff, target.base_layer.bias)
+        if cache is None:
+            cache = distributed_top_triplets(w_eff, budget.directions, config)
+        del w_eff
+        if config.svd_device is not None:
+            cache = cache.to(config.svd_device)
+        pissa_init_(target, cache)
+        return cls(target, cache, budget, config.beta1, config.beta2, print_)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -124,6 +152,10 @@ class LayerState:
     @property
     def switches_done(self) -> int:
         return (self.pointer - self.r) // self.r_prime
+
+    def pairs_finite(self) -> bool:
+        """Every entry of ``A`` and ``B`` is finite (one device sync)."""
+        return bool(torch.isfinite(self.target.lora_A).all() & torch.isfinite(self.target.lora_B).all())
 
     @property
     def has_switched(self) -> bool:
@@ -203,15 +235,46 @@ class LayerState:
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
             "trigger": None if self.trigger is None else self.trigger.state_dict(),
+            "fingerprint": self.fingerprint,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["slot_direction"].shape != self.slot_direction.shape:
-            raise ValueError(f"layer {self.name!r}: saved r={state['slot_direction'].numel()}, model r={self.r}.")
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise :class:`~srlora.errors.CheckpointError` (changing nothing) when ``state`` does
+        not fit this layer: another base weight, rank, budget or shape."""
+        name = self.name
+        saved_print = state.get("fingerprint")
+        known = self.fingerprint is not None and saved_print is not None
+        if known and not same_fingerprint(saved_print, self.fingerprint):  # type: ignore[arg-type]
+            raise CheckpointError(
+                f"layer {name!r}: the pretrained weight differs from the one the state was saved from; "
+                f"build the model from the same base weights as the run that saved it."
+            )
+        slots = state["slot_direction"]
+        if tuple(slots.shape) != (self.r,):
+            raise CheckpointError(f"layer {name!r}: saved with r={slots.numel()}, the model has r={self.r}.")
         pointer = int(state["pointer"])
         used = pointer - self.r
-        if not self.r <= pointer <= self.limit or state["fused_B"].shape[1] != used:
-            raise ValueError(f"layer {self.name!r}: saved pointer {pointer} does not fit {self.limit} directions.")
+        if not self.r <= pointer <= self.limit or (pointer - self.r) % self.r_prime:
+            raise CheckpointError(
+                f"layer {name!r}: saved pointer {pointer} does not fit r={self.r}, r'={self.r_prime} and "
+                f"{self.limit} directions; build SRLoRA with the config of the run that saved it."
+            )
+        m, n = self.target.shape
+        expected = {"fused_B": (m, used), "fused_A": (used, n)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise CheckpointError(f"layer {name!r}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+        for key, own in zip(("ibar_A", "ubar_A", "ibar_B", "ubar_B"), self.importance.tensors(), strict=True):
+            saved = state["importance"][key]
+            if saved.shape != own.shape:
+                raise CheckpointError(
+                    f"layer {name!r}: importance {key} has shape {tuple(saved.shape)}, expected {tuple(own.shape)}."
+                )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state(state)
+        pointer = int(state["pointer"])
+        used = pointer - self.r
         self.pointer = pointer
         self.slot_direction.copy_(state["slot_direction"])
         self.fused_B.zero_()

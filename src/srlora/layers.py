@@ -67,6 +67,35 @@ class LoraTarget:
         return int(m), int(n)
 
 
+def fingerprint(*tensors: torch.Tensor | None) -> list[float]:
+    """A cheap identity of some tensors: sum, absolute sum, sum of squares and a strided sum
+    of each, in float64, on their device (one host transfer in all). Equal tensors give
+    equal values (up to reduction order across devices: compare with :func:`same_fingerprint`);
+    two pretrained weights differ in every one of them."""
+    parts = []
+    for t in tensors:
+        if t is None:
+            parts.append(torch.zeros(4, dtype=torch.float64))
+            continue
+        x = t.detach().double().flatten()
+        stride = max(1, x.numel() // 97)
+        parts.append(torch.stack([x.sum(), x.abs().sum(), x.square().sum(), x[::stride].sum()]).cpu())
+    return torch.cat(parts).tolist()
+
+
+def same_fingerprint(a: list[float], b: list[float], rtol: float = 1e-6) -> bool:
+    """``a`` and ``b`` agree to ``rtol`` of each tensor's absolute sum (reductions on another
+    device or in another order may differ in the last bits)."""
+    if len(a) != len(b):
+        return False
+    for i in range(0, len(a), 4):
+        abs_sum = abs(a[i + 1])
+        for x, y in zip(a[i : i + 4], b[i : i + 4], strict=True):
+            if abs(x - y) > rtol * max(abs(x), abs(y), abs_sum, 1e-30):
+                return False
+    return True
+
+
 def _refuse_sharded(model: nn.Module) -> None:
     """FSDP shards the weights SRLoRA decomposes and rewrites: not supported yet."""
     try:

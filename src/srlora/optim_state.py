@@ -27,7 +27,7 @@ switch (:meth:`~OptimizerStateReset.on_switch`) and of each coming optimizer ste
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -50,6 +50,43 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
     return optimizer
+
+
+def require_params(optimizer: torch.optim.Optimizer, params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
+    """Raise ``ValueError`` unless ``optimizer`` holds every tensor of ``params`` (by layer)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, tensors in params.items() if any(id(t) not in held for t in tensors)]
+    if missing:
+        raise ValueError(
+            f"This {type(optimizer).__name__} does not hold the LoRA parameters of {len(missing)} of "
+            f"{len(params)} layers (e.g. {missing[0]!r}), so SRLoRA could not reset their optimizer state "
+            f"at a switch. Pass the optimizer that trains them, built after SRLoRA(...) from "
+            f"[p for p in model.parameters() if p.requires_grad]."
+        )
+
+
+def run_before_step(update: Callable[[], Any], args: tuple, kwargs: dict) -> Any:
+    """An optimizer step pre-hook's body: run ``update`` with the gradients this step applies.
+
+    With ``optimizer.step(closure)`` the gradients exist only once the closure has run
+    (Lightning's closure runs backward and clipping), so the closure is wrapped to run
+    ``update`` right after it, still before the parameters move. Returns what a pre-hook
+    returns: ``None``, or the new ``(args, kwargs)``; torch passes ``step()``'s positional
+    arguments with the optimizer itself first.
+    """
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        update()
+        return None
+
+    def closure_then_update() -> Any:
+        result = closure()
+        update()
+        return result
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure_then_update}
+    return (args[0], closure_then_update, *args[2:]), kwargs
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:

@@ -14,11 +14,14 @@ of step ``t`` runs right after the ``t``-th ``optimizer.step()``.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from .config import SwitchBudget
+from .config import SRLoRAConfig, SwitchBudget
+from .errors import ScheduleWarning
 
 
 def ema_warmup_steps(beta: float, residual: float = 0.05) -> int:
@@ -140,3 +143,29 @@ class AdaptiveTrigger:
         self.since_switch = int(state["since_switch"])
         self.stable = int(state["stable"])
         self.last_bottom = None if state["last_bottom"] is None else state["last_bottom"].clone()
+
+
+def adaptive_trigger(config: SRLoRAConfig, schedule: SwitchSchedule) -> AdaptiveTrigger | None:
+    """The layer's trigger under ``adaptive_switch`` (``None`` otherwise): bounded below by the
+    EMA warm-up and above by twice the fixed interval."""
+    if not config.adaptive_switch:
+        return None
+    horizon = ema_warmup_steps(max(config.beta1, config.beta2))
+    return AdaptiveTrigger(
+        patience=config.adaptive_patience, min_interval=horizon, max_interval=max(horizon, 2 * schedule.interval)
+    )
+
+
+def warn_short_interval(config: SRLoRAConfig, schedules: Iterable[SwitchSchedule], stacklevel: int) -> None:
+    """Warn when a fixed interval is shorter than the importance EMAs' warm-up (adaptive
+    switches never come sooner than it)."""
+    horizon = ema_warmup_steps(max(config.beta1, config.beta2))
+    switching = [s.interval for s in schedules if s.num_switches > 0]
+    if switching and min(switching) < horizon and not config.adaptive_switch:
+        warnings.warn(
+            f"The switch interval ({min(switching)} steps) is shorter than the {horizon} steps the importance "
+            f"EMAs (beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs "
+            f"may be evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
+            ScheduleWarning,
+            stacklevel=stacklevel + 1,
+        )

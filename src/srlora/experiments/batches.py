@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .tasks import SPLIT_SEED, ImageSplit, Split
+from .splits import SPLIT_SEED, ImageSplit, Split
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as DINOv2 was trained with
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -61,6 +61,6 @@ class EncodedText:
 
 
 def fixed_subset(n: int, k: int) -> list[int]:
-    """``k`` of ``range(n)``, drawn with :data:`~srlora.experiments.tasks.SPLIT_SEED`, in
+    """``k`` of ``range(n)``, drawn with :data:`~srlora.experiments.splits.SPLIT_SEED`, in
     ascending order: the same subset for every method and seed."""
     return sorted(random.Random(SPLIT_SEED + n).sample(range(n), k))

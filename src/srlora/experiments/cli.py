@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from typing import Any
 from ..atomic import atomic_write_json, atomic_write_text
 from . import assets
 from .config import METHODS, RunConfig
-from .options import add_run_options, run_values
+from .options import add_run_options, add_train_options, run_values
 from .paper import GLUE_SCORES
-from .runs import finished_run, run, train_losses
+from .runs import finished_run, holds_run, preflight, run, train_losses
 from .stats import fmt, mean_std
+from .tasks import load_task
 
 
 def cmd_fetch(ns: argparse.Namespace) -> int:
@@ -36,14 +38,38 @@ def cmd_fetch(ns: argparse.Namespace) -> int:
     return 0
 
 
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a folder that can be written (created if missing)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create it ({exc.strerror}); give a folder you can write to.") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: not writable; give a folder you can write to.")
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = RunConfig.from_flat({"method": ns.method, **run_values(ns, None)})
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.method}-seed{cfg.seed}")
-    try:
-        results = run(cfg, out)
-    except KeyboardInterrupt:
-        print(f"interrupted; what finished is in {out}", file=sys.stderr)
-        return 130
+    if ns.resume and (done := finished_run(out, cfg)) is not None:
+        print(f"{out}: finished earlier with the same configuration, kept", file=sys.stderr)
+        results = done
+    else:
+        if holds_run(out) and not (ns.overwrite or ns.resume):
+            raise ValueError(
+                f"--out {out} already holds a run; pass --overwrite to replace it, or --resume to keep it when it "
+                f"finished with the same configuration."
+            )
+        task = load_task(cfg.task, cfg.data_dir)
+        preflight(cfg, task)  # bad data or options stop here, before --out is touched
+        check_out_dir(out)
+        try:
+            results = run(cfg, out, task=task)
+        except KeyboardInterrupt:
+            print(f"interrupted; what finished is in {out}", file=sys.stderr)
+            return 130
     summary = {k: results[k] for k in ("task", "method", "seed", "steps", "final", "early_train_loss", "wall_s")}
     print(json.dumps(summary, indent=2))
     print(
@@ -93,8 +119,6 @@ def format_table(task: str, summary: dict[str, Any]) -> str:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from .tasks import load_task
-
     values = run_values(ns, "quick")
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -104,8 +128,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     # Fail before any run when SRLoRA's settings cannot work (not after LoRA and PiSSA ran).
     base = RunConfig.from_flat({**values, "method": "srlora" if "srlora" in methods else methods[0]})
     out = Path(ns.out or f"runs/compare-{base.task}")
-    out.mkdir(parents=True, exist_ok=True)
     task = load_task(base.task, base.data_dir)
+    preflight(base, task)
+    check_out_dir(out)
     print(f"{task.name}: {task.description}", file=sys.stderr)
     all_results: list[dict[str, Any]] = []
     interrupted = False
@@ -205,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("train", help="One training run of one method.")
-    p.add_argument("--method", default="srlora", choices=METHODS, help="lora, pissa or srlora.")
-    p.add_argument("--out", help="Output folder (default: runs/TASK-METHOD-seedS).")
+    add_train_options(p)
     add_run_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -237,13 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command without the extras check (see :func:`srlora.experiments.main`)."""
+    """The command without the extras check (see :func:`srlora.experiments.main`): every
+    error is one line on stderr, never a traceback (``SRLORA_TRACEBACK=1`` shows it)."""
     ns = build_parser().parse_args(argv)
     try:
         return int(ns.func(ns) or 0)
-    except (assets.AssetError, FileNotFoundError, ValueError) as exc:
-        print(f"srlora: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("srlora: interrupted", file=sys.stderr)
+        return 130
+    except (assets.AssetError, ValueError, OSError) as exc:
+        if os.environ.get("SRLORA_TRACEBACK"):
+            raise
+        print(f"srlora: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if os.environ.get("SRLORA_TRACEBACK"):
+            raise
+        print(
+            f"srlora: error: unexpected {type(exc).__name__}: {_one_line(exc)} (set SRLORA_TRACEBACK=1 to see where)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text[:1000]
 
 
 if __name__ == "__main__":

@@ -86,11 +86,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}.")
-        for name in ("max_steps", "batch_size", "max_length", "r", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        for name in ("max_steps", "batch_size", "max_length", "r", "eval_every", "image_size", "max_train", "max_eval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
+        for name in ("lr", "alpha"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
         unknown = sorted(set(self.srlora) - set(SRLORA_OPTIONS))
         if unknown:
             raise ValueError(f"RunConfig.srlora: unknown options {unknown}; a run may set {list(SRLORA_OPTIONS)}.")

@@ -63,11 +63,20 @@ def run_values(ns: argparse.Namespace, default_preset: str | None) -> dict[str, 
     return apply_preset(preset, overrides, train_size)
 
 
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``srlora train`` besides the run's own."""
+    p.add_argument("--method", default="srlora", choices=METHODS, help="lora, pissa or srlora.")
+    p.add_argument("--out", help="Output folder (default: runs/TASK-METHOD-seedS).")
+    p.add_argument("--overwrite", action="store_true", help="Replace a run already in --out.")
+    p.add_argument(
+        "--resume", action="store_true", help="Keep the run in --out if it finished with the same configuration."
+    )
+
+
 def train_config(argv: list[str]) -> RunConfig:
     """The configuration ``srlora train ARGV`` runs (the study compares runs with it)."""
     p = argparse.ArgumentParser(prog="srlora train", add_help=False)
-    p.add_argument("--method", default="srlora", choices=METHODS)
-    p.add_argument("--out")
+    add_train_options(p)
     add_run_options(p)
     ns = p.parse_args(argv)
     return RunConfig.from_flat({"method": ns.method, **run_values(ns, None)})

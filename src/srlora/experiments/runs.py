@@ -18,6 +18,7 @@ learning-rate schedule, and the same trainable parameters (PEFT LoRA with equal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_bytes, atomic_write_json
 from ..controller import SRLoRA
 from .batches import EncodedText, Images, fixed_subset
 from .config import RunConfig
@@ -61,18 +62,55 @@ def train_losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
+# What a run writes; a run removes them first, so that no result outlives its config.
+RUN_FILES = ("results.json", "history.json", "metrics.jsonl", "config.json")
+
+
+def config_digest(config_json: bytes) -> str:
+    """The sha256 of a run's ``config.json``: ``results.json`` records it, binding the
+    result to the configuration that produced it."""
+    return hashlib.sha256(config_json).hexdigest()
+
+
 def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """``results.json`` of a run that finished with the same configuration, else ``None``."""
+    """``results.json`` of a run that finished with the same configuration, else ``None``.
+
+    The result must name (by digest) the ``config.json`` beside it, and that config must be
+    ``cfg``: a run killed after writing its new config, beside an older result, is not
+    "finished"."""
     try:
-        saved_cfg = json.loads((run_dir / "config.json").read_text())
+        config_bytes = (run_dir / "config.json").read_bytes()
+        saved_cfg = json.loads(config_bytes)
         results = json.loads((run_dir / "results.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if results.get("config_sha256") != config_digest(config_bytes) or results.get("interrupted"):
         return None
     wanted = cfg.to_dict()
     same = all(saved_cfg.get(k) == v for k, v in wanted.items() if k != "model") and (
         cfg.model is None or saved_cfg.get("model") == cfg.model
     )
-    return results if same and not results.get("interrupted") else None
+    return results if same else None
+
+
+def holds_run(run_dir: Path) -> bool:
+    """``run_dir`` holds (part of) an earlier run's output."""
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def preflight(cfg: RunConfig, task: Task) -> None:
+    """Refuse, before any model is built, a run that cannot work: a local ``--model``
+    folder that does not exist, or a training set smaller than one batch (which would
+    never yield a step)."""
+    local = cfg.model is not None and (Path(cfg.model).is_absolute() or cfg.model.startswith((".", "~")))
+    if local and not Path(cfg.model).expanduser().is_dir():  # type: ignore[arg-type]
+        raise FileNotFoundError(f"--model {cfg.model}: no such folder; give a model folder or a Hugging Face id.")
+    n_train = len(task.train) if cfg.max_train is None else min(cfg.max_train, len(task.train))
+    if n_train < cfg.batch_size:
+        raise ValueError(
+            f"{task.name}: {n_train} training example(s), fewer than one batch (--batch-size {cfg.batch_size}); "
+            f"lower --batch-size or train on more data."
+        )
 
 
 def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module, SRLoRA | None]:
@@ -159,12 +197,16 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
     """Train one method and write its outputs into ``out_dir``; returns ``results.json``'s content."""
     from transformers import get_linear_schedule_with_warmup
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     task = task or load_task(cfg.task, cfg.data_dir)
+    preflight(cfg, task)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
     model_path = cfg.model or default_model(task)
-    atomic_write_json(
-        out_dir / "config.json", {**cfg.to_dict(), "model": model_path, "task_description": task.description}
-    )
+    config_bytes = (
+        json.dumps({**cfg.to_dict(), "model": model_path, "task_description": task.description}, indent=2) + "\n"
+    ).encode()
+    atomic_write_bytes(out_dir / "config.json", config_bytes)
     train, dev = prepare_data(cfg, task, model_path)
 
     model, ctl = build_model(cfg, task, model_path)
@@ -216,6 +258,7 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
                 bar.close()
 
     results = summarize_run(cfg, task, losses, evals, params, model, time.perf_counter() - started, interrupted)
+    results["config_sha256"] = config_digest(config_bytes)
     if ctl is not None:
         atomic_write_json(
             out_dir / "history.json",

@@ -102,6 +102,7 @@ class Job:
             *self.extra,
             "--out",
             str(self.out),
+            "--resume",
         ]
 
     def config(self) -> RunConfig:

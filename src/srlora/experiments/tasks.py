@@ -26,86 +26,23 @@ layout (``--data-dir``, holding ``SST-2/train.tsv``, ``SST-2/dev.tsv``...), or t
 
 from __future__ import annotations
 
-import csv
 import gzip
+import hashlib
+import io
 import json
 import pickle
 import random
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from . import assets
-
-SPLIT_SEED = 20240917
-
-
-@dataclass
-class Split:
-    """Texts (one or two per example) and labels (int class or float target)."""
-
-    text_a: list[str]
-    labels: list[float] | list[int]
-    text_b: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: list[int]) -> Split:
-        return Split(
-            [self.text_a[i] for i in index],
-            [self.labels[i] for i in index],  # type: ignore[misc]
-            None if self.text_b is None else [self.text_b[i] for i in index],
-        )
-
-
-@dataclass
-class ImageSplit:
-    """Grayscale images ``(N, H, W)``, float in [0, 1], and integer class labels."""
-
-    images: torch.Tensor
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, index: list[int]) -> ImageSplit:
-        return ImageSplit(self.images[index], [self.labels[i] for i in index])
-
-
-@dataclass
-class Task:
-    """A loaded task.
-
-    Attributes:
-        name: task name.
-        train, dev: the splits used for training and for the reported metric.
-        num_labels: classes (1 for regression).
-        metrics: names of the metrics reported (the first is the headline one).
-        description: one line saying what the data is and how it was split.
-    """
-
-    name: str
-    train: Split | ImageSplit
-    dev: Split | ImageSplit
-    num_labels: int
-    metrics: list[str]
-    description: str
-    test: Split | ImageSplit | None = None
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def is_image(self) -> bool:
-        return isinstance(self.train, ImageSplit)
-
+from .glue import GLUE_TASKS, load_glue
+from .splits import SPLIT_SEED, ImageSplit, Split, Task
 
 OFFLINE_TASKS = ("mr", "mr-reg", "imdb", "fine-foods", "digits", "mnist", "fashion-mnist")
-GLUE_TASKS = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
 TASKS = OFFLINE_TASKS + GLUE_TASKS
 
 MR_POSITIVE_LINES = 5152
@@ -181,84 +118,6 @@ def _imdb() -> Task:
     )
 
 
-# name -> (folder, columns of text_a / text_b / label, number of labels, metrics, has header)
-_GLUE = {
-    "sst2": ("SST-2", "sentence", None, "label", 2, ["accuracy"]),
-    "mrpc": ("MRPC", "#1 String", "#2 String", "Quality", 2, ["accuracy", "f1"]),
-    "cola": ("CoLA", 3, None, 1, 2, ["matthews"]),
-    "qnli": ("QNLI", "question", "sentence", "label", 2, ["accuracy"]),
-    "rte": ("RTE", "sentence1", "sentence2", "label", 2, ["accuracy"]),
-    "stsb": ("STS-B", "sentence1", "sentence2", "score", 1, ["pearson", "spearman"]),
-}
-_GLUE_LABELS = {"entailment": 0, "not_entailment": 1}
-
-
-def _read_glue_tsv(path: Path, a, b, y, regression: bool) -> Split:
-    text_a, text_b, labels = [], [], []
-    with open(path, encoding="utf-8") as fh:
-        reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = None if isinstance(a, int) else next(reader)
-        col = (lambda c: c) if header is None else header.index
-        ia, iy = col(a), col(y)
-        ib = None if b is None else col(b)
-        for row in reader:
-            if len(row) <= max(ia, iy, ib or 0):
-                continue
-            text_a.append(row[ia])
-            if ib is not None:
-                text_b.append(row[ib])
-            raw = row[iy]
-            labels.append(float(raw) if regression else _GLUE_LABELS[raw] if raw in _GLUE_LABELS else int(raw))
-    return Split(text_a, labels, text_b if b is not None else None)
-
-
-def _glue(name: str, data_dir: Path | None) -> Task:
-    folder, a, b, y, num_labels, metrics = _GLUE[name]
-    regression = num_labels == 1
-    if data_dir is not None:
-        root = Path(data_dir)
-        base = root / folder if (root / folder).is_dir() else root
-        if not (base / "train.tsv").is_file():
-            raise FileNotFoundError(
-                f"No {folder}/train.tsv under {root}. Give --data-dir the GLUE folder in the official layout "
-                f"(GLUE/{folder}/train.tsv, dev.tsv)."
-            )
-        train = _read_glue_tsv(base / "train.tsv", a, b, y, regression)
-        dev = _read_glue_tsv(base / "dev.tsv", a, b, y, regression)
-        source = str(base)
-    else:
-        try:
-            import datasets
-        except ImportError as exc:
-            raise FileNotFoundError(
-                f"GLUE {name}: pass --data-dir with the official TSV layout, or install `datasets` with a "
-                f"reachable hub."
-            ) from exc
-        ds = datasets.load_dataset("glue", name)
-        keys = {
-            "sst2": ("sentence", None),
-            "cola": ("sentence", None),
-            "mrpc": ("sentence1", "sentence2"),
-            "qnli": ("question", "sentence"),
-            "rte": ("sentence1", "sentence2"),
-            "stsb": ("sentence1", "sentence2"),
-        }[name]
-
-        def conv(part) -> Split:
-            return Split(list(part[keys[0]]), list(part["label"]), None if keys[1] is None else list(part[keys[1]]))
-
-        train, dev = conv(ds["train"]), conv(ds["validation"])
-        source = "datasets: glue/" + name
-    return Task(
-        name=name,
-        train=train,
-        dev=dev,
-        num_labels=num_labels,
-        metrics=metrics,
-        description=f"GLUE {folder} from {source}: {len(train)} train / {len(dev)} dev",
-    )
-
-
 def _fine_foods() -> Task:
     with open(assets.fetch("fine-foods") / "fine_foods.json", encoding="utf-8") as fh:
         rows = json.load(fh)
@@ -296,9 +155,36 @@ def _digits() -> Task:
     )
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles NumPy arrays and nothing else: a pickle that names any other callable is
+    refused instead of run."""
+
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: the MNIST pickle holds arrays only")
+        return super().find_class(module, name)
+
+
 def _mnist() -> Task:
-    with gzip.open(assets.fetch("mnist") / "mnist.pkl.gz", "rb") as fh:
-        (xtr, ytr), (xva, yva), (xte, yte) = pickle.load(fh, encoding="latin1")
+    asset = assets.ASSETS["mnist"]
+    path = assets.fetch("mnist") / "mnist.pkl.gz"
+    # The bytes are hashed as read, then unpickled from memory: the pickle that is read is
+    # the one whose hash was checked, and it may hold NumPy arrays only.
+    blob = path.read_bytes()
+    expected = (asset.files or {})["mnist.pkl.gz"]
+    if hashlib.sha256(blob).hexdigest() != expected:
+        raise assets.AssetError(f"{path}: not the MNIST pickle srlora fetches; run `srlora fetch mnist --force`.")
+    with gzip.open(io.BytesIO(blob), "rb") as fh:
+        (xtr, ytr), (xva, yva), (xte, yte) = _ArraysOnly(fh, encoding="latin1").load()
 
     def split(x: np.ndarray, y: np.ndarray) -> ImageSplit:
         return ImageSplit(torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 28, 28), [int(v) for v in y])
@@ -358,5 +244,5 @@ def load_task(name: str, data_dir: Path | str | None = None) -> Task:
     if name == "imdb":
         return _imdb()
     if name in GLUE_TASKS:
-        return _glue(name, None if data_dir is None else Path(data_dir))
+        return load_glue(name, None if data_dir is None else Path(data_dir))
     raise ValueError(f"Unknown task {name!r}; choose one of {list(TASKS)}.")

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
 
 from ..atomic import atomic_torch_save
-from ..checkpoint import method_state, restore_model_and_controller
+from ..checkpoint import method_state, restore_method_state
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
 
@@ -54,8 +53,7 @@ class SRLoRACallback(TrainerCallback):
                     f"and scores SRLoRA changed cannot be restored. Resume from a checkpoint written with "
                     f"SRLoRACallback in the callbacks."
                 )
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-            restore_model_and_controller(payload, ctl.model, ctl, str(path))
+            restore_method_state(path, ctl.model, ctl)
         return control
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]

@@ -16,10 +16,12 @@ from typing import Any, Literal
 OptimizerReset = Literal["seed", "zero", "none"]
 ScoreReset = Literal["recycled", "all"]
 SVDMethod = Literal["full", "randomized"]
+DirectionPolicy = Literal["spectrum", "gradient"]
 
 _OPTIMIZER_RESET = ("seed", "zero", "none")
 _SCORE_RESET = ("recycled", "all")
 _SVD_METHODS = ("full", "randomized")
+_DIRECTION_POLICIES = ("spectrum", "gradient")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,15 @@ class SRLoRAConfig:
             "'zero': moments zeroed only (the plain reset); 'none': left as they are."
         },
     )
+    direction_policy: DirectionPolicy = field(
+        default="spectrum",
+        metadata={
+            "help": "Which unused singular directions of W0 a switch brings in. 'spectrum' (the paper's): the next "
+            "ones in singular-value order. 'gradient': the r' unused ones i (among the top r_target) with the largest "
+            "|u_i^T G v_i|, G the layer's full-weight gradient averaged (EMA, beta1) over the 19 steps (at beta1 "
+            "0.85) before each switch, captured by hooks only in that window."
+        },
+    )
     reset_scores: ScoreReset = field(
         default="recycled",
         metadata={"help": "Whose importance EMAs are reset at a switch: 'recycled' pairs only, or 'all' pairs."},
@@ -162,6 +173,7 @@ class SRLoRAConfig:
         _check_choice("optimizer_reset", self.optimizer_reset, _OPTIMIZER_RESET)
         _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
         _check_choice("svd_method", self.svd_method, _SVD_METHODS)
+        _check_choice("direction_policy", self.direction_policy, _DIRECTION_POLICIES)
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
         _check_int("adaptive_patience", self.adaptive_patience, minimum=1)
@@ -222,6 +234,14 @@ class SRLoRAConfig:
             num_switches=(directions - r) // r_prime,
             clamped=directions < self.r_target,
         )
+
+    def differences(self, other: SRLoRAConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """``["field=mine (here theirs)", ...]`` for every field that differs from ``other``."""
+        return [
+            f"{f.name}={getattr(self, f.name)!r} (here {getattr(other, f.name)!r})"
+            for f in dataclasses.fields(self)
+            if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,7 +24,6 @@ changes are in the model's own ``state_dict`` (PEFT keeps the base weights as pa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
@@ -36,9 +35,10 @@ import torch
 from torch import nn
 
 from .config import SRLoRAConfig, SwitchBudget
+from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_grads_
-from .layer_state import LayerState, SwitchEvent
+from .layer_state import LayerState, SwitchEvent, adaptive_due
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
@@ -110,6 +110,11 @@ class SRLoRA:
                 ScheduleWarning,
                 stacklevel=2,
             )
+        self.directions = (
+            GradientDirections(self._layers, config.beta1, config.adaptive_switch)
+            if config.direction_policy == "gradient"
+            else None
+        )
         if schedules is not None:
             self._install_schedules(schedules, stacklevel=3)
         logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
@@ -143,6 +148,8 @@ class SRLoRA:
         for name, layer in self._layers.items():
             layer.set_schedule(schedules[name], adaptive_trigger(config, schedules[name]))
         warn_short_interval(config, schedules.values(), stacklevel + 1)
+        if self.directions is not None:
+            self.directions.update_windows(self.global_step + 1)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -238,6 +245,8 @@ class SRLoRA:
         """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
         same outputs). The controller is detached and must not be used afterwards."""
         self.detach()
+        if self.directions is not None:
+            self.directions.close()
         merge = getattr(self.model, "merge_and_unload", None)
         if merge is None:
             raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
@@ -296,6 +305,8 @@ class SRLoRA:
             return False
         params = [(layer.target.lora_A, layer.target.lora_B) for layer in layers]
         if not update_importance_from_grads_([layer.importance for layer in layers], params):
+            if self.directions is not None:
+                self.directions.discard()
             self.skipped_steps += 1
             self._warn_once(
                 "nonfinite",
@@ -305,6 +316,8 @@ class SRLoRA:
                 stacklevel=4,
             )
             return False
+        if self.directions is not None:
+            self.directions.fold()
         if self.optimizer_reset.pending:
             self.optimizer_reset.before_step(
                 {name: (layer.target.lora_A, layer.target.lora_B) for name, layer in self._layers.items()}
@@ -318,25 +331,13 @@ class SRLoRA:
         if any(layer.schedule is None for layer in self._layers.values()):
             raise RuntimeError(_NO_SCHEDULE)
         if self.config.adaptive_switch:
-            due = self._adaptive_due()
+            due = adaptive_due(list(self._layers.values()), self.global_step)
         else:
             due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
-        return self._switch(due) if due else []
-
-    def _adaptive_due(self) -> list[LayerState]:
-        layers = list(self._layers.values())
-        # Every layer's scores in one host transfer.
-        scores = torch.cat([layer.importance.pair_scores().float().cpu() for layer in layers]).split(
-            [layer.r for layer in layers]
-        )
-        due = []
-        for layer, layer_scores in zip(layers, scores, strict=True):
-            assert layer.trigger is not None and layer.schedule is not None
-            # The trigger counts every step, even those on which the schedule forbids a switch.
-            fire = layer.trigger.update(layer_scores, layer.r_prime)
-            if fire and layer.schedule.allows(self.global_step, layer.switches_done):
-                due.append(layer)
-        return due
+        events = self._switch(due) if due else []
+        if self.directions is not None:
+            self.directions.update_windows(self.global_step + 1)
+        return events
 
     @torch.no_grad()
     def _switch(self, layers: list[LayerState]) -> list[SwitchEvent]:
@@ -365,7 +366,10 @@ class SRLoRA:
                     stacklevel=3,
                 )
                 continue
-            event = layer.switch(self.global_step, reset_all_scores=reset_all)
+            directions = None if self.directions is None else self.directions.choose(layer.name)
+            event = layer.switch(self.global_step, reset_all_scores=reset_all, directions=directions)
+            if self.directions is not None:
+                self.directions.switched(layer.name)
             self.optimizer_reset.on_switch(
                 layer.name, layer.target.lora_A, layer.target.lora_B, torch.tensor(event.slots, dtype=torch.long)
             )
@@ -384,6 +388,7 @@ class SRLoRA:
             "history": [event.to_dict() for event in self.history],
             "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
             "optimizer_reset": self.optimizer_reset.state_dict(),
+            "directions": None if self.directions is None else self.directions.state_dict(),
             "warned": sorted(self._warned),
         }
 
@@ -403,12 +408,7 @@ class SRLoRA:
             saved_config = SRLoRAConfig.from_dict(state["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"SRLoRA state holds an invalid config: {exc}") from exc
-        # svd_device only places the SVD cache; everything else defines the run.
-        differ = [
-            f"{f.name}={getattr(saved_config, f.name)!r} (here {getattr(self.config, f.name)!r})"
-            for f in dataclasses.fields(SRLoRAConfig)
-            if f.name != "svd_device" and getattr(saved_config, f.name) != getattr(self.config, f.name)
-        ]
+        differ = saved_config.differences(self.config, ignore=("svd_device",))  # it only places the cache
         if differ:
             raise CheckpointError(
                 f"SRLoRA state was saved with another config: {', '.join(differ)}; build SRLoRA with the config "
@@ -423,6 +423,8 @@ class SRLoRA:
         for name, layer in self._layers.items():
             layer.load_state_dict(state["layers"][name])
         self.optimizer_reset.load_state_dict(state["optimizer_reset"])
+        if self.directions is not None:
+            self.directions.load_state_dict(state["directions"])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.skipped_switches = int(state.get("skipped_switches", 0))

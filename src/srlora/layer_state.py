@@ -19,6 +19,7 @@ The controller decides *when* a layer switches; the layer does the switch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -99,6 +100,10 @@ class LayerState:
         m, n = target.shape
         self.importance = PairImportance(budget.r, m, n, beta1, beta2, device)
         self.slot_direction = torch.arange(budget.r, dtype=torch.long)
+        # Which of the layer's directions have entered so far (a prefix under the paper's
+        # policy; any set under direction_policy="gradient"), and how many: p.
+        self.used = torch.zeros(budget.directions, dtype=torch.bool)
+        self.used[: budget.r] = True
         self.pointer = budget.r
         n_fused = budget.directions - budget.r
         self.fused_B = torch.zeros(m, n_fused, dtype=torch.float32, device=device)
@@ -177,21 +182,38 @@ class LayerState:
 
     def next_directions(self) -> torch.Tensor:
         """The paper's choice: the next ``r'`` unused directions in singular-value order."""
-        return torch.arange(self.pointer, self.pointer + self.r_prime, dtype=torch.long)
+        return (~self.used).nonzero().flatten()[: self.r_prime]
+
+    def unused_directions(self) -> torch.Tensor:
+        """Indices of the directions that have not entered yet, ascending."""
+        return (~self.used).nonzero().flatten()
 
     # ------------------------------------------------------------------ the switch
     @torch.no_grad()
-    def switch(self, step: int, reset_all_scores: bool = False) -> SwitchEvent:
+    def switch(self, step: int, reset_all_scores: bool = False, directions: torch.Tensor | None = None) -> SwitchEvent:
         """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
-        the next unused directions (:func:`~srlora.recompose.switch_pairs_`); reset the
-        importance of those slots (of every slot with ``reset_all_scores``).
+        ``directions`` (default: the next unused ones in singular-value order;
+        :func:`~srlora.recompose.switch_pairs_`); reset the importance of those slots (of
+        every slot with ``reset_all_scores``).
 
         The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
-        when no direction is left (check :attr:`can_switch`)."""
+        when no direction is left (check :attr:`can_switch`) and ``ValueError`` for
+        ``directions`` that are not ``r'`` distinct unused ones."""
         if not self.can_switch:
             raise RuntimeError(f"layer {self.name!r} has no unused direction left ({self.pointer} of {self.limit}).")
+        if directions is None:
+            directions = self.next_directions()
+        directions = torch.sort(torch.as_tensor(directions, dtype=torch.long).flatten()).values
+        if (
+            directions.numel() != self.r_prime
+            or directions.unique().numel() != self.r_prime
+            or not ((directions >= 0) & (directions < self.limit)).all()
+            or self.used[directions].any()
+        ):
+            raise ValueError(
+                f"layer {self.name!r}: {directions.tolist()} are not {self.r_prime} distinct unused directions."
+            )
         slots, scores = self.lowest_pairs()
-        directions = self.next_directions()
         event = SwitchEvent(
             step=step,
             layer=self.name,
@@ -205,6 +227,7 @@ class LayerState:
         self.fused_A[used : used + self.r_prime] = self.target.lora_A[slots].float()
         switch_pairs_(self.target, self.cache, slots, directions)
         self.pointer += self.r_prime
+        self.used[directions] = True
         self.slot_direction[slots] = directions
         self.importance.reset(None if reset_all_scores else slots.to(self.importance.ibar_A.device))
         if self.trigger is not None:
@@ -219,7 +242,7 @@ class LayerState:
         s = t.scaling
         used = self.pointer - self.r
         device = self.fused_B.device
-        U, S, V = self.cache.directions(torch.arange(self.pointer), device)
+        U, S, V = self.cache.directions(self.used.nonzero().flatten(), device)
         P = torch.cat([s * self.fused_B[:, :used], s * t.lora_B.float().to(device), -(U * S)], dim=1)
         Q = torch.cat([self.fused_A[:used], t.lora_A.float().to(device), V.T], dim=0)
         return P, Q
@@ -230,6 +253,7 @@ class LayerState:
         return {
             "pointer": self.pointer,
             "slot_direction": self.slot_direction.clone(),
+            "used": self.used.clone(),
             "fused_B": self.fused_B[:, :used].clone(),
             "fused_A": self.fused_A[:used].clone(),
             "exhausted": self.exhausted,
@@ -259,6 +283,11 @@ class LayerState:
                 f"layer {name!r}: saved pointer {pointer} does not fit r={self.r}, r'={self.r_prime} and "
                 f"{self.limit} directions; build SRLoRA with the config of the run that saved it."
             )
+        used_mask = state["used"]
+        if tuple(used_mask.shape) != (self.limit,) or int(used_mask.sum()) != pointer:
+            raise CheckpointError(
+                f"layer {name!r}: the saved set of used directions does not fit {self.limit} of them."
+            )
         m, n = self.target.shape
         expected = {"fused_B": (m, used), "fused_A": (used, n)}
         for key, shape in expected.items():
@@ -277,6 +306,7 @@ class LayerState:
         used = pointer - self.r
         self.pointer = pointer
         self.slot_direction.copy_(state["slot_direction"])
+        self.used.copy_(state["used"])
         self.fused_B.zero_()
         self.fused_A.zero_()
         self.fused_B[:, :used] = state["fused_B"]
@@ -286,3 +316,19 @@ class LayerState:
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)
+
+
+def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
+    """The layers whose adaptive trigger fires after optimizer step ``step`` and whose
+    schedule allows a switch then; every layer's scores reach the host in one transfer."""
+    scores = torch.cat([layer.importance.pair_scores().float().cpu() for layer in layers]).split(
+        [layer.r for layer in layers]
+    )
+    due = []
+    for layer, layer_scores in zip(layers, scores, strict=True):
+        assert layer.trigger is not None and layer.schedule is not None
+        # The trigger counts every step, even those on which the schedule forbids a switch.
+        fire = layer.trigger.update(layer_scores, layer.r_prime)
+        if fire and layer.schedule.allows(step, layer.switches_done):
+            due.append(layer)
+    return due

@@ -80,6 +80,11 @@ class SwitchSchedule:
             return False
         return self.allows(step, switches_done=step // self.interval - 1)
 
+    def next_switch(self, after: int) -> int | None:
+        """The first switch step later than step ``after``, or ``None`` when none is left."""
+        step = (after // self.interval + 1) * self.interval
+        return step if self.is_switch_step(step) else None
+
     def steps(self, limit: int | None = None) -> list[int]:
         """All switch steps (up to ``limit`` when the schedule has no end of its own)."""
         end = self.num_switches * self.interval + 1

@@ -28,6 +28,7 @@ SRLORA_OPTIONS = (
     "beta2",
     "optimizer_reset",
     "reset_scores",
+    "direction_policy",
     "svd_method",
     "adaptive_switch",
     "adaptive_patience",

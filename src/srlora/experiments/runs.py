@@ -144,6 +144,9 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
     ctl = None
     if cfg.method == "srlora":
         ctl = SRLoRA(model, cfg.srlora_config())
+    # The inits draw different amounts of random numbers (LoRA's A does, PiSSA's does not):
+    # re-seed so that every method of a seed trains with the same dropout masks.
+    torch.manual_seed(cfg.seed)
     return model, ctl
 
 

@@ -63,6 +63,31 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {
     "mr-rtarget64": ("r_target=64 (r'=4, every 10 steps)", ["--r-target", "64"]),
     "mr-scores-all": ("reset_scores=all (every pair's scores reset at a switch)", ["--reset-scores", "all"]),
 }
+# The 600-step study (issue 13): same seed = same data order, head init and dropout masks
+# for every variant, so differences are paired by seed.
+LONG_COMMON = ["--preset", "quick", "--max-steps", "600", "--warmup-steps", "60", "--eval-every", "10000"]
+# The paper's regime: MiniLM, r=8, r_target=64 (r'=4: 14 switches, t_interval 42).
+PAPER_REGIME: dict[str, list[str]] = {"mr": ["--r-target", "64"], "mr-reg": ["--r-target", "64"]}
+# cell suffix -> (method, options, tasks it runs on)
+PAPER_VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
+    "": ("lora", [], ("mr", "mr-reg")),
+    "/pissa": ("pissa", [], ("mr", "mr-reg")),
+    "/srlora": ("srlora", [], ("mr", "mr-reg")),
+    "-gradient": ("srlora", ["--direction-policy", "gradient"], ("mr", "mr-reg")),
+    "-scores-all": ("srlora", ["--reset-scores", "all"], ("mr",)),
+}
+# The rank-bound regime: DINOv2-S on Fashion-MNIST, scaling s = alpha / r = 1 at every rank.
+RANK_TASK = ["--lr", "1e-3", "--max-train", "20000", "--image-size", "56"]
+RANK_CELLS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
+    # cell: (options, [(method, extra options)])
+    "rank-r2": (["--r", "2", "--alpha", "2", "--r-target", "32"], [("lora", []), ("pissa", []), ("srlora", [])]),
+    "rank-r2-gradient": (
+        ["--r", "2", "--alpha", "2", "--r-target", "32", "--direction-policy", "gradient"],
+        [("srlora", [])],
+    ),
+    "rank-r8": (["--r", "8", "--alpha", "8"], [("lora", [])]),
+    "rank-r32": (["--r", "32", "--alpha", "32"], [("lora", [])]),
+}
 PERF = [
     # (name, options of benchmarks/step_overhead.py)
     ("minilm-rt64", ["--r-target", "64", "--steps", "20"]),
@@ -126,6 +151,31 @@ def ablation_jobs(seeds: list[int]) -> list[Job]:
     return [Job(cell, "mr", "srlora", seed, extra) for seed in seeds for cell, (_, extra) in ABLATIONS.items()]
 
 
+def long_jobs(seeds: list[int]) -> list[Job]:
+    """The paper regime at 600 steps: LoRA, PiSSA, SRLoRA (spectrum, gradient) on mr and mr-reg,
+    and the paper's score reset on mr; seeds outermost, so that whole seeds finish first."""
+    jobs = []
+    for seed in seeds:
+        for task, regime in PAPER_REGIME.items():
+            for suffix, (method, extra, tasks) in PAPER_VARIANTS.items():
+                if task in tasks:
+                    cell = f"long-{task}" + ("" if suffix.startswith("/") or not suffix else suffix)
+                    jobs.append(Job(cell, task, method, seed, [*regime, *extra], common=LONG_COMMON))
+    return jobs
+
+
+def rank_jobs(seeds: list[int], pilot: bool = False) -> list[Job]:
+    """The rank-bound regime at 600 steps on fashion-mnist (``pilot``: LoRA at r = 2, 8, 32,
+    first seed only, to show that the rank limits learning there)."""
+    jobs = []
+    for seed in seeds[:1] if pilot else seeds:
+        for cell, (options, methods) in RANK_CELLS.items():
+            for method, extra in methods:
+                if not pilot or method == "lora":
+                    jobs.append(Job(cell, "fashion-mnist", method, seed, [*RANK_TASK, *options, *extra], LONG_COMMON))
+    return jobs
+
+
 def is_finished(job: Job, root: Path) -> bool:
     """Finished earlier with the same configuration (the rule of ``srlora compare --resume``)."""
     return finished_run(root / job.out, job.config()) is not None
@@ -178,7 +228,13 @@ def run_perf(root: Path) -> None:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--part", choices=["all", "perf", "main", "ablations", "render"], default="all")
+    ap.add_argument(
+        "--part",
+        choices=["all", "perf", "main", "ablations", "long", "rank-pilot", "rank", "render"],
+        default="all",
+        help="What to run before rendering: all (every part below), perf, main (150 steps), ablations, long "
+        "(600 steps, paper regime), rank-pilot / rank (600 steps, rank-bound regime), render (nothing).",
+    )
     ap.add_argument("--seeds", default="1,2,3", help="Comma-separated seeds.")
     ap.add_argument("--jobs", type=int, default=2, help="Training runs at a time (one thread each).")
     ap.add_argument("--root", default=".", help="The repository root (runs/study and docs/ live there).")
@@ -195,6 +251,12 @@ def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
             run_jobs(main_jobs(seeds), ns.jobs, root)
         if ns.part in ("all", "ablations"):
             run_jobs(ablation_jobs(seeds), ns.jobs, root)
+        if ns.part in ("all", "long"):
+            run_jobs(long_jobs(seeds), ns.jobs, root)
+        if ns.part == "rank-pilot":
+            run_jobs(rank_jobs(seeds, pilot=True), ns.jobs, root)
+        if ns.part in ("all", "rank"):
+            run_jobs(rank_jobs(seeds), ns.jobs, root)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; run the study again to go on", file=sys.stderr)
     return seeds, root

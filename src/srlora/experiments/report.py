@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -404,31 +405,85 @@ def long_estimate(root: Path, done_main: list[Job]) -> str:
     )
 
 
-def write_runs_json(root: Path, done: list[Job]) -> None:
+def write_runs_json(root: Path, jobs: list[Job]) -> None:
+    """``docs/results/runs.json``: every run's figures. Runs of earlier renders that are not
+    on this machine (``runs/`` is not committed) are kept; a run found here replaces its entry."""
     keep = ("task", "method", "seed", "steps", "final", "early_train_loss", "final_train_loss", "wall_s")
-    per_run = []
-    for job in done:
+    path = root / "docs/results/runs.json"
+    entries = {e["command"]: e for e in (json.loads(path.read_text()) if path.is_file() else [])}
+    for job in jobs:
         r = json.loads((root / job.out / "results.json").read_text())
-        per_run.append({"cell": job.cell, "command": job.command(), **{k: r.get(k) for k in keep}})
-    atomic_write_json(root / "docs/results/runs.json", per_run)
+        entries[job.command()] = {"cell": job.cell, "command": job.command(), **{k: r.get(k) for k in keep}}
+    atomic_write_json(path, list(entries.values()))
+
+
+def previous_sections(root: Path) -> dict[str, list[str]]:
+    """The ``## `` sections of the current docs/RESULTS.md, by the first words of their title."""
+    path = root / "docs/RESULTS.md"
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.startswith("## "):
+            current = sections.setdefault(_section_key(line), [])
+        if current is not None:
+            current.append(line)
+    return sections
+
+
+def _section_key(title: str) -> str:
+    """A section's title up to its first '(' or ':' ("Performance (SRLoRA against ...)" and
+    "Performance" are the same section)."""
+    return re.split(r"[(:]", title.removeprefix("## "), maxsplit=1)[0].strip()
 
 
 def render(seeds: list[int], root: Path) -> Path:
-    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``."""
+    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``.
+
+    A section whose runs are not on this machine keeps its text from the current doc, so
+    that rendering one part of the study never erases another part's results."""
     (root / "docs/results").mkdir(parents=True, exist_ok=True)
-    done = [j for j in main_jobs(seeds) + ablation_jobs(seeds) if is_finished(j, root)]
-    done_main = [j for j in done if j in main_jobs(seeds)]
-    md = section_header(root) + section_setup(seeds) + ["## Main table", ""]
-    verdict_lines: list[str] = []
-    for task in TASKS:
-        md += section_task(root, task, verdict_lines)
-    md += section_verdicts(verdict_lines)
-    md += section_ablations(root)
-    md += section_dynamics(root)
-    md += section_perf(root)
-    md += section_commands(root, seeds, done)
-    md += section_paper_scale(root, done_main)
-    write_runs_json(root, done)
+    old = previous_sections(root)
+    mains, ablations = main_jobs(seeds), ablation_jobs(seeds)
+    done = [j for j in mains + ablations if is_finished(j, root)]
+    done_main = [j for j in done if j in mains]
+    have_main, have_ablations = bool(done_main), any(j in ablations for j in done)
+    have_perf = any((root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in PERF)
+
+    def section(fresh: list[str], has_runs: bool) -> list[str]:
+        key = _section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
+        return fresh if has_runs or key not in old else [*old[key], ""] if old[key][-1] else old[key]
+
+    md = section_header(root) + section(section_setup(seeds), have_main)
+    if have_main:
+        verdict_lines: list[str] = []
+        main_md = ["## Main table", ""]
+        for task in TASKS:
+            main_md += section_task(root, task, verdict_lines)
+        md += main_md + section_verdicts(verdict_lines)
+    else:
+        md += section(["## Main table"], False)
+    md += section(section_ablations(root), have_ablations)
+    md += section(section_dynamics(root), have_main or have_ablations)
+    md += section(section_perf(root), have_perf)
+    md += section(section_commands(root, seeds, done), bool(done))
+    md += section(section_paper_scale(root, done_main), have_main)
+    long = long_study_jobs(seeds, root)
+    md += section_long(root, seeds)
+    write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
-    atomic_write_text(path, "\n".join(md) + "\n")
+    atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
     return path
+
+
+def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
+    """The finished runs of the 600-step study."""
+    from .study import long_jobs, rank_jobs
+
+    return [j for j in long_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+
+
+def section_long(root: Path, seeds: list[int]) -> list[str]:
+    """The 600-step study's sections (srlora.experiments.report_long), or nothing before its first run."""
+    from .report_long import render_long
+
+    return render_long(root, seeds)

@@ -1,0 +1,58 @@
+"""Reading a study's run outputs: finished runs of a cell, and switch dynamics from
+their ``history.json``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def load_runs(root: Path, cell: str, method: str) -> list[dict[str, Any]]:
+    """The finished runs of one cell and method (``_dir`` is each run's folder)."""
+    rows = []
+    for path in sorted((root / "runs/study" / cell / method).glob("seed*/results.json")):
+        r = json.loads(path.read_text())
+        if not r.get("interrupted") and r["final"] is not None:
+            r["_dir"] = path.parent
+            rows.append(r)
+    return rows
+
+
+def switch_dynamics(history: dict[str, Any]) -> dict[str, float]:
+    """Per-layer means from ``history.json``: switches, directions used, how many of the
+    initial top-r directions are still trainable at the end, and the share of evictions
+    (from a layer's second switch on) that hit a direction the previous switch brought in."""
+    r = int(history["r"])
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for ev in history["events"]:
+        by_layer.setdefault(ev["layer"], []).append(ev)
+    layers = list(history["slot_directions"])
+    evicted = re_evicted = 0
+    for events in by_layer.values():
+        for prev, ev in itertools.pairwise(events):
+            evicted += len(ev["evicted"])
+            re_evicted += len(set(ev["evicted"]) & set(prev["directions"]))
+    return {
+        "switches": statistics.fmean(len(by_layer.get(name, [])) for name in layers),
+        "used": statistics.fmean(history["directions_used"][name] for name in layers),
+        "init_kept": statistics.fmean(sum(j < r for j in history["slot_directions"][name]) for name in layers),
+        "re_evicted": re_evicted / evicted if evicted else math.nan,
+    }
+
+
+def dynamics_row(label: str, runs: list[dict[str, Any]]) -> str | None:
+    """One row of the switch-dynamics table: means over the runs' histories."""
+    paths = [r["_dir"] / "history.json" for r in runs]
+    hist = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    if not hist:
+        return None
+    dyn = [switch_dynamics(h) for h in hist]
+    cells = [label, str(len(hist))]
+    cells += [f"{statistics.fmean(d[k] for d in dyn):.{digits}f}" for k, digits in (("switches", 1), ("used", 1))]
+    cells += [f"{statistics.fmean(d['init_kept'] for d in dyn):.1f} of {hist[0]['r']}"]
+    cells += [f"{statistics.fmean(d['re_evicted'] for d in dyn):.0%}"]
+    return "| " + " | ".join(cells) + " |"

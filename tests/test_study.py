@@ -101,3 +101,31 @@ def test_render_reports_the_runs_and_keeps_the_notes(tmp_path):
     notes = "SRLoRA wins here, by hand."
     path.write_text(text.replace(report.NOTES_BEGIN + "\n", report.NOTES_BEGIN + "\n" + notes + "\n"))
     assert notes in report.render([1, 2, 3], tmp_path).read_text()
+
+
+def test_render_long_pairs_by_seed_and_applies_the_default_rule(tmp_path):
+    (tmp_path / "docs").mkdir()
+    # Per-seed accuracies: gradient beats spectrum by 0.02 +- 0.001 on every task (a tight
+    # paired interval), while spectrum - LoRA varies in sign across seeds.
+    base = {1: 0.70, 2: 0.75, 3: 0.80}
+    offset = {"lora": 0.0, "pissa": 0.001, "srlora": 0.0}
+    jobs = study.long_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3])
+    for job in jobs:
+        acc = base[job.seed] + offset.get(job.method, 0.0) + (0.02 + 0.001 * job.seed if "gradient" in job.cell else 0)
+        if job.method == "srlora" and "gradient" not in job.cell:
+            acc += (-0.002, 0.002, 0.0)[job.seed - 1]
+        _fake_run(tmp_path, job, acc, 0.6)
+    text = report.render([1, 2, 3], tmp_path).read_text()
+    assert "## 600 steps, paper regime" in text and "## 600 steps, rank-bound regime" in text
+    row = next(line for line in text.splitlines() if line.startswith("| SRLoRA gradient − SRLoRA spectrum |"))
+    d = [0.02 + 0.001 * s - (-0.002, 0.002, 0.0)[s - 1] for s in (1, 2, 3)]
+    assert f"{statistics.fmean(d):+.3f} [" in row
+    assert 'Measured: 3 win(s), 0 loss(es) over 3 task(s): the default is `"gradient"`.' in text
+    assert len(json.loads((tmp_path / "docs/results/runs.json").read_text())) == len(jobs)
+
+    # Rendered again where the runs are gone, the 600-step sections keep their text.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    again = report.render([1, 2, 3], tmp_path).read_text()
+    assert "Measured: 3 win(s)" in again and row in again

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from ..atomic import atomic_write_json, atomic_write_text
 from ..schedule import SwitchSchedule
 from .config import PRESETS, RunConfig
-from .rundata import dynamics_row, load_runs
+from .rundata import dynamics_row, load_runs, previous_sections, section_key
 from .runs import train_losses
 from .stats import fmt, mean_std, verdict
 from .study import ABLATIONS, PAPER, PERF, TASKS, Job, ablation_jobs, is_finished, main_jobs
@@ -369,25 +368,6 @@ def write_runs_json(root: Path, jobs: list[Job]) -> None:
     atomic_write_json(path, list(entries.values()))
 
 
-def previous_sections(root: Path) -> dict[str, list[str]]:
-    """The ``## `` sections of the current docs/RESULTS.md, by the first words of their title."""
-    path = root / "docs/RESULTS.md"
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if line.startswith("## "):
-            current = sections.setdefault(_section_key(line), [])
-        if current is not None:
-            current.append(line)
-    return sections
-
-
-def _section_key(title: str) -> str:
-    """A section's title up to its first '(' or ':' ("Performance (SRLoRA against ...)" and
-    "Performance" are the same section)."""
-    return re.split(r"[(:]", title.removeprefix("## "), maxsplit=1)[0].strip()
-
-
 def render(seeds: list[int], root: Path) -> Path:
     """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``.
 
@@ -402,7 +382,7 @@ def render(seeds: list[int], root: Path) -> Path:
     have_perf = any((root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in PERF)
 
     def section(fresh: list[str], has_runs: bool) -> list[str]:
-        key = _section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
+        key = section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
         return fresh if has_runs or key not in old else [*old[key], ""] if old[key][-1] else old[key]
 
     md = section_header(root) + section(section_setup(seeds), have_main)
@@ -420,7 +400,7 @@ def render(seeds: list[int], root: Path) -> Path:
     md += section(section_commands(root, seeds, done), bool(done))
     md += section(section_paper_scale(root, done_main), have_main)
     long = long_study_jobs(seeds, root)
-    md += section_long(root, seeds)
+    md += section_long(root, seeds, old)
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
@@ -434,8 +414,8 @@ def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
     return [j for j in long_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
 
 
-def section_long(root: Path, seeds: list[int]) -> list[str]:
-    """The 600-step study's sections (srlora.experiments.report_long), or nothing before its first run."""
+def section_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
+    """The 600-step study's sections (:mod:`srlora.experiments.report_long`)."""
     from .report_long import render_long
 
-    return render_long(root, seeds)
+    return render_long(root, seeds, old)

@@ -1,10 +1,265 @@
-"""docs/RESULTS.md, the 600-step study (issue 13): its sections, one function each."""
+"""docs/RESULTS.md, the 600-step study (issue 13): its sections, one function each.
+
+Every comparison is paired: runs of one seed share the data order, the head's
+initialisation and the dropout masks, so ``SRLoRA - other`` is taken seed by seed and
+reported as its mean with a 95% Student-t interval over the seeds (:func:`stats.paired`).
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
+from typing import Any
+
+from .config import PRESETS
+from .rundata import dynamics_row, load_runs, section_key
+from .runs import train_losses
+from .stats import beyond, fmt, fmt_paired, mean_std, paired
+from .study import PAPER_REGIME, is_finished, long_jobs, rank_jobs
+
+PAPER_TITLE = "## 600 steps, paper regime: MiniLM, r = 8, r_target = 64"
+RANK_TITLE = "## 600 steps, rank-bound regime: DINOv2-S on Fashion-MNIST"
+DECISION_TITLE = "## 600 steps, the default direction policy"
+
+# variant label -> (cell, method), per regime
+PAPER_VARIANTS = {
+    "LoRA": ("long-{task}", "lora"),
+    "PiSSA": ("long-{task}", "pissa"),
+    "SRLoRA spectrum": ("long-{task}", "srlora"),
+    "SRLoRA gradient": ("long-{task}-gradient", "srlora"),
+    "SRLoRA spectrum, reset all scores": ("long-{task}-scores-all", "srlora"),
+}
+RANK_VARIANTS = {
+    "LoRA r=2": ("rank-r2", "lora"),
+    "PiSSA r=2": ("rank-r2", "pissa"),
+    "SRLoRA r=2 spectrum": ("rank-r2", "srlora"),
+    "SRLoRA r=2 gradient": ("rank-r2-gradient", "srlora"),
+    "LoRA r=8": ("rank-r8", "lora"),
+    "LoRA r=32": ("rank-r32", "lora"),
+}
 
 
-def render_long(root: Path, seeds: list[int]) -> list[str]:
-    """The sections of the 600-step study (none before its first finished run)."""
-    return []
+def _runs(root: Path, variants: dict[str, tuple[str, str]], task: str = "") -> dict[str, list[dict[str, Any]]]:
+    out = {label: load_runs(root, cell.format(task=task), method) for label, (cell, method) in variants.items()}
+    return {label: rs for label, rs in out.items() if rs}
+
+
+def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
+    if key == "early":
+        return {r["seed"]: r["early_train_loss"] for r in runs}
+    return {r["seed"]: r["final"][key] for r in runs}
+
+
+def _variant_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    first = next(iter(runs.values()))[0]
+    metrics = [k for k in first["final"] if k not in ("step", "eval_loss")]
+    head = ["variant", "seeds", *metrics, "early loss (first 25%) ↓", "final dev loss ↓", "wall s / run"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rs in runs.items():
+        cells = [label, str(len(rs)), *[fmt(mean_std([r["final"][k] for r in rs])) for k in metrics]]
+        cells += [
+            fmt(mean_std([r["early_train_loss"] for r in rs])),
+            fmt(mean_std([r["final"]["eval_loss"] for r in rs])),
+        ]
+        cells.append(f"{statistics.fmean(r['wall_s'] for r in rs):.0f}")
+        md.append("| " + " | ".join(cells) + " |")
+    return [*md, ""]
+
+
+def _paired_table(runs: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]]) -> list[str]:
+    headline = next(iter(runs.values()))[0]["headline_metric"]
+    md = [
+        f"| comparison (paired by seed) | Δ {headline} [95% interval] | Δ early loss [95% interval] |",
+        "|---|---|---|",
+    ]
+    for a, b in pairs:
+        if a in runs and b in runs:
+            d_metric = paired(_by_seed(runs[a], headline), _by_seed(runs[b], headline))
+            d_early = paired(_by_seed(runs[a], "early"), _by_seed(runs[b], "early"))
+            md.append(f"| {a} − {b} | {fmt_paired(d_metric)} | {fmt_paired(d_early)} |")
+    return [*md, ""]
+
+
+def _dynamics(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    rows = [row for label, rs in runs.items() if "SRLoRA" in label and (row := dynamics_row(label, rs))]
+    if not rows:
+        return []
+    return [
+        "| run | seeds | switches / layer | directions used | initial kept | re-evicted |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+def _figures(root: Path, name: str, runs: dict[str, list[dict[str, Any]]], spectrum: str, gradient: str) -> list[str]:
+    from . import plots
+
+    fig_dir = root / "docs/results"
+    curves = {label: [train_losses(r["_dir"]) for r in rs] for label, rs in runs.items()}
+    png = plots.plot_loss_curves(curves, fig_dir / f"long_{name}_loss.png", f"{name}, 600 steps: training loss")
+    md = [f"![{name} loss](results/{png.name})", ""]
+    for label in (spectrum, gradient):
+        rs = runs.get(label) or []
+        hist_path = rs[0]["_dir"] / "history.json" if rs else None
+        if hist_path is None or not hist_path.is_file():
+            continue
+        history = json.loads(hist_path.read_text())
+        layers = plots.layers_of(history)
+        layer = layers[len(layers) // 2]
+        tag = label.split()[-1]
+        act = plots.plot_active_intervals(history, layer, fig_dir / f"long_{name}_{tag}_active_intervals.png")
+        md += [
+            f"Directions each slot held in `{layer}`, {label} (seed {rs[0]['seed']}):",
+            "",
+            f"![{label}](results/{act.name})",
+            "",
+        ]
+    return md
+
+
+def section_paper(root: Path) -> list[str]:
+    q = PRESETS["quick"]
+    md = [
+        PAPER_TITLE,
+        "",
+        f"`srlora study --part long`: MiniLM on `mr` and `mr-reg`, 600 AdamW steps (peak lr {q['lr']:g}, 60 warm-up "
+        f"steps, linear decay), batch {q['batch_size']}, r = alpha = {q['r']}; SRLoRA r_target = 64, gamma = 0.5: "
+        'r\' = 4 pairs per switch, 14 switches, t_interval = 42. `gradient` is `direction_policy="gradient"` '
+        "(docs/METHOD.md section 6), capturing the 19 steps before each switch. Dev: a fixed 1,000-example "
+        "subset, evaluated after the last step. The runs of one seed share data order, head initialisation and "
+        "dropout masks; each comparison is the mean of the per-seed differences with its 95% Student-t "
+        "interval (an interval that excludes 0 is a difference beyond the seed-to-seed noise).",
+        "",
+    ]
+    any_runs = False
+    for task in PAPER_REGIME:
+        runs = _runs(root, PAPER_VARIANTS, task)
+        if not runs:
+            continue
+        any_runs = True
+        pairs = [
+            ("SRLoRA spectrum", "LoRA"),
+            ("SRLoRA spectrum", "PiSSA"),
+            ("SRLoRA gradient", "LoRA"),
+            ("SRLoRA gradient", "PiSSA"),
+            ("SRLoRA gradient", "SRLoRA spectrum"),
+            ("SRLoRA spectrum, reset all scores", "SRLoRA spectrum"),
+        ]
+        md += [f"### {task}", "", *_variant_table(runs), *_paired_table(runs, pairs), *_dynamics(runs)]
+        md += _figures(root, task, runs, "SRLoRA spectrum", "SRLoRA gradient")
+    return md if any_runs else []
+
+
+def section_rank(root: Path) -> list[str]:
+    runs = _runs(root, RANK_VARIANTS)
+    if not runs:
+        return []
+    md = [
+        RANK_TITLE,
+        "",
+        "`srlora study --part rank` (after `--part rank-pilot`, LoRA at r = 2, 8, 32 on the first seed): "
+        "DINOv2-S at 56 px, 600 AdamW steps, lr 1e-3, a fixed 20k-image training subset, the quick preset "
+        "otherwise; scaling s = alpha / r = 1 at every rank, so only the rank differs. SRLoRA at r = 2 with "
+        "r_target = 32: r' = 1, 30 switches, t_interval = 20. The question: how much of the gap between LoRA "
+        "at r = 2 and at r = 8 does SRLoRA close?",
+        "",
+        *_variant_table(runs),
+    ]
+    pairs = [
+        ("LoRA r=8", "LoRA r=2"),
+        ("LoRA r=32", "LoRA r=2"),
+        ("SRLoRA r=2 spectrum", "LoRA r=2"),
+        ("SRLoRA r=2 spectrum", "PiSSA r=2"),
+        ("SRLoRA r=2 gradient", "LoRA r=2"),
+        ("SRLoRA r=2 gradient", "PiSSA r=2"),
+        ("SRLoRA r=2 gradient", "SRLoRA r=2 spectrum"),
+        ("SRLoRA r=2 spectrum", "LoRA r=8"),
+        ("SRLoRA r=2 gradient", "LoRA r=8"),
+    ]
+    md += _paired_table(runs, pairs)
+    md += _gap_closed(runs)
+    md += _dynamics(runs)
+    md += _figures(root, "fashion-mnist", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
+    return md
+
+
+def _gap_closed(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not {"LoRA r=2", "LoRA r=8"} <= set(runs):
+        return []
+    acc = {label: _by_seed(rs, "accuracy") for label, rs in runs.items()}
+    gap = paired(acc["LoRA r=8"], acc["LoRA r=2"])
+    lines = [f"Gap between LoRA at r = 8 and at r = 2: {fmt_paired(gap)} accuracy."]
+    for label in ("PiSSA r=2", "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient"):
+        if label in acc and gap[0] > 0:
+            gain = paired(acc[label], acc["LoRA r=2"])
+            lines.append(f"{label} closes {gain[0] / gap[0]:.0%} of it (mean gain over LoRA r=2 / mean gap).")
+    return [" ".join(lines), ""]
+
+
+def section_decision(root: Path) -> list[str]:
+    """The rule of issue 13: "gradient" becomes the default only if it beats "spectrum" beyond
+    the paired interval on at least two tasks and loses beyond it on none."""
+    verdicts = []
+    cells = [(task, f"long-{task}", f"long-{task}-gradient") for task in PAPER_REGIME]
+    cells.append(("fashion-mnist (r=2)", "rank-r2", "rank-r2-gradient"))
+    for task, spectrum_cell, gradient_cell in cells:
+        spectrum, gradient = load_runs(root, spectrum_cell, "srlora"), load_runs(root, gradient_cell, "srlora")
+        if not spectrum or not gradient:
+            continue
+        headline = spectrum[0]["headline_metric"]
+        d = paired(_by_seed(gradient, headline), _by_seed(spectrum, headline))
+        verdicts.append((task, headline, d, beyond(d)))
+    if not verdicts:
+        return []
+    wins = sum(v == 1 for *_, v in verdicts)
+    losses = sum(v == -1 for *_, v in verdicts)
+    default = "gradient" if wins >= 2 and losses == 0 else "spectrum"
+    md = [
+        DECISION_TITLE,
+        "",
+        'Rule (issue 13): `direction_policy="gradient"` becomes the default only if it beats `"spectrum"` '
+        "by more than the paired 95% interval on at least two tasks without losing beyond it on any.",
+        "",
+        "| task | Δ (gradient − spectrum) [95% interval] | beyond the interval |",
+        "|---|---|---|",
+    ]
+    for task, headline, d, v in verdicts:
+        md.append(f"| {task} | {headline} {fmt_paired(d)} | {'win' if v > 0 else 'loss' if v < 0 else 'no'} |")
+    md += [
+        "",
+        f'Measured: {wins} win(s), {losses} loss(es) over {len(verdicts)} task(s): the default is `"{default}"`.',
+        "",
+    ]
+    return md
+
+
+def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
+    done = [j for j in long_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    if not done:
+        return []
+    total = sum(json.loads((root / j.out / "results.json").read_text())["wall_s"] for j in done)
+    return [
+        "### Commands of the 600-step runs",
+        "",
+        f"{len(done)} runs, {total / 3600:.1f} h of run time in all (two at a time, one thread each):",
+        "",
+        "```",
+        *[j.command() for j in done],
+        "```",
+        "",
+    ]
+
+
+def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
+    """The 600-step study's sections; a section with no run here keeps its text from ``old``."""
+    md: list[str] = []
+    for title, fresh in (
+        (PAPER_TITLE, section_paper(root)),
+        (RANK_TITLE, section_rank(root)),
+        (DECISION_TITLE, section_decision(root)),
+    ):
+        md += fresh or old.get(section_key(title), [])
+    md += section_long_commands(root, seeds)
+    return md

@@ -1,11 +1,12 @@
-"""Reading a study's run outputs: finished runs of a cell, and switch dynamics from
-their ``history.json``."""
+"""Reading a study's outputs: finished runs of a cell, switch dynamics from their
+``history.json``, and the sections of the current docs/RESULTS.md."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,22 @@ def dynamics_row(label: str, runs: list[dict[str, Any]]) -> str | None:
     cells += [f"{statistics.fmean(d['init_kept'] for d in dyn):.1f} of {hist[0]['r']}"]
     cells += [f"{statistics.fmean(d['re_evicted'] for d in dyn):.0%}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def previous_sections(root: Path) -> dict[str, list[str]]:
+    """The ``## `` sections of the current docs/RESULTS.md, by the first words of their title."""
+    path = root / "docs/RESULTS.md"
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.startswith("## "):
+            current = sections.setdefault(section_key(line), [])
+        if current is not None:
+            current.append(line)
+    return sections
+
+
+def section_key(title: str) -> str:
+    """A section's title up to its first '(' or ':' ("Performance (SRLoRA against ...)" and
+    "Performance" are the same section)."""
+    return re.split(r"[(:]", title.removeprefix("## "), maxsplit=1)[0].strip()

@@ -32,3 +32,37 @@ def verdict(a: tuple[float, float, int], b: tuple[float, float, int], higher_is_
     d = ma - mb if higher_is_better else mb - ma
     word = "tie" if abs(d) <= 2 * se else ("win" if d > 0 else "loss")
     return f"{word} ({'+' if d >= 0 else ''}{d:.3f}, 2·se {2 * se:.3f})"
+
+
+def paired(a: dict[int, float], b: dict[int, float], confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """Paired difference ``a - b`` over the seeds both have: mean, and the two-sided
+    ``confidence`` interval of Student's t with n - 1 degrees of freedom (NaN for n < 2)."""
+    from scipy.stats import t
+
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    n = len(diffs)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return mean, math.nan, math.nan, n
+    half = float(t.ppf(0.5 + confidence / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def fmt_paired(d: tuple[float, float, float, int], digits: int = 3) -> str:
+    """``+0.012 [-0.004, +0.028]``; the interval is left out for a single pair."""
+    mean, lo, hi, n = d
+    if n == 0:
+        return "n/a"
+    if n < 2:
+        return f"{mean:+.{digits}f} (1 seed)"
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def beyond(d: tuple[float, float, float, int]) -> int:
+    """+1 when the interval lies above zero, -1 below, 0 when it contains zero (or is unknown)."""
+    _, lo, hi, n = d
+    if n < 2 or math.isnan(lo):
+        return 0
+    return 1 if lo > 0 else -1 if hi < 0 else 0

@@ -139,13 +139,16 @@ def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, i
     if not state or "exp_avg_sq" not in state:
         return False
     beta2 = _param_group(optimizer, param)["betas"][1]
-    beta2 = float(beta2.item() if isinstance(beta2, torch.Tensor) else beta2)
+    # 1 - beta2^t computed where the step count lives, as a tensor: no host sync (t may be
+    # a device tensor under capturable/fused Adam).
     step = state["step"]
-    t = float(step.item() if isinstance(step, torch.Tensor) else step)
+    exp_avg_sq = state["exp_avg_sq"]
+    t = step.to(torch.float64) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=torch.float64)
+    b2 = beta2.to(torch.float64) if isinstance(beta2, torch.Tensor) else torch.tensor(float(beta2), dtype=torch.float64)
+    bias = (1.0 - b2.to(t.device) ** t).to(device=exp_avg_sq.device, dtype=exp_avg_sq.dtype)
     key = _select(param, index, dim)
-    g = param.grad[key].to(state["exp_avg_sq"].dtype)
-    seeded = g.square().mul_(1.0 - beta2**t)
-    state["exp_avg_sq"][key] = seeded
+    seeded = param.grad[key].to(exp_avg_sq.dtype).square().mul_(bias)
+    exp_avg_sq[key] = seeded
     if isinstance(state.get("max_exp_avg_sq"), torch.Tensor):
         state["max_exp_avg_sq"][key] = seeded
     return True

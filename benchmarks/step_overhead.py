@@ -12,6 +12,10 @@ else a tiny random BERT) at batch ``B x L`` on the CPU:
     python benchmarks/step_overhead.py                     # MiniLM, 16 x 128, r=8, r_target=64
     python benchmarks/step_overhead.py --r-target 256 --steps 30
     python benchmarks/step_overhead.py --base-size --steps 6   # BERT-base shapes, random init
+    python benchmarks/step_overhead.py --decoder-1b --device cuda --dtype bfloat16   # a 1B Llama shape on a GPU
+
+On a GPU every timing synchronises the device first and last, so it covers the work the
+step launched.
 """
 
 from __future__ import annotations
@@ -35,9 +39,27 @@ from srlora.atomic import atomic_write_text
 from srlora.experiments.assets import local_path
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEVICE = torch.device("cpu")
 
 
-def load_base(model: str | None, base_size: bool = False) -> tuple[torch.nn.Module, str]:
+def load_base(
+    model: str | None, base_size: bool = False, decoder_1b: bool = False, decoder_layers: int = 16
+) -> tuple[torch.nn.Module, str]:
+    if decoder_1b:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=decoder_layers,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        )
+        shape = f"Llama: hidden 2048, {decoder_layers} layers, MLP 8192, GQA 32/8"
+        return LlamaForCausalLM(cfg), f"random-init 1B decoder shapes ({shape})"
     if base_size:
         # No base-size checkpoint can be fetched offline here. Step, switch and SVD costs
         # depend on the shapes, not on the values, so random weights measure the same.
@@ -51,13 +73,21 @@ def load_base(model: str | None, base_size: bool = False) -> tuple[torch.nn.Modu
 
 
 def lora(base: torch.nn.Module, r: int, alpha: int) -> torch.nn.Module:
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS)
+    targets = DECODER_TARGETS if base.config.model_type == "llama" else TARGETS
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
     return peft.get_peft_model(copy.deepcopy(base), cfg)
 
 
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
+    _sync()
     start = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -67,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--base-size", action="store_true", help="a random-init BERT-base-size encoder (110M) instead of MiniLM"
     )
+    ap.add_argument("--decoder-1b", action="store_true", help="a random-init decoder with the shapes of a 1B Llama")
+    ap.add_argument("--decoder-layers", type=int, default=16, help="blocks of the 1B decoder (16)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base model's weights")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--r", type=int, default=8)
@@ -74,29 +108,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--r-target", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20, help="timed steps per method (after 3 warm-up steps each)")
     ap.add_argument("--switches", type=int, default=5, help="timed forced switches")
+    ap.add_argument("--skip-full-init", action="store_true", help="time only the randomized SVD init (big models)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.manual_seed(0)
-    base, source = load_base(args.model, args.base_size)
+    base, source = load_base(args.model, args.base_size, args.decoder_1b, args.decoder_layers)
+    base = base.to(device=DEVICE, dtype=getattr(torch, args.dtype))
     base.train()
     vocab = base.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g),
-        "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long),
-        "labels": torch.randint(0, 2, (args.batch_size,), generator=g),
-    }
+    ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(args.batch_size, args.seq_len, dtype=torch.long)}
+    batch["labels"] = ids if args.decoder_1b else torch.randint(0, 2, (args.batch_size,), generator=g)
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
 
     # --- initialisation: SVD + PiSSA, full vs randomized -------------------------------
-    init = {}
-    for method in ("full", "randomized"):
+    init = {"full": float("nan")}
+    for method in ("randomized",) if args.skip_full_init else ("full", "randomized"):
         model = lora(base, args.r, args.alpha)
         cfg = SRLoRAConfig(r_target=args.r_target, switch_interval=10**9, svd_method=method)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SRLoRAWarning)
             seconds = timed(lambda m=model, c=cfg: SRLoRA(m, c))
         init[method] = seconds
+        del model
 
     # --- step time: PEFT LoRA vs SRLoRA, rotating ----------------------------------------
     # A second, identical PEFT LoRA model ("control") runs in the same rotation: its
@@ -147,7 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "model": source,
         "layers": len(ctl.layer_names),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (
+            f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+            if DEVICE.type == "cuda"
+            else f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        ),
+        "dtype": args.dtype,
         "batch": f"{args.batch_size}x{args.seq_len}",
         "r": args.r,
         "r_target": args.r_target,

@@ -79,6 +79,10 @@ class RunConfig:
     eval_every: int = field(default=50, metadata={"help": "Evaluate on dev every this many steps (and at the end)."})
     max_eval: int | None = field(default=None, metadata={"help": "Evaluate on at most this many dev examples."})
     max_train: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
+    device: str = field(
+        default="auto",
+        metadata={"help": "Where to train: 'cpu', 'cuda', 'cuda:1'...; 'auto': the GPU when there is one."},
+    )
     srlora: dict[str, Any] = field(
         default_factory=dict,
         metadata={"help": f"SRLoRAConfig fields of the run: {', '.join(SRLORA_OPTIONS)}."},

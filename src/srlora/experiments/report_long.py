@@ -45,13 +45,13 @@ def _runs(root: Path, variants: dict[str, tuple[str, str]], task: str = "") -> d
     return {label: rs for label, rs in out.items() if rs}
 
 
-def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
+def by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
     if key == "early":
         return {r["seed"]: r["early_train_loss"] for r in runs}
     return {r["seed"]: r["final"][key] for r in runs}
 
 
-def _variant_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+def variant_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     first = next(iter(runs.values()))[0]
     metrics = [k for k in first["final"] if k not in ("step", "eval_loss")]
     head = ["variant", "seeds", *metrics, "early loss (first 25%) ↓", "final dev loss ↓", "wall s / run"]
@@ -67,7 +67,7 @@ def _variant_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return [*md, ""]
 
 
-def _paired_table(runs: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]]) -> list[str]:
+def paired_table(runs: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, str]]) -> list[str]:
     headline = next(iter(runs.values()))[0]["headline_metric"]
     md = [
         f"| comparison (paired by seed) | Δ {headline} [95% interval] | Δ early loss [95% interval] |",
@@ -75,13 +75,13 @@ def _paired_table(runs: dict[str, list[dict[str, Any]]], pairs: list[tuple[str, 
     ]
     for a, b in pairs:
         if a in runs and b in runs:
-            d_metric = paired(_by_seed(runs[a], headline), _by_seed(runs[b], headline))
-            d_early = paired(_by_seed(runs[a], "early"), _by_seed(runs[b], "early"))
+            d_metric = paired(by_seed(runs[a], headline), by_seed(runs[b], headline))
+            d_early = paired(by_seed(runs[a], "early"), by_seed(runs[b], "early"))
             md.append(f"| {a} − {b} | {fmt_paired(d_metric)} | {fmt_paired(d_early)} |")
     return [*md, ""]
 
 
-def _dynamics(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+def dynamics_table(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     rows = [row for label, rs in runs.items() if "SRLoRA" in label and (row := dynamics_row(label, rs))]
     if not rows:
         return []
@@ -147,7 +147,7 @@ def section_paper(root: Path) -> list[str]:
             ("SRLoRA gradient", "SRLoRA spectrum"),
             ("SRLoRA spectrum, reset all scores", "SRLoRA spectrum"),
         ]
-        md += [f"### {task}", "", *_variant_table(runs), *_paired_table(runs, pairs), *_dynamics(runs)]
+        md += [f"### {task}", "", *variant_table(runs), *paired_table(runs, pairs), *dynamics_table(runs)]
         md += _figures(root, task, runs, "SRLoRA spectrum", "SRLoRA gradient")
     return md if any_runs else []
 
@@ -165,7 +165,7 @@ def section_rank(root: Path) -> list[str]:
         "r_target = 32: r' = 1, 30 switches, t_interval = 20. The question: how much of the gap between LoRA "
         "at r = 2 and at r = 8 does SRLoRA close?",
         "",
-        *_variant_table(runs),
+        *variant_table(runs),
     ]
     pairs = [
         ("LoRA r=8", "LoRA r=2"),
@@ -178,9 +178,9 @@ def section_rank(root: Path) -> list[str]:
         ("SRLoRA r=2 spectrum", "LoRA r=8"),
         ("SRLoRA r=2 gradient", "LoRA r=8"),
     ]
-    md += _paired_table(runs, pairs)
+    md += paired_table(runs, pairs)
     md += _gap_closed(runs)
-    md += _dynamics(runs)
+    md += dynamics_table(runs)
     md += _figures(root, "fashion-mnist", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
     return md
 
@@ -188,7 +188,7 @@ def section_rank(root: Path) -> list[str]:
 def _gap_closed(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     if not {"LoRA r=2", "LoRA r=8"} <= set(runs):
         return []
-    acc = {label: _by_seed(rs, "accuracy") for label, rs in runs.items()}
+    acc = {label: by_seed(rs, "accuracy") for label, rs in runs.items()}
     gap = paired(acc["LoRA r=8"], acc["LoRA r=2"])
     lines = [f"Gap between LoRA at r = 8 and at r = 2: {fmt_paired(gap)} accuracy."]
     for label in ("PiSSA r=2", "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient"):
@@ -209,7 +209,7 @@ def section_decision(root: Path) -> list[str]:
         if not spectrum or not gradient:
             continue
         headline = spectrum[0]["headline_metric"]
-        d = paired(_by_seed(gradient, headline), _by_seed(spectrum, headline))
+        d = paired(by_seed(gradient, headline), by_seed(spectrum, headline))
         verdicts.append((task, headline, d, beyond(d)))
     if not verdicts:
         return []

@@ -87,7 +87,9 @@ def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     if results.get("config_sha256") != config_digest(config_bytes) or results.get("interrupted"):
         return None
     wanted = cfg.to_dict()
-    same = all(saved_cfg.get(k) == v for k, v in wanted.items() if k != "model") and (
+    defaults = RunConfig().to_dict()
+    # A field added since the run was saved matches when it is at its default.
+    same = all(saved_cfg.get(k, defaults.get(k)) == v for k, v in wanted.items() if k != "model") and (
         cfg.model is None or saved_cfg.get("model") == cfg.model
     )
     return results if same else None
@@ -102,6 +104,7 @@ def preflight(cfg: RunConfig, task: Task) -> None:
     """Refuse, before any model is built, a run that cannot work: a local ``--model``
     folder that does not exist, or a training set smaller than one batch (which would
     never yield a step)."""
+    resolve_device(cfg.device)
     local = cfg.model is not None and (Path(cfg.model).is_absolute() or cfg.model.startswith((".", "~")))
     if local and not Path(cfg.model).expanduser().is_dir():  # type: ignore[arg-type]
         raise FileNotFoundError(f"--model {cfg.model}: no such folder; give a model folder or a Hugging Face id.")
@@ -124,10 +127,12 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
     auto = AutoModelForImageClassification if task.is_image else AutoModelForSequenceClassification
     base = auto.from_pretrained(
         model_path,
+        dtype=torch.float32,  # train in float32 whatever the checkpoint's dtype (an fp16 copy, say)
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
         ignore_mismatched_sizes=True,  # a checkpoint's own head of another size is replaced
     )
+    base = base.to(resolve_device(cfg.device))  # PEFT builds the adapters, SRLoRA its SVD, where the model is
     targets = cfg.target_modules or default_targets(base)
     # Text: PEFT's sequence-classification wrapper (it trains the head). Images: the same
     # by hand, the fresh head trained in full as the head of a text model is.
@@ -150,18 +155,33 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
     return model, ctl
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here; use --device cpu (or auto).")
+    return device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: EncodedText | Images, task: Task, batch_size: int = 64) -> dict[str, float]:
     """Dev loss and the task's metrics."""
     model.eval()
+    device = next(model.parameters()).device
     preds, losses, n = [], 0.0, 0
     for start in range(0, len(data), batch_size):
         index = list(range(start, min(start + batch_size, len(data))))
-        out = model(**data.batch(index))
+        out = model(**_to(data.batch(index), device))
         losses += out.loss.item() * len(index)
         n += len(index)
         logits = out.logits.float()
-        preds.append(logits.squeeze(-1) if task.is_regression else logits.argmax(-1))
+        preds.append((logits.squeeze(-1) if task.is_regression else logits.argmax(-1)).cpu())
     model.train()
     pred = torch.cat(preds).numpy()
     labels = data.labels.numpy()
@@ -213,6 +233,7 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
     train, dev = prepare_data(cfg, task, model_path)
 
     model, ctl = build_model(cfg, task, model_path)
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps)
@@ -238,7 +259,7 @@ def run(cfg: RunConfig, out_dir: Path, task: Task | None = None, progress: bool 
             model.train()
             stream = batches()
             for step in range(1, cfg.max_steps + 1):
-                loss = model(**train.batch(next(stream))).loss
+                loss = model(**_to(train.batch(next(stream)), device)).loss
                 loss.backward()
                 lr = sched.get_last_lr()[0]
                 opt.step()

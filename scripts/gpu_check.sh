@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# On a CUDA machine (torch, transformers, peft and pytest installed; nothing fetched, random
+# weights only): the CUDA tests, SRLoRA's step overhead against PEFT LoRA in one process (bf16,
+# BERT-base and 1B-decoder shapes) and the device-sync count, all written to one file.
+#
+#   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 4 minutes on an H100
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_check.md}
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{
+  echo "# scripts/gpu_check.sh"
+  echo
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, transformers, peft; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+  echo
+  echo "## CUDA tests (tests/test_cuda.py)"
+  echo '```'
+  timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -20
+  echo '```'
+  echo
+  echo "## Device-to-host syncs per step (benchmarks/gpu_syncs.py)"
+  timeout 60 $PY benchmarks/gpu_syncs.py 2>&1 | grep -v -i warn
+  echo
+  echo "## Step overhead, BERT-base shapes, bf16 weights (benchmarks/step_overhead.py)"
+  echo '```'
+  timeout 90 $PY benchmarks/step_overhead.py --base-size --device cuda --dtype bfloat16 --batch-size 32 \
+    --seq-len 128 --steps 30 --r-target 64 --json "${OUT%.md}_bert_base.json" 2>&1 | grep -v -i warn
+  echo '```'
+  echo
+  echo "## Step overhead, 1B decoder shapes, bf16 weights (benchmarks/step_overhead.py)"
+  echo '```'
+  timeout 150 $PY benchmarks/step_overhead.py --decoder-1b --device cuda --dtype bfloat16 --batch-size 8 \
+    --seq-len 512 --steps 20 --r-target 64 --skip-full-init --json "${OUT%.md}_decoder_1b.json" 2>&1 | grep -v -i warn
+  echo '```'
+} > "$OUT" 2>&1
+cat "$OUT"

@@ -150,11 +150,36 @@ def test_at_most_one_device_sync_per_step_outside_switches():
     assert syncs(model, opt, 6) - base <= 6
 
 
+def test_a_switch_step_syncs_as_often_whatever_the_number_of_layers():
+    """A switch reads every layer's scores and finiteness in one transfer, not per layer."""
+    counts = {}
+    for layers in (2, 6):
+        from test_hot_path import _model
+
+        model = _model(layers).to(CUDA)
+        ctl = SRLoRA(model, SRLoRAConfig(r_target=12, switch_interval=1000))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        ctl.attach(opt)
+        ids = torch.randint(0, 50, (4, 8), device=CUDA)
+        model(input_ids=ids, labels=torch.zeros(4, dtype=torch.long, device=CUDA)).loss.backward()
+        opt.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                ctl.switch()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[layers] = sum("synchroniz" in str(w.message) for w in record)
+    assert counts[2] == counts[6] <= 2, counts
+
+
 def test_a_cpu_and_a_cuda_run_agree():
     """The same steps on both devices give the same scores and switches (to float32 noise)."""
     out = {}
     for device in (torch.device("cpu"), CUDA):
-        model, ctl = _build("mlp", device, switch_interval=10)
+        model, ctl = _build("mlp", device, switch_interval=20)
         opt = adam(model)
         ctl.attach(opt)
         g = torch.Generator().manual_seed(0)

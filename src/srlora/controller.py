@@ -38,7 +38,7 @@ from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_grads_
-from .layer_state import LayerState, SwitchEvent, adaptive_due
+from .layer_state import LayerState, SwitchEvent, adaptive_due, switch_inputs
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
@@ -344,17 +344,20 @@ class SRLoRA:
         events: list[SwitchEvent] = []
         reset_all = self.config.reset_scores == "all"
         for layer in layers:
-            if not layer.can_switch:
-                if not layer.exhausted:
-                    layer.exhausted = True
-                    warnings.warn(
-                        f"Layer {layer.name!r} has used all {layer.limit} of its singular directions "
-                        f"(r_target clamped to min(m, n) or reached); it stops switching.",
-                        DirectionsExhaustedWarning,
-                        stacklevel=3,
-                    )
-                continue
-            if not layer.pairs_finite():
+            if not layer.can_switch and not layer.exhausted:
+                layer.exhausted = True
+                warnings.warn(
+                    f"Layer {layer.name!r} has used all {layer.limit} of its singular directions "
+                    f"(r_target clamped to min(m, n) or reached); it stops switching.",
+                    DirectionsExhaustedWarning,
+                    stacklevel=3,
+                )
+        layers = [layer for layer in layers if layer.can_switch]
+        emas = None if self.directions is None else [self.directions.ema(layer.name) for layer in layers]
+        # One device-to-host transfer for every switching layer (not a few per layer).
+        scores, finite, emas_host = switch_inputs(layers, emas)
+        for layer, layer_scores, ok, ema in zip(layers, scores, finite, emas_host, strict=True):
+            if not ok:
                 # Fusing a diverged pair would write NaN/inf into the frozen weight for good.
                 self.skipped_switches += 1
                 self._warn_once(
@@ -366,8 +369,8 @@ class SRLoRA:
                     stacklevel=3,
                 )
                 continue
-            directions = None if self.directions is None else self.directions.choose(layer.name)
-            event = layer.switch(self.global_step, reset_all_scores=reset_all, directions=directions)
+            directions = None if self.directions is None else self.directions.choose(layer.name, ema)
+            event = layer.switch(self.global_step, reset_all, directions, layer_scores)
             if self.directions is not None:
                 self.directions.switched(layer.name)
             self.optimizer_reset.on_switch(

@@ -114,12 +114,14 @@ class GradientProbe:
         self.step_sum.zero_()
         self.touched = False
 
-    def choose(self) -> torch.Tensor:
-        """The ``r'`` unused directions with the largest ``|EMA|`` (ties: lower index)."""
+    def choose(self, ema: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``r'`` unused directions with the largest ``|EMA|`` (ties: lower index);
+        ``ema``: the EMA already on the host."""
         unused = self.layer.unused_directions()
         if self.steps_seen == 0:
             return unused[: self.layer.r_prime]
-        score = self.ema[unused.to(self.ema.device)].abs().cpu()
+        ema = self.ema.cpu() if ema is None else ema
+        score = ema[unused].abs()
         order = torch.sort(-score, stable=True).indices[: self.layer.r_prime]
         return unused[order]
 
@@ -181,8 +183,12 @@ class GradientDirections:
         for p in self.probes.values():
             p.discard()
 
-    def choose(self, name: str) -> torch.Tensor:
-        return self.probes[name].choose()
+    def choose(self, name: str, ema: torch.Tensor | None = None) -> torch.Tensor:
+        return self.probes[name].choose(ema)
+
+    def ema(self, name: str) -> torch.Tensor:
+        """A layer's alignment EMA, on its device."""
+        return self.probes[name].ema
 
     def switched(self, name: str) -> None:
         """A layer switched: its candidate set changed (kept EMA under adaptive switching)."""

@@ -173,10 +173,10 @@ class LayerState:
         if trigger is not None and self._trigger_state is not None:
             trigger.load_state_dict(self._trigger_state)
 
-    def lowest_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def lowest_pairs(self, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, scores)``: the ``r'`` lowest-scoring pairs (ascending slot order; ties go
-        to the lowest index) and every pair's score, on the CPU."""
-        scores = self.importance.pair_scores().cpu()
+        to the lowest index) and every pair's score, on the CPU (``scores``: already there)."""
+        scores = self.importance.pair_scores().cpu() if scores is None else scores
         low = torch.sort(scores, stable=True).indices[: self.r_prime]
         return torch.sort(low).values, scores
 
@@ -190,11 +190,18 @@ class LayerState:
 
     # ------------------------------------------------------------------ the switch
     @torch.no_grad()
-    def switch(self, step: int, reset_all_scores: bool = False, directions: torch.Tensor | None = None) -> SwitchEvent:
+    def switch(
+        self,
+        step: int,
+        reset_all_scores: bool = False,
+        directions: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> SwitchEvent:
         """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
         ``directions`` (default: the next unused ones in singular-value order;
         :func:`~srlora.recompose.switch_pairs_`); reset the importance of those slots (of
-        every slot with ``reset_all_scores``).
+        every slot with ``reset_all_scores``). ``scores``: the pair scores already on the host
+        (:func:`switch_inputs`), to save a device sync.
 
         The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
         when no direction is left (check :attr:`can_switch`) and ``ValueError`` for
@@ -213,7 +220,7 @@ class LayerState:
             raise ValueError(
                 f"layer {self.name!r}: {directions.tolist()} are not {self.r_prime} distinct unused directions."
             )
-        slots, scores = self.lowest_pairs()
+        slots, scores = self.lowest_pairs(scores)
         event = SwitchEvent(
             step=step,
             layer=self.name,
@@ -332,3 +339,36 @@ def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
         if fire and layer.schedule.allows(step, layer.switches_done):
             due.append(layer)
     return due
+
+
+def switch_inputs(
+    layers: Sequence[LayerState], extra: Sequence[torch.Tensor | None] | None = None
+) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor | None]]:
+    """What the switches of ``layers`` read on the host, in one device-to-host transfer:
+    each layer's pair scores, whether its ``A`` and ``B`` are finite, and an ``extra``
+    float vector per layer (the gradient policy's alignment EMA), all on the CPU."""
+    if not layers:
+        return [], [], []
+    extra = list(extra) if extra is not None else [None] * len(layers)
+    device = layers[0].importance.ibar_A.device
+    parts, sizes = [], []
+    for layer, more in zip(layers, extra, strict=True):
+        finite = torch.isfinite(layer.target.lora_A).all() & torch.isfinite(layer.target.lora_B).all()
+        pieces = [layer.importance.pair_scores().float(), finite.float().reshape(1)]
+        if more is not None:
+            pieces.append(more.float())
+        for piece in pieces:
+            parts.append(piece.to(device, non_blocking=True))
+            sizes.append(piece.numel())
+    flat = torch.cat(parts).cpu().split(sizes)
+    scores, finite, gathered, i = [], [], [], 0
+    for more in extra:
+        scores.append(flat[i])
+        finite.append(bool(flat[i + 1].item()))
+        i += 2
+        if more is not None:
+            gathered.append(flat[i])
+            i += 1
+        else:
+            gathered.append(None)
+    return scores, finite, gathered

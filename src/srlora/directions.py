@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .devices import to_device
 from .layer_state import LayerState
 from .schedule import ema_warmup_steps
 
@@ -81,7 +82,7 @@ class GradientProbe:
             return
         device = self.ema.device
         U, _, V = self.layer.cache.directions(cand, device)
-        self._cand, self._U, self._V = cand.to(device), U.float(), V.float()
+        self._cand, self._U, self._V = to_device(cand, device), U.float(), V.float()
         self._handle = self.layer.target.module.register_forward_hook(self._forward)
 
     def disarm(self) -> None:

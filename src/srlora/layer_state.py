@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .config import SRLoRAConfig, SwitchBudget
+from .devices import to_device
 from .errors import CheckpointError
 from .importance import PairImportance
 from .layers import LoraTarget, fingerprint, same_fingerprint
@@ -230,13 +231,14 @@ class LayerState:
             scores=tuple(scores[slots].tolist()),
         )
         used = self.pointer - self.r
-        self.fused_B[:, used : used + self.r_prime] = self.target.lora_B[:, slots].float()
-        self.fused_A[used : used + self.r_prime] = self.target.lora_A[slots].float()
+        slots_dev = to_device(slots, self.target.lora_A.device)
+        self.fused_B[:, used : used + self.r_prime] = self.target.lora_B[:, slots_dev].float()
+        self.fused_A[used : used + self.r_prime] = self.target.lora_A[slots_dev].float()
         switch_pairs_(self.target, self.cache, slots, directions)
         self.pointer += self.r_prime
         self.used[directions] = True
         self.slot_direction[slots] = directions
-        self.importance.reset(None if reset_all_scores else slots.to(self.importance.ibar_A.device))
+        self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
         if self.trigger is not None:
             self.trigger.switched()
         return event

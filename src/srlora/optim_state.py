@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .devices import to_device
 from .errors import UnsupportedOptimizerWarning
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -100,7 +101,7 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
     key: list[slice | torch.Tensor] = [slice(None)] * tensor.dim()
-    key[dim] = index.to(tensor.device)
+    key[dim] = to_device(index, tensor.device)
     return tuple(key)
 
 
@@ -145,7 +146,7 @@ def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, i
     exp_avg_sq = state["exp_avg_sq"]
     t = step.to(torch.float64) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=torch.float64)
     b2 = beta2.to(torch.float64) if isinstance(beta2, torch.Tensor) else torch.tensor(float(beta2), dtype=torch.float64)
-    bias = (1.0 - b2.to(t.device) ** t).to(device=exp_avg_sq.device, dtype=exp_avg_sq.dtype)
+    bias = to_device((1.0 - b2.to(t.device) ** t).to(exp_avg_sq.dtype), exp_avg_sq.device)
     key = _select(param, index, dim)
     seeded = param.grad[key].to(exp_avg_sq.dtype).square().mul_(bias)
     exp_avg_sq[key] = seeded

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .devices import to_device
 from .layers import LoraTarget
 from .svd import SVDCache
 
@@ -82,7 +83,7 @@ def switch_pairs_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, dire
     rounded once per switch.
     """
     device = target.weight.device
-    slots = slots.to(device)
+    slots = to_device(slots, device)
     s = target.scaling
     A, B = target.lora_A, target.lora_B
     U, S, V = cache.directions(directions, device)

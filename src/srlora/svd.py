@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SRLoRAConfig
+from .devices import to_device
 
 
 @dataclass
@@ -41,11 +42,11 @@ class SVDCache:
 
     def directions(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(U[:, index], S[index], V[:, index])`` moved to ``device``."""
-        index = index.to(self.S.device)
+        index = to_device(index, self.S.device)
         return (
-            self.U[:, index].to(device),
-            self.S[index].to(device),
-            self.V[:, index].to(device),
+            to_device(self.U[:, index], device),
+            to_device(self.S[index], device),
+            to_device(self.V[:, index], device),
         )
 
 

@@ -409,9 +409,10 @@ def render(seeds: list[int], root: Path) -> Path:
 
 def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
     """The finished runs of the 600-step study."""
-    from .study import long_jobs, rank_jobs
+    from .study import long_jobs, rank_jobs, rank_pilot_jobs
 
-    return [j for j in long_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    return list({j.out: j for j in done}.values())
 
 
 def section_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:

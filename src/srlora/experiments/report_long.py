@@ -16,10 +16,19 @@ from .config import PRESETS
 from .rundata import dynamics_row, load_runs, section_key
 from .runs import train_losses
 from .stats import beyond, fmt, fmt_paired, mean_std, paired
-from .study import PAPER_REGIME, is_finished, long_jobs, rank_jobs
+from .study import (
+    PAPER_REGIME,
+    RANK_CANDIDATES,
+    RANK_CHOSEN,
+    RANK_PILOT,
+    is_finished,
+    long_jobs,
+    rank_jobs,
+    rank_pilot_jobs,
+)
 
 PAPER_TITLE = "## 600 steps, paper regime: MiniLM, r = 8, r_target = 64"
-RANK_TITLE = "## 600 steps, rank-bound regime: DINOv2-S on Fashion-MNIST"
+RANK_TITLE = "## 600 steps, rank-bound regime: {task}"
 DECISION_TITLE = "## 600 steps, the default direction policy"
 
 # variant label -> (cell, method), per regime
@@ -31,12 +40,12 @@ PAPER_VARIANTS = {
     "SRLoRA spectrum, reset all scores": ("long-{task}-scores-all", "srlora"),
 }
 RANK_VARIANTS = {
-    "LoRA r=2": ("rank-r2", "lora"),
-    "PiSSA r=2": ("rank-r2", "pissa"),
-    "SRLoRA r=2 spectrum": ("rank-r2", "srlora"),
-    "SRLoRA r=2 gradient": ("rank-r2-gradient", "srlora"),
-    "LoRA r=8": ("rank-r8", "lora"),
-    "LoRA r=32": ("rank-r32", "lora"),
+    "LoRA r=2": ("{task}-r2", "lora"),
+    "PiSSA r=2": ("{task}-r2", "pissa"),
+    "SRLoRA r=2 spectrum": ("{task}-r2", "srlora"),
+    "SRLoRA r=2 gradient": ("{task}-r2-gradient", "srlora"),
+    "LoRA r=8": ("{task}-r8", "lora"),
+    "LoRA r=32": ("{task}-r32", "lora"),
 }
 
 
@@ -152,21 +161,54 @@ def section_paper(root: Path) -> list[str]:
     return md if any_runs else []
 
 
+def section_pilot(root: Path) -> list[str]:
+    """LoRA at several ranks on each candidate task, first seed: where does the rank limit learning?"""
+    rows = []
+    for task, ranks in RANK_PILOT.items():
+        prefix = RANK_CANDIDATES[task][0]
+        cells = {k: (f"{prefix}-r{k}", "lora") for k in ranks}
+        if task in PAPER_REGIME:
+            cells[8] = (f"long-{task}", "lora")  # the paper-regime LoRA run: the same but for an unused r_target
+        found = {}
+        for k, (cell, method) in sorted(cells.items()):
+            rs = [r for r in load_runs(root, cell, method) if r["seed"] == 1]
+            if rs:
+                found[k] = rs[0]
+        if found:
+            headline = next(iter(found.values()))["headline_metric"]
+            values = ", ".join(f"r = {k}: {r['final'][headline]:.3f}" for k, r in found.items())
+            rows.append(f"| {task} | {headline} | {values} |")
+    if not rows:
+        return []
+    return [
+        "Pilot (`srlora study --part rank-pilot`, LoRA, seed 1, 600 steps, s = 1): where does the rank limit learning?",
+        "",
+        "| task | dev metric | LoRA at rank r |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def section_rank(root: Path) -> list[str]:
-    runs = _runs(root, RANK_VARIANTS)
-    if not runs:
+    prefix, options = RANK_CANDIDATES[RANK_CHOSEN]
+    runs = _runs(root, RANK_VARIANTS, prefix)
+    pilot = section_pilot(root)
+    if not runs and not pilot:
         return []
     md = [
-        RANK_TITLE,
+        RANK_TITLE.format(task=RANK_CHOSEN),
         "",
-        "`srlora study --part rank` (after `--part rank-pilot`, LoRA at r = 2, 8, 32 on the first seed): "
-        "DINOv2-S at 56 px, 600 AdamW steps, lr 1e-3, a fixed 20k-image training subset, the quick preset "
-        "otherwise; scaling s = alpha / r = 1 at every rank, so only the rank differs. SRLoRA at r = 2 with "
-        "r_target = 32: r' = 1, 30 switches, t_interval = 20. The question: how much of the gap between LoRA "
-        "at r = 2 and at r = 8 does SRLoRA close?",
+        f"`srlora study --part rank`: `{RANK_CHOSEN}` ({' '.join(options) or 'the quick preset'}), 600 AdamW steps "
+        "with 60 warm-up steps, the quick preset otherwise; scaling s = alpha / r = 1 at every rank, so only the "
+        "rank differs. SRLoRA at r = 2 with r_target = 32: r' = 1, 30 switches, t_interval = 20. The question: how "
+        "much of the gap between LoRA at r = 2 and at r = 8 does SRLoRA close?",
         "",
-        *variant_table(runs),
+        *pilot,
     ]
+    if not runs:
+        return md
+    md += variant_table(runs)
     pairs = [
         ("LoRA r=8", "LoRA r=2"),
         ("LoRA r=32", "LoRA r=2"),
@@ -181,7 +223,7 @@ def section_rank(root: Path) -> list[str]:
     md += paired_table(runs, pairs)
     md += _gap_closed(runs)
     md += dynamics_table(runs)
-    md += _figures(root, "fashion-mnist", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
+    md += _figures(root, f"rank-{RANK_CHOSEN}", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
     return md
 
 
@@ -203,7 +245,8 @@ def section_decision(root: Path) -> list[str]:
     the paired interval on at least two tasks and loses beyond it on none."""
     verdicts = []
     cells = [(task, f"long-{task}", f"long-{task}-gradient") for task in PAPER_REGIME]
-    cells.append(("fashion-mnist (r=2)", "rank-r2", "rank-r2-gradient"))
+    prefix = RANK_CANDIDATES[RANK_CHOSEN][0]
+    cells.append((f"{RANK_CHOSEN} (r=2)", f"{prefix}-r2", f"{prefix}-r2-gradient"))
     for task, spectrum_cell, gradient_cell in cells:
         spectrum, gradient = load_runs(root, spectrum_cell, "srlora"), load_runs(root, gradient_cell, "srlora")
         if not spectrum or not gradient:
@@ -236,7 +279,8 @@ def section_decision(root: Path) -> list[str]:
 
 
 def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
-    done = [j for j in long_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    done = list({j.out: j for j in done}.values())
     if not done:
         return []
     total = sum(json.loads((root / j.out / "results.json").read_text())["wall_s"] for j in done)
@@ -257,7 +301,7 @@ def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list
     md: list[str] = []
     for title, fresh in (
         (PAPER_TITLE, section_paper(root)),
-        (RANK_TITLE, section_rank(root)),
+        (RANK_TITLE.format(task=RANK_CHOSEN), section_rank(root)),
         (DECISION_TITLE, section_decision(root)),
     ):
         md += fresh or old.get(section_key(title), [])

@@ -76,18 +76,33 @@ PAPER_VARIANTS: dict[str, tuple[str, list[str], tuple[str, ...]]] = {
     "-gradient": ("srlora", ["--direction-policy", "gradient"], ("mr", "mr-reg")),
     "-scores-all": ("srlora", ["--reset-scores", "all"], ("mr",)),
 }
-# The rank-bound regime: DINOv2-S on Fashion-MNIST, scaling s = alpha / r = 1 at every rank.
+# The rank-bound regime: a task where the number of trainable ranks limits learning, scaling
+# s = alpha / r = 1 at every rank. The pilot (LoRA at several r, first seed) picks the task.
 RANK_TASK = ["--lr", "1e-3", "--max-train", "20000", "--image-size", "56"]
-RANK_CELLS: dict[str, tuple[list[str], list[tuple[str, list[str]]]]] = {
-    # cell: (options, [(method, extra options)])
-    "rank-r2": (["--r", "2", "--alpha", "2", "--r-target", "32"], [("lora", []), ("pissa", []), ("srlora", [])]),
-    "rank-r2-gradient": (
-        ["--r", "2", "--alpha", "2", "--r-target", "32", "--direction-policy", "gradient"],
-        [("srlora", [])],
-    ),
-    "rank-r8": (["--r", "8", "--alpha", "8"], [("lora", [])]),
-    "rank-r32": (["--r", "32", "--alpha", "32"], [("lora", [])]),
+RANK_CANDIDATES: dict[str, tuple[str, list[str]]] = {  # task: (cell prefix, task options)
+    "fashion-mnist": ("rank", RANK_TASK),
+    "mr": ("rank-mr", []),
+    "mr-reg": ("rank-mr-reg", []),
 }
+RANK_PILOT: dict[str, tuple[int, ...]] = {"fashion-mnist": (1, 2, 8, 32), "mr": (2,), "mr-reg": (2,)}
+RANK_CHOSEN = "fashion-mnist"
+
+
+def rank_cells(prefix: str) -> dict[str, tuple[list[str], list[tuple[str, list[str]]]]]:
+    """cell: (options, [(method, extra options)]) of the rank-bound regime."""
+
+    def r(k: int) -> list[str]:
+        return ["--r", str(k), "--alpha", str(k)]
+
+    return {
+        f"{prefix}-r2": ([*r(2), "--r-target", "32"], [("lora", []), ("pissa", []), ("srlora", [])]),
+        f"{prefix}-r2-gradient": ([*r(2), "--r-target", "32", "--direction-policy", "gradient"], [("srlora", [])]),
+        f"{prefix}-r8": (r(8), [("lora", [])]),
+        f"{prefix}-r32": (r(32), [("lora", [])]),
+        f"{prefix}-r1": (r(1), [("lora", [])]),
+    }
+
+
 PERF = [
     # (name, options of benchmarks/step_overhead.py)
     ("minilm-rt64", ["--r-target", "64", "--steps", "20"]),
@@ -164,15 +179,30 @@ def long_jobs(seeds: list[int]) -> list[Job]:
     return jobs
 
 
-def rank_jobs(seeds: list[int], pilot: bool = False) -> list[Job]:
-    """The rank-bound regime at 600 steps on fashion-mnist (``pilot``: LoRA at r = 2, 8, 32,
-    first seed only, to show that the rank limits learning there)."""
+def rank_jobs(seeds: list[int], task: str = RANK_CHOSEN) -> list[Job]:
+    """The rank-bound regime at 600 steps on ``task``: LoRA at r = 2, 8, 32, PiSSA at r = 2 and
+    SRLoRA at r = 2 with r_target 32 (both direction policies)."""
+    prefix, options = RANK_CANDIDATES[task]
     jobs = []
-    for seed in seeds[:1] if pilot else seeds:
-        for cell, (options, methods) in RANK_CELLS.items():
+    for seed in seeds:
+        for cell, (cell_options, methods) in rank_cells(prefix).items():
+            if cell.endswith("-r1"):
+                continue
             for method, extra in methods:
-                if not pilot or method == "lora":
-                    jobs.append(Job(cell, "fashion-mnist", method, seed, [*RANK_TASK, *options, *extra], LONG_COMMON))
+                jobs.append(Job(cell, task, method, seed, [*options, *cell_options, *extra], LONG_COMMON))
+    return jobs
+
+
+def rank_pilot_jobs(seeds: list[int]) -> list[Job]:
+    """LoRA at the ranks of :data:`RANK_PILOT` on each candidate task, first seed only: where
+    does the rank limit learning? (LoRA at r = 8 on mr and mr-reg is the paper-regime run.)"""
+    jobs = []
+    for task, ranks in RANK_PILOT.items():
+        prefix, options = RANK_CANDIDATES[task]
+        cells = rank_cells(prefix)
+        for k in ranks:
+            cell_options, _ = cells[f"{prefix}-r{k}"]
+            jobs.append(Job(f"{prefix}-r{k}", task, "lora", seeds[0], [*options, *cell_options], LONG_COMMON))
     return jobs
 
 
@@ -254,7 +284,7 @@ def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
         if ns.part in ("all", "long"):
             run_jobs(long_jobs(seeds), ns.jobs, root)
         if ns.part == "rank-pilot":
-            run_jobs(rank_jobs(seeds, pilot=True), ns.jobs, root)
+            run_jobs(rank_pilot_jobs(seeds), ns.jobs, root)
         if ns.part in ("all", "rank"):
             run_jobs(rank_jobs(seeds), ns.jobs, root)
     except KeyboardInterrupt:

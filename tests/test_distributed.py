@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
@@ -35,3 +36,58 @@ def test_ddp_two_processes_identical(tmp_path):
     for name, layer in r0["controller"]["layers"].items():
         for k, v in layer["importance"].items():
             assert torch.equal(v, r1["controller"]["layers"][name]["importance"][k]), (name, k)
+
+
+FSDP_WORKER = Path(__file__).parent / "fsdp_worker.py"
+
+
+def _torchrun(worker: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600
+    )
+
+
+def _structure(history: list[dict]) -> list[dict]:
+    return [{k: e[k] for k in ("step", "layer", "slots", "directions", "evicted")} for e in history]
+
+
+@pytest.mark.parametrize("policy", ["spectrum", "gradient"])
+def test_fsdp2_two_ranks_match_one_process_on_the_full_batches(tmp_path, policy):
+    """FSDP2 (fully_shard per block and root), each rank on half of every global batch: the same
+    effective weights W + s B A as one process on the full batches, the same switches."""
+    proc = _torchrun(FSDP_WORKER, str(tmp_path), "--policy", policy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = subprocess.run(
+        [sys.executable, str(FSDP_WORKER), str(tmp_path), "--reference", "--policy", policy],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=False) for f in ("rank0.pt", "rank1.pt", "reference.pt"))
+    assert r0["history"] == r1["history"], "both ranks make the same switches"
+    # The same switches as one process; the recorded scores agree to float32 reduction noise.
+    assert _structure(r0["history"]) == _structure(one["history"]) and len(one["history"]) == 2 * 12
+    for e0, e1 in zip(r0["history"], one["history"], strict=True):
+        torch.testing.assert_close(torch.tensor(e0["scores"]), torch.tensor(e1["scores"]), rtol=1e-4, atol=0)
+    for name, w in one["weights"].items():
+        for rank in (r0, r1):
+            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, name
+    # Each rank keeps the left singular vectors of its own half of the rows (all of them under
+    # the gradient policy, which projects the whole output gradient).
+    for name, m in one["svd_rows"].items():
+        assert r0["svd_rows"][name] == r1["svd_rows"][name] == (m if policy == "gradient" else m // 2)
+    # SRLoRA's state, saved per rank, loads into a controller built the same way.
+    for rank in (r0, r1):
+        for name, scores in rank["scores"].items():
+            torch.testing.assert_close(rank["restored_scores"][name], scores, rtol=0, atol=0)
+
+
+def test_srlora_built_before_fully_shard_is_refused_with_the_order(tmp_path):
+    proc = _torchrun(FSDP_WORKER, str(tmp_path), env={"SRLORA_TEST_ORDER": "srlora-first"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        error = torch.load(tmp_path / f"order-rank{rank}.pt", weights_only=False)["error"]
+        assert "Build it after sharding: get_peft_model -> fully_shard" in error

@@ -31,6 +31,7 @@ from torch import nn
 from .atomic import atomic_torch_save
 from .controller import SRLoRA
 from .errors import CheckpointError
+from .layer_state import refuse_sharded
 from .layers import fingerprint, same_fingerprint
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
@@ -42,6 +43,7 @@ def _model_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Tensors to save: the switched frozen weights (and, with ``trainable``, every
     trainable parameter and buffer); fingerprints of the frozen weights not saved."""
+    refuse_sharded(controller.layers.values(), "save_checkpoint")
     names = {id(p): name for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     if trainable:

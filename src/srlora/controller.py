@@ -38,7 +38,14 @@ from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_grads_
-from .layer_state import LayerState, SwitchEvent, adaptive_due, switch_inputs
+from .layer_state import (
+    LayerState,
+    SwitchEvent,
+    adaptive_due,
+    check_build_order,
+    refuse_sharded,
+    switch_inputs,
+)
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
@@ -170,7 +177,7 @@ class SRLoRA:
 
     def pair_scores(self) -> dict[str, torch.Tensor]:
         """``{layer: S_k for k in 0..r-1}`` (float32, on the adapter's device)."""
-        return {name: layer.importance.pair_scores() for name, layer in self._layers.items()}
+        return {name: layer.pair_scores() for name, layer in self._layers.items()}
 
     def directions_used(self) -> dict[str, int]:
         """``{layer: p}``: how many of ``W0``'s singular directions have entered so far."""
@@ -244,6 +251,7 @@ class SRLoRA:
     def merge_and_unload(self) -> nn.Module:
         """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
         same outputs). The controller is detached and must not be used afterwards."""
+        refuse_sharded(self._layers.values(), "merge_and_unload")
         self.detach()
         if self.directions is not None:
             self.directions.close()
@@ -262,6 +270,7 @@ class SRLoRA:
 
     # ------------------------------------------------------------------ internals
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+        check_build_order(self._layers.values())
         require_params(optimizer, {name: (ly.target.lora_A, ly.target.lora_B) for name, ly in self._layers.items()})
         self._optimizer = optimizer
         self.optimizer_reset.bind(optimizer)
@@ -303,6 +312,8 @@ class SRLoRA:
         layers = [layer for layer in self._layers.values() if layer.target.lora_A.grad is not None]
         if not layers:
             return False
+        if self.global_step == 0 and self._optimizer is None:
+            check_build_order(self._layers.values())  # the manual protocol binds the optimizer only after this
         params = [(layer.target.lora_A, layer.target.lora_B) for layer in layers]
         if not update_importance_from_grads_([layer.importance for layer in layers], params):
             if self.directions is not None:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .sharding import all_reduce_, local, local_index
+
 
 class PairImportance:
     """Importance EMAs of one layer's ``r`` LoRA pairs.
@@ -29,24 +31,51 @@ class PairImportance:
         n: columns of ``A`` (input features).
         beta1, beta2: EMA coefficients.
         device: where the EMAs live (the adapter's device).
+        pair_span: the rows of ``A`` this rank holds (FSDP2; all by default).
+        rows_held: how many rows of ``B`` this rank holds (FSDP2; ``m`` by default).
     """
 
-    def __init__(self, r: int, m: int, n: int, beta1: float, beta2: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        r: int,
+        m: int,
+        n: int,
+        beta1: float,
+        beta2: float,
+        device: torch.device,
+        pair_span: tuple[int, int] | None = None,
+        rows_held: int | None = None,
+    ) -> None:
         self.beta1 = beta1
         self.beta2 = beta2
-        self.ibar_A = torch.zeros(r, n, dtype=torch.float32, device=device)
-        self.ubar_A = torch.zeros(r, n, dtype=torch.float32, device=device)
-        self.ibar_B = torch.zeros(m, r, dtype=torch.float32, device=device)
-        self.ubar_B = torch.zeros(m, r, dtype=torch.float32, device=device)
+        self.r, self.m, self.n = r, m, n
+        self.pair_span = (0, r) if pair_span is None else pair_span
+        a = self.pair_span[1] - self.pair_span[0]
+        mb = m if rows_held is None else rows_held
+        self.partial = (a, mb) != (r, m)
+        self.ibar_A = torch.zeros(a, n, dtype=torch.float32, device=device)
+        self.ubar_A = torch.zeros(a, n, dtype=torch.float32, device=device)
+        self.ibar_B = torch.zeros(mb, r, dtype=torch.float32, device=device)
+        self.ubar_B = torch.zeros(mb, r, dtype=torch.float32, device=device)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ibar_A, self.ubar_A, self.ibar_B, self.ubar_B
 
     def pair_scores(self) -> torch.Tensor:
-        """``S_k`` for ``k = 0 .. r-1`` (float32, shape ``(r,)``)."""
+        """``S_k`` for ``k = 0 .. r-1`` (float32, shape ``(r,)``); under FSDP2 this rank's
+        share of it (:meth:`partial_scores`), which the ranks sum."""
+        if self.partial:
+            return self.partial_scores()
         score_A = (self.ibar_A * self.ubar_A).mean(dim=1)
         score_B = (self.ibar_B * self.ubar_B).mean(dim=0)
         return score_A + score_B
+
+    def partial_scores(self) -> torch.Tensor:
+        """This rank's share of ``S_k``: its rows' sums divided by the whole ``n`` and ``m``."""
+        a0, a1 = self.pair_span
+        out = (self.ibar_B * self.ubar_B).sum(dim=0).div_(self.m)
+        out[a0:a1] += (self.ibar_A * self.ubar_A).sum(dim=1).div_(self.n)
+        return out
 
     def reset(self, slots: torch.Tensor | None = None) -> None:
         """Zero the EMAs of pairs ``slots`` (all pairs when ``None``)."""
@@ -54,8 +83,13 @@ class PairImportance:
             for t in self.tensors():
                 t.zero_()
             return
-        self.ibar_A[slots] = 0.0
-        self.ubar_A[slots] = 0.0
+        if self.partial:
+            _, mine = local_index(slots, self.pair_span)
+            self.ibar_A[mine] = 0.0
+            self.ubar_A[mine] = 0.0
+        else:
+            self.ibar_A[slots] = 0.0
+            self.ubar_A[slots] = 0.0
         self.ibar_B[:, slots] = 0.0
         self.ubar_B[:, slots] = 0.0
 
@@ -116,13 +150,16 @@ def update_importance_from_grads_(
     The finite check reads the largest ``|g|`` of each tensor (finite exactly when every
     entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers.
     """
-    grads_A = [A.grad for A, _ in params]
-    grads_B = [B.grad for _, B in params]
-    if any(g is None for g in (*grads_A, *grads_B)):
+    if any(A.grad is None or B.grad is None for A, B in params):
         raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+    # Under FSDP2 each rank works on its shards (local views of the DTensors).
+    grads_A = [local(A.grad) for A, _ in params]  # type: ignore[arg-type]
+    grads_B = [local(B.grad) for _, B in params]  # type: ignore[arg-type]
     peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))
     device = peaks[0].device
-    if not bool(torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all()):
+    finite = torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all()
+    finite = all_reduce_(finite.float(), like=params[0][0], op="min")  # every rank skips together
+    if not bool(finite):
         return False
-    update_importance_(states, [A for A, _ in params], grads_A, [B for _, B in params], grads_B)  # type: ignore[arg-type]
+    update_importance_(states, [local(A) for A, _ in params], grads_A, [local(B) for _, B in params], grads_B)
     return True

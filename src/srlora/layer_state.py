@@ -19,7 +19,7 @@ The controller decides *when* a layer switches; the layer does the switch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from .importance import PairImportance
 from .layers import LoraTarget, fingerprint, same_fingerprint
 from .recompose import effective_weight, pissa_init_, switch_pairs_
 from .schedule import AdaptiveTrigger, SwitchSchedule
+from .sharding import all_reduce_, full, local
 from .svd import SVDCache, distributed_top_triplets
 
 
@@ -94,12 +95,16 @@ class LayerState:
         if cache.rank != budget.directions:
             raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
         self.target = target
+        self.sharded = target.sharded  # as built: fully_shard afterwards would split what SRLoRA keeps whole
         self.fingerprint = fingerprint
         self.cache = cache
         self.budget = budget
-        device = target.lora_A.device
+        device = local(target.lora_A).device
         m, n = target.shape
-        self.importance = PairImportance(budget.r, m, n, beta1, beta2, device)
+        w0, w1 = target.row_span
+        self.importance = PairImportance(
+            budget.r, m, n, beta1, beta2, device, pair_span=target.pair_span, rows_held=w1 - w0
+        )
         self.slot_direction = torch.arange(budget.r, dtype=torch.long)
         # Which of the layer's directions have entered so far (a prefix under the paper's
         # policy; any set under direction_policy="gradient"), and how many: p.
@@ -107,7 +112,7 @@ class LayerState:
         self.used[: budget.r] = True
         self.pointer = budget.r
         n_fused = budget.directions - budget.r
-        self.fused_B = torch.zeros(m, n_fused, dtype=torch.float32, device=device)
+        self.fused_B = torch.zeros(w1 - w0, n_fused, dtype=torch.float32, device=device)  # this rank's rows
         self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
         self.exhausted = False
         self.schedule: SwitchSchedule | None = None
@@ -127,6 +132,8 @@ class LayerState:
         if cache is None:
             cache = distributed_top_triplets(w_eff, budget.directions, config)
         del w_eff
+        if target.sharded and config.direction_policy != "gradient":
+            cache = cache.keep_rows(*target.row_span)  # U of this rank's rows only (srlora.sharding)
         if config.svd_device is not None:
             cache = cache.to(config.svd_device)
         pissa_init_(target, cache)
@@ -159,10 +166,6 @@ class LayerState:
     def switches_done(self) -> int:
         return (self.pointer - self.r) // self.r_prime
 
-    def pairs_finite(self) -> bool:
-        """Every entry of ``A`` and ``B`` is finite (one device sync)."""
-        return bool(torch.isfinite(self.target.lora_A).all() & torch.isfinite(self.target.lora_B).all())
-
     @property
     def has_switched(self) -> bool:
         """The frozen weight differs from the one the PiSSA initialisation left."""
@@ -174,10 +177,16 @@ class LayerState:
         if trigger is not None and self._trigger_state is not None:
             trigger.load_state_dict(self._trigger_state)
 
+    def pair_scores(self) -> torch.Tensor:
+        """``S_k`` (float32, ``(r,)``, on the adapter's device); under FSDP2 the sum of every
+        rank's share (a collective: all ranks call it together)."""
+        scores = self.importance.pair_scores()
+        return all_reduce_(scores, like=self.target.lora_A) if self.importance.partial else scores
+
     def lowest_pairs(self, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, scores)``: the ``r'`` lowest-scoring pairs (ascending slot order; ties go
         to the lowest index) and every pair's score, on the CPU (``scores``: already there)."""
-        scores = self.importance.pair_scores().cpu() if scores is None else scores
+        scores = self.pair_scores().cpu() if scores is None else scores
         low = torch.sort(scores, stable=True).indices[: self.r_prime]
         return torch.sort(low).values, scores
 
@@ -231,9 +240,9 @@ class LayerState:
             scores=tuple(scores[slots].tolist()),
         )
         used = self.pointer - self.r
-        slots_dev = to_device(slots, self.target.lora_A.device)
-        self.fused_B[:, used : used + self.r_prime] = self.target.lora_B[:, slots_dev].float()
-        self.fused_A[used : used + self.r_prime] = self.target.lora_A[slots_dev].float()
+        slots_dev = to_device(slots, self.fused_B.device)
+        self.fused_B[:, used : used + self.r_prime] = local(self.target.lora_B.data)[:, slots_dev].float()
+        self.fused_A[used : used + self.r_prime] = full(self.target.lora_A.data)[slots_dev].float()
         switch_pairs_(self.target, self.cache, slots, directions)
         self.pointer += self.r_prime
         self.used[directions] = True
@@ -248,6 +257,11 @@ class LayerState:
         """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32), from the
         record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
         t = self.target
+        if t.sharded:
+            raise NotImplementedError(
+                f"layer {self.name!r} is sharded (FSDP2): export and merge need the whole layer. Gather the model "
+                f"first (e.g. torch.distributed.checkpoint's full state dict) or export from an unsharded copy."
+            )
         s = t.scaling
         used = self.pointer - self.r
         device = self.fused_B.device
@@ -297,8 +311,9 @@ class LayerState:
             raise CheckpointError(
                 f"layer {name!r}: the saved set of used directions does not fit {self.limit} of them."
             )
-        m, n = self.target.shape
-        expected = {"fused_B": (m, used), "fused_A": (used, n)}
+        n = self.target.shape[1]
+        w0, w1 = self.target.row_span
+        expected = {"fused_B": (w1 - w0, used), "fused_A": (used, n)}
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"layer {name!r}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
@@ -330,9 +345,10 @@ class LayerState:
 def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
     """The layers whose adaptive trigger fires after optimizer step ``step`` and whose
     schedule allows a switch then; every layer's scores reach the host in one transfer."""
-    scores = torch.cat([layer.importance.pair_scores().float().cpu() for layer in layers]).split(
-        [layer.r for layer in layers]
-    )
+    flat = torch.cat([layer.importance.pair_scores().float() for layer in layers])
+    if any(layer.importance.partial for layer in layers):
+        all_reduce_(flat, like=layers[0].target.lora_A)
+    scores = flat.cpu().split([layer.r for layer in layers])
     due = []
     for layer, layer_scores in zip(layers, scores, strict=True):
         assert layer.trigger is not None and layer.schedule is not None
@@ -353,24 +369,47 @@ def switch_inputs(
         return [], [], []
     extra = list(extra) if extra is not None else [None] * len(layers)
     device = layers[0].importance.ibar_A.device
-    parts, sizes = [], []
-    for layer, more in zip(layers, extra, strict=True):
-        finite = torch.isfinite(layer.target.lora_A).all() & torch.isfinite(layer.target.lora_B).all()
-        pieces = [layer.importance.pair_scores().float(), finite.float().reshape(1)]
-        if more is not None:
-            pieces.append(more.float())
-        for piece in pieces:
-            parts.append(piece.to(device, non_blocking=True))
+    # Scores and non-finite counts first (summed over the ranks under FSDP2), then the extras.
+    shared, sizes = [], []
+    for layer in layers:
+        A, B = local(layer.target.lora_A), local(layer.target.lora_B)
+        bad = (~torch.isfinite(A)).any() | (~torch.isfinite(B)).any()
+        for piece in (layer.importance.pair_scores().float(), bad.float().reshape(1)):
+            shared.append(piece.to(device, non_blocking=True))
             sizes.append(piece.numel())
-    flat = torch.cat(parts).cpu().split(sizes)
-    scores, finite, gathered, i = [], [], [], 0
-    for more in extra:
-        scores.append(flat[i])
-        finite.append(bool(flat[i + 1].item()))
-        i += 2
-        if more is not None:
-            gathered.append(flat[i])
-            i += 1
-        else:
-            gathered.append(None)
+    flat = torch.cat(shared)
+    if any(layer.importance.partial for layer in layers):
+        all_reduce_(flat, like=layers[0].target.lora_A)
+    own = [more.float().to(device, non_blocking=True) for more in extra if more is not None]
+    host = torch.cat([flat, *own]).cpu()
+    flat, rest = host[: flat.numel()].split(sizes), host[flat.numel() :]
+    own_sizes = [more.numel() for more in extra if more is not None]
+    extras = iter(rest.split(own_sizes)) if own_sizes else iter(())
+    scores, finite, gathered = [], [], []
+    for i, more in enumerate(extra):
+        scores.append(flat[2 * i])
+        finite.append(not bool(flat[2 * i + 1].item()))
+        gathered.append(next(extras) if more is not None else None)
     return scores, finite, gathered
+
+
+def check_build_order(layers: Iterable[LayerState]) -> None:
+    """Refuse layers that ``fully_shard`` split after SRLoRA was built (its state is shaped
+    for the whole layers it saw)."""
+    moved = [layer.name for layer in layers if layer.target.sharded != layer.sharded]
+    if moved:
+        raise RuntimeError(
+            f"{len(moved)} adapted layer(s) (e.g. {moved[0]!r}) were sharded by fully_shard after SRLoRA was "
+            f"built. Build it after sharding: get_peft_model -> fully_shard (each block, then the root) -> "
+            f"SRLoRA(model, config) -> optimizer -> attach."
+        )
+
+
+def refuse_sharded(layers: Iterable[LayerState], what: str) -> None:
+    """``what`` needs whole layers: refused under FSDP2 with the way out."""
+    if any(layer.target.sharded for layer in layers):
+        raise NotImplementedError(
+            f"{what} needs the whole layers, and this model is sharded with FSDP2. Save the model and optimizer "
+            f"with torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every "
+            f"rank, or gather the model (a full state dict) and use an unsharded copy."
+        )

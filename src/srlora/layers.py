@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .sharding import check_row_sharded, full, is_sharded, local, row_span
+
 
 @dataclass
 class LoraTarget:
@@ -37,10 +39,26 @@ class LoraTarget:
         return self.base_layer.weight
 
     @property
+    def sharded(self) -> bool:
+        """The layer's parameters are FSDP2 DTensors (:mod:`srlora.sharding`)."""
+        return is_sharded(self.base_param)
+
+    @property
     def weight(self) -> torch.Tensor:
-        """``W``, shape ``(m, n)``: a view of the frozen base weight's storage."""
-        data = self.base_param.data
+        """``W``, shape ``(m, n)``: a view of the frozen base weight's storage (under FSDP2,
+        of this rank's rows ``row_span``)."""
+        data = local(self.base_param.data)
         return data.T if self.module.fan_in_fan_out else data
+
+    @property
+    def row_span(self) -> tuple[int, int]:
+        """The rows of ``W`` and ``B`` (output features) this rank holds: all, unless sharded."""
+        return row_span(self.base_param) if self.sharded else (0, self.shape[0])
+
+    @property
+    def pair_span(self) -> tuple[int, int]:
+        """The rows of ``A`` (pairs) this rank holds: all, unless sharded."""
+        return row_span(self.lora_A)
 
     @property
     def lora_A(self) -> nn.Parameter:
@@ -63,8 +81,9 @@ class LoraTarget:
 
     @property
     def shape(self) -> tuple[int, int]:
-        m, n = self.weight.shape
-        return int(m), int(n)
+        """``(m, n)`` of the whole layer (sharded or not)."""
+        m, n = self.base_param.shape
+        return (int(n), int(m)) if self.module.fan_in_fan_out else (int(m), int(n))
 
 
 def fingerprint(*tensors: torch.Tensor | None) -> list[float]:
@@ -77,7 +96,7 @@ def fingerprint(*tensors: torch.Tensor | None) -> list[float]:
         if t is None:
             parts.append(torch.zeros(4, dtype=torch.float64))
             continue
-        x = t.detach().double().flatten()
+        x = full(t.detach()).double().flatten()
         stride = max(1, x.numel() // 97)
         parts.append(torch.stack([x.sum(), x.abs().sum(), x.square().sum(), x[::stride].sum()]).cpu())
     return torch.cat(parts).tolist()
@@ -96,20 +115,28 @@ def same_fingerprint(a: list[float], b: list[float], rtol: float = 1e-6) -> bool
     return True
 
 
-def _refuse_sharded(model: nn.Module) -> None:
-    """FSDP shards the weights SRLoRA decomposes and rewrites: not supported yet."""
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 flattens the parameters SRLoRA reads and rewrites: refused, FSDP2 is the path."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch built without distributed
         return
-    sharded = any(isinstance(m, FSDP) for m in model.modules()) or any(
-        isinstance(p, DTensor) for p in model.parameters()
-    )
-    if sharded:
+    if any(isinstance(m, FSDP) for m in model.modules()):
         raise NotImplementedError(
-            "SRLoRA does not support FSDP (sharded weights) yet: it needs each adapted layer's full weight for the "
-            "SVD and the switches. Build SRLoRA on the unwrapped model and train with DistributedDataParallel."
+            "SRLoRA does not support FSDP1 (FullyShardedDataParallel, flat parameters). Use FSDP2: "
+            "get_peft_model -> torch.distributed.fsdp.fully_shard on each block and the root -> SRLoRA(model, "
+            "config) -> optimizer -> attach (docs/INTEGRATIONS.md, FSDP2)."
+        )
+
+
+def _refuse_zero3(model: nn.Module) -> None:
+    """DeepSpeed ZeRO-3 partitions every parameter into flat buffers: refused, FSDP2 is the path."""
+    if any(hasattr(p, "ds_numel") or hasattr(p, "ds_status") for p in model.parameters()):
+        raise NotImplementedError(
+            "SRLoRA does not support DeepSpeed ZeRO-3 (partitioned parameters): the SVD, the scores and the "
+            "switches need each adapted layer's weight and the optimizer's moments per entry. Shard with FSDP2 "
+            "instead (torch.distributed.fsdp.fully_shard; docs/INTEGRATIONS.md, FSDP2), or use ZeRO-1/2, which "
+            "leave the weights whole (the same as DDP for SRLoRA)."
         )
 
 
@@ -133,7 +160,8 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
-    _refuse_sharded(model)
+    _refuse_fsdp1(model)
+    _refuse_zero3(model)
 
     lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
     if not lora_layers:
@@ -181,6 +209,19 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
         if mod.merged:
             raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before SRLoRA.")
         target = LoraTarget(name=name, module=mod, adapter=adapter)
+        if target.sharded or is_sharded(target.lora_A):
+            if mod.fan_in_fan_out:
+                raise ValueError(
+                    f"Layer {name!r}: transformers' Conv1D (fan_in_fan_out) under FSDP2 is not supported; "
+                    f"shard a model with nn.Linear layers, or train it with DDP."
+                )
+            for what, t in (("weight", target.base_param), ("lora_A", target.lora_A), ("lora_B", target.lora_B)):
+                check_row_sharded(t, f"Layer {name!r}'s {what}")
+            if not (target.sharded and is_sharded(target.lora_A) and is_sharded(target.lora_B)):
+                raise ValueError(
+                    f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
+                    f"block that holds the whole PEFT layer)."
+                )
         if target.weight.device.type == "meta":
             raise ValueError(f"Layer {name!r} lives on the meta device; load real weights before SRLoRA.")
         targets.append(target)

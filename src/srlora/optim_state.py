@@ -34,6 +34,7 @@ import torch
 
 from .devices import to_device
 from .errors import UnsupportedOptimizerWarning
+from .sharding import is_sharded, local, local_index, row_span
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
@@ -105,6 +106,15 @@ def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice 
     return tuple(key)
 
 
+def _local_select(param: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
+    """The key of slices ``index`` along ``dim`` in this rank's shard of ``param`` (and of
+    anything shaped like it): under FSDP2 the first dimension is split, so only the indices
+    this rank holds, shifted to its rows, remain."""
+    if dim == 0 and is_sharded(param):
+        _, index = local_index(index, row_span(param))
+    return _select(local(param), index, dim)
+
+
 @torch.no_grad()
 def zero_moments_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
     """Zero the moments of ``param``'s slices ``index`` along ``dim``; other entries untouched.
@@ -114,10 +124,11 @@ def zero_moments_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: 
     state = optimizer.state.get(param)
     if not state:
         return
+    select = _local_select(param, index, dim)
     for key in (*ADAM_MOMENTS, *SGD_MOMENTS):
         buf = state.get(key)
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-            buf[_select(buf, index, dim)] = 0.0
+            local(buf)[select] = 0.0
 
 
 def _param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
@@ -142,16 +153,16 @@ def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, i
     beta2 = _param_group(optimizer, param)["betas"][1]
     # 1 - beta2^t computed where the step count lives, as a tensor: no host sync (t may be
     # a device tensor under capturable/fused Adam).
-    step = state["step"]
-    exp_avg_sq = state["exp_avg_sq"]
+    step = local(state["step"])
+    exp_avg_sq = local(state["exp_avg_sq"])
     t = step.to(torch.float64) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=torch.float64)
     b2 = beta2.to(torch.float64) if isinstance(beta2, torch.Tensor) else torch.tensor(float(beta2), dtype=torch.float64)
     bias = to_device((1.0 - b2.to(t.device) ** t).to(exp_avg_sq.dtype), exp_avg_sq.device)
-    key = _select(param, index, dim)
-    seeded = param.grad[key].to(exp_avg_sq.dtype).square().mul_(bias)
+    key = _local_select(param, index, dim)
+    seeded = local(param.grad)[key].to(exp_avg_sq.dtype).square().mul_(bias)
     exp_avg_sq[key] = seeded
     if isinstance(state.get("max_exp_avg_sq"), torch.Tensor):
-        state["max_exp_avg_sq"][key] = seeded
+        local(state["max_exp_avg_sq"])[key] = seeded
     return True
 
 

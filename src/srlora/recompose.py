@@ -23,6 +23,7 @@ import torch
 
 from .devices import to_device
 from .layers import LoraTarget
+from .sharding import full, local, local_index
 from .svd import SVDCache
 
 
@@ -45,7 +46,11 @@ def _add_to_weight_(target: LoraTarget, delta: torch.Tensor) -> None:
 
 @torch.no_grad()
 def effective_weight(target: LoraTarget) -> torch.Tensor:
-    """``W + s B A`` in float32, shape ``(m, n)``: the weight the layer currently applies."""
+    """``W + s B A`` in float32, shape ``(m, n)``: the weight the layer currently applies
+    (under FSDP2, gathered whole on every rank)."""
+    if target.sharded:
+        B, A = full(target.lora_B.data).float(), full(target.lora_A.data).float()
+        return full(target.base_param.data).float() + target.scaling * (B @ A)
     B = target.lora_B.float()
     A = target.lora_A.float()
     return target.weight.float() + target.scaling * (B @ A)
@@ -59,6 +64,9 @@ def pissa_init_(target: LoraTarget, cache: SVDCache) -> None:
     ``B, A <- pissa_factors(top r)``, ``W <- W_eff - s B A``. ``cache`` must be the SVD
     of ``W_eff``.
     """
+    if target.sharded:
+        _pissa_init_sharded_(target, cache)
+        return
     r = target.r
     device = target.weight.device
     w_eff = effective_weight(target)
@@ -82,6 +90,9 @@ def switch_pairs_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, dire
     The two weight updates are summed in float32 before touching ``W``, so ``W`` is
     rounded once per switch.
     """
+    if target.sharded:
+        _switch_pairs_sharded_(target, cache, slots, directions)
+        return
     device = target.weight.device
     slots = to_device(slots, device)
     s = target.scaling
@@ -95,3 +106,36 @@ def switch_pairs_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, dire
     _add_to_weight_(target, (old - new).mul_(s))
     B.data[:, slots] = B_new
     A.data[slots] = A_new
+
+
+def _pissa_init_sharded_(target: LoraTarget, cache: SVDCache) -> None:
+    """:func:`pissa_init_` on this rank's rows: ``W[w0:w1]``, ``B[w0:w1]``, ``A[a0:a1]``."""
+    s = target.scaling
+    rows, pairs = target.row_span, target.pair_span
+    A_local, B_local = local(target.lora_A.data), local(target.lora_B.data)
+    device = A_local.device
+    w_eff = target.weight.float() + s * (B_local.float() @ full(target.lora_A.data).float())
+    U, S, V = cache.directions(torch.arange(target.r), device, rows=rows)
+    B_new, A_new = pissa_factors(U, S, V, s)
+    A_new = A_new.to(A_local.dtype)
+    B_local.copy_(B_new)
+    A_local.copy_(A_new[pairs[0] : pairs[1]])
+    target.weight.copy_(w_eff - s * (B_local.float() @ A_new.float()))
+
+
+def _switch_pairs_sharded_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor) -> None:
+    """:func:`switch_pairs_` on this rank's rows; ``A`` (``r x n``) is gathered for the fused term."""
+    s = target.scaling
+    rows, pairs = target.row_span, target.pair_span
+    A_local, B_local = local(target.lora_A.data), local(target.lora_B.data)
+    device = A_local.device
+    A_full = full(target.lora_A.data)
+    slots_dev = to_device(slots, device)
+    U, S, V = cache.directions(directions, device, rows=rows)
+    B_new, A_new = pissa_factors(U, S, V, s)
+    B_new, A_new = B_new.to(B_local.dtype), A_new.to(A_local.dtype)
+    old = B_local[:, slots_dev].float() @ A_full[slots_dev].float()
+    _add_to_weight_(target, (old - B_new.float() @ A_new.float()).mul_(s))
+    B_local[:, slots_dev] = B_new
+    which, mine = local_index(slots, pairs)
+    A_local[to_device(mine, device)] = A_new[to_device(which, device)]

@@ -20,14 +20,17 @@ class SVDCache:
     """Truncated SVD of one layer's pretrained weight, in float32.
 
     Attributes:
-        U: ``(m, k)`` left singular vectors (columns), descending by singular value.
+        U: ``(m, k)`` left singular vectors (columns), descending by singular value; under
+            FSDP2 only rows ``row_offset .. row_offset + U.shape[0]`` (:mod:`srlora.sharding`).
         S: ``(k,)`` singular values, descending.
         V: ``(n, k)`` right singular vectors (columns).
+        row_offset: the first row of ``W0`` that ``U`` holds.
     """
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+    row_offset: int = 0
 
     @property
     def rank(self) -> int:
@@ -38,13 +41,22 @@ class SVDCache:
         return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.V))
 
     def to(self, device: torch.device | str) -> SVDCache:
-        return SVDCache(self.U.to(device), self.S.to(device), self.V.to(device))
+        return SVDCache(self.U.to(device), self.S.to(device), self.V.to(device), self.row_offset)
 
-    def directions(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U[:, index], S[index], V[:, index])`` moved to ``device``."""
+    def keep_rows(self, start: int, stop: int) -> SVDCache:
+        """The same cache with only rows ``start .. stop - 1`` of ``U`` (a rank's rows)."""
+        rows = self.U[start - self.row_offset : stop - self.row_offset].clone()
+        return SVDCache(rows, self.S, self.V, start)
+
+    def directions(
+        self, index: torch.Tensor, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U[rows, index], S[index], V[:, index])`` moved to ``device`` (``rows``: all
+        that the cache holds by default)."""
         index = to_device(index, self.S.device)
+        U = self.U if rows is None else self.U[rows[0] - self.row_offset : rows[1] - self.row_offset]
         return (
-            to_device(self.U[:, index], device),
+            to_device(U[:, index], device),
             to_device(self.S[index], device),
             to_device(self.V[:, index], device),
         )

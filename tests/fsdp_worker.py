@@ -1,0 +1,110 @@
+"""Run by test_distributed.py under torchrun (2 processes, gloo on CPU): SRLoRA on a model
+sharded with FSDP2 (fully_shard per block and the root), each rank on its half of every
+global batch; also without torchrun, as the single-process reference on the full batches.
+
+    torchrun --nproc_per_node 2 fsdp_worker.py OUT [--policy gradient]
+    python fsdp_worker.py OUT --reference [--policy gradient]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+
+from srlora import SRLoRA, SRLoRAConfig
+from srlora.sharding import full
+
+STEPS, GLOBAL_BATCH = 45, 8
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + step)
+    return {
+        "input_ids": torch.randint(0, 100, (GLOBAL_BATCH, 12), generator=g),
+        "labels": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
+    }
+
+
+def effective_weights(ctl: SRLoRA) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in ctl.layers.items():
+        t = layer.target
+        W = full(t.base_param.data).float()
+        out[name] = W + t.scaling * (full(t.lora_B.data).float() @ full(t.lora_A.data).float())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--policy", default="spectrum")
+    args = ap.parse_args()
+    config = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, direction_policy=args.policy)
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)  # no dropout: both runs see the same function
+    rank, world = 0, 1
+    if not args.reference:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if os.environ.get("SRLORA_TEST_ORDER") == "srlora-first":
+            early = SRLoRA(model, config)
+        for block in model.base_model.model.bert.encoder.layer:
+            fully_shard(block)
+        fully_shard(model)
+        if os.environ.get("SRLORA_TEST_ORDER") == "srlora-first":
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            try:
+                early.attach(opt)
+            except RuntimeError as exc:
+                torch.save({"error": str(exc)}, args.out / f"order-rank{rank}.pt")
+            dist.destroy_process_group()
+            return
+    ctl = SRLoRA(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl.attach(opt)
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
+        CASES["bert"].loss(model, b).backward()
+        opt.step()
+        opt.zero_grad()
+    # SRLoRA's own state, saved per rank, loads into a controller built the same way.
+    restored = None
+    if not args.reference:
+        torch.manual_seed(0)
+        fresh = make_peft(CASES["bert"], r=4, alpha=8)
+        for block in fresh.base_model.model.bert.encoder.layer:
+            fully_shard(block)
+        fully_shard(fresh)
+        again = SRLoRA(fresh, config)
+        again.load_state_dict(ctl.state_dict())
+        restored = {k: v.cpu() for k, v in again.pair_scores().items()}
+    result = {
+        "restored_scores": restored,
+        "weights": effective_weights(ctl),
+        "history": [e.to_dict() for e in ctl.history],
+        "scores": {k: v.cpu() for k, v in ctl.pair_scores().items()},
+        "svd_rows": {name: layer.cache.U.shape[0] for name, layer in ctl.layers.items()},
+        "state": ctl.state_dict(),
+    }
+    torch.save(result, args.out / ("reference.pt" if args.reference else f"rank{rank}.pt"))
+    if not args.reference:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -91,3 +91,22 @@ def test_srlora_built_before_fully_shard_is_refused_with_the_order(tmp_path):
     for rank in (0, 1):
         error = torch.load(tmp_path / f"order-rank{rank}.pt", weights_only=False)["error"]
         assert "Build it after sharding: get_peft_model -> fully_shard" in error
+
+
+def test_deepspeed_zero3_partitioned_parameters_are_refused_naming_fsdp2():
+    """ZeRO-3 marks its partitioned parameters with ds_* attributes; SRLoRA refuses them
+    before touching any weight and names the supported path."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import CASES, make_peft
+
+    from srlora import SRLoRA, SRLoRAConfig
+
+    model = make_peft(CASES["mlp"], r=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.ds_numel, p.ds_status = p.numel(), "NOT_AVAILABLE"
+    with pytest.raises(NotImplementedError, match=r"ZeRO-3.*FSDP2"):
+        SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

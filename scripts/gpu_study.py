@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout, installed or not
 
-from srlora.atomic import atomic_write_text  # noqa: E402
-from srlora.experiments.report_long import by_seed, dynamics_table, paired_table, variant_table  # noqa: E402
-from srlora.experiments.rundata import load_runs  # noqa: E402
+from srlora.atomic import atomic_write_text
+from srlora.experiments.report_long import by_seed, dynamics_table, paired_table, variant_table
+from srlora.experiments.rundata import load_runs
 
 VARIANTS = {  # label -> (cell suffix, method, options)
     "LoRA": ("", "lora", []),

@@ -134,3 +134,55 @@ def test_resume_without_state_file_is_refused(tmp_path):
     trainer = Trainer(model=model2, args=_args(tmp_path), train_dataset=Tokens(), callbacks=[SRLoRACallback(ctl2)])
     with pytest.raises(FileNotFoundError, match=r"srlora_state\.pt is missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-60"))
+
+
+class LogReader(TrainerCallback):
+    """Stands for a reporting integration (TensorBoard, W&B): it reads the logs it is given."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self.seen.append(dict(logs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_logs_carry_srlora_figures_to_the_reporting_callbacks(tmp_path):
+    model, ctl = _model_and_ctl()
+    reader = LogReader()
+    # The reader is registered first, as the Trainer registers its reporting integrations
+    # before the user's callbacks: SRLoRA's callback moves itself in front of it.
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=45, save_steps=1000, logging_steps=10),
+        train_dataset=Tokens(),
+        callbacks=[reader, SRLoRACallback(ctl)],
+    )
+    trainer.train()
+    logged = [logs for logs in reader.seen if "loss" in logs]
+    assert len(logged) == 4 and all("srlora/switches" in logs for logs in logged)
+    # N_switch = 6, t_interval = 45 // 6 = 7: by the logs at steps 10, 20, 30, 40 the 12 layers
+    # have switched 1, 2, 4 and 5 times.
+    assert [logs["srlora/switches"] for logs in logged] == [12.0, 24.0, 48.0, 60.0]
+    assert logged[-1]["srlora/directions_used"] == 4 + 5 * 2 and logged[-1]["srlora/skipped_steps"] == 0
+    # The evicted pairs' mean score appears in the logs that follow a switch.
+    assert all("srlora/evicted_score" in logs and logs["srlora/evicted_score"] >= 0 for logs in logged)
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_callback_built_from_a_config_builds_srlora_on_the_trained_peft_model(tmp_path):
+    """TRL builds the PEFT model from a peft_config after the callbacks exist: the callback
+    then takes an SRLoRAConfig and builds the controller when training starts."""
+    model = peft.get_peft_model(
+        make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+    )
+    callback = SRLoRACallback(SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto"))
+    assert callback.controller is None
+    Trainer(
+        model=model, args=_args(tmp_path, max_steps=60, save_steps=1000), train_dataset=Tokens(), callbacks=[callback]
+    ).train()
+    ctl = callback.controller
+    assert ctl is not None and ctl.model is model and ctl.global_step == 60
+    assert sorted({e.step for e in ctl.history}) == [10, 20, 30, 40, 50]
+    with pytest.raises(TypeError, match="controller or an SRLoRAConfig"):
+        SRLoRACallback("r_target=64")

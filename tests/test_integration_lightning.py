@@ -85,8 +85,13 @@ def test_lightning_callback_schedule_and_clipped_importance(tmp_path):
     model, ctl = _build()
     layer = find_lora_targets(model, "default")[-1]
     rec = Recorder(layer)
-    _trainer(tmp_path, [SRLoRALightningCallback(ctl), rec]).fit(Module(model), _loader())
+    trainer = _trainer(tmp_path, [SRLoRALightningCallback(ctl), rec])
+    trainer.fit(Module(model), _loader())
     assert ctl.global_step == 120 == len(rec.snaps)
+    # SRLoRA's figures went through pl_module.log: 5 switches of 12 layers, 4 + 5 * 2 directions.
+    logged = trainer.logged_metrics
+    assert float(logged["srlora/switches"]) == 60.0 and float(logged["srlora/directions_used"]) == 14.0
+    assert float(logged["srlora/skipped_steps"]) == 0.0
     assert sorted({e.step for e in ctl.history}) == [20, 40, 60, 80, 100]
     assert max(rec.norms) <= 0.05 * (1 + 1e-4)
     last = max(e.step for e in ctl.history if e.layer == layer.name)

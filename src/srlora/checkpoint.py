@@ -31,7 +31,7 @@ from torch import nn
 from .atomic import atomic_torch_save
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .layer_state import refuse_sharded
+from .layer_batch import refuse_sharded
 from .layers import fingerprint, same_fingerprint
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
@@ -55,7 +55,7 @@ def _model_state(
     prints: dict[str, list[float]] = {}
     for layer in controller.layers.values():
         pname = names[id(layer.target.base_param)]
-        if layer.has_switched:
+        if layer.has_switched and not layer.target.quantized:  # a quantized base is never written
             state[pname] = layer.target.base_param.detach().cpu().clone()
         else:
             prints[pname] = fingerprint(layer.target.base_param)

@@ -38,14 +38,8 @@ from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_grads_
-from .layer_state import (
-    LayerState,
-    SwitchEvent,
-    adaptive_due,
-    check_build_order,
-    refuse_sharded,
-    switch_inputs,
-)
+from .layer_batch import adaptive_due, check_build_order, refuse_sharded, switch_inputs
+from .layer_state import LayerState, SwitchEvent
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
@@ -250,7 +244,8 @@ class SRLoRA:
     # ------------------------------------------------------------------ export
     def merge_and_unload(self) -> nn.Module:
         """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
-        same outputs). The controller is detached and must not be used afterwards."""
+        same outputs; a quantized layer becomes a float32 ``nn.Linear`` of its dequantized
+        weight plus its updates). The controller is detached and must not be used afterwards."""
         refuse_sharded(self._layers.values(), "merge_and_unload")
         self.detach()
         if self.directions is not None:
@@ -258,6 +253,9 @@ class SRLoRA:
         merge = getattr(self.model, "merge_and_unload", None)
         if merge is None:
             raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
+        from .export import merge_quantized_
+
+        merge_quantized_(self.model, self.layers)  # quantized layers become dequantized float32 Linear
         return merge(adapter_names=[self.config.adapter_name])
 
     def export_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:

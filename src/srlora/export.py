@@ -110,3 +110,22 @@ def export_lora(
             json.dumps({"rank": rank, "ranks": ranks, "relative_frobenius_error": errors}, indent=2)
         )
     return errors
+
+
+@torch.no_grad()
+def merge_quantized_(model: nn.Module, layers: Mapping[str, LayerState]) -> None:
+    """Replace each quantized LoRA layer by a float32 ``nn.Linear`` holding what it computes,
+    ``dequant(W_q) + side factors + s B A`` (and its bias): a dequantized, merged copy."""
+    for name, layer in layers.items():
+        t = layer.target
+        if not t.quantized:
+            continue
+        P, Q = layer.total_update_factors()
+        weight = t.dequantized() + P @ Q
+        bias = t.base_layer.bias
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)

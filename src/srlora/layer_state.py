@@ -19,7 +19,6 @@ The controller decides *when* a layer switches; the layer does the switch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +114,19 @@ class LayerState:
         self.fused_B = torch.zeros(w1 - w0, n_fused, dtype=torch.float32, device=device)  # this rank's rows
         self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
         self.exhausted = False
+        # A quantized base is never written. What SRLoRA would add to W stays beside it as
+        # low-rank side factors, applied by a forward hook:
+        #     W_eff = dequant(W_q) + s F_B F_A - s E_B E_A + s B A
+        # F: the fused pairs (the record above), E: every pair that ever entered the slots
+        # (the top r at the init, then each switch's new pairs), as they were stored.
+        self.entered_B: torch.Tensor | None = None
+        self.entered_A: torch.Tensor | None = None
+        if target.quantized:
+            self.entered_B = torch.zeros(m, budget.directions, dtype=torch.float32, device=device)
+            self.entered_A = torch.zeros(budget.directions, n, dtype=torch.float32, device=device)
+            self.entered_B[:, : budget.r] = target.lora_B.detach().float()
+            self.entered_A[: budget.r] = target.lora_A.detach().float()
+            target.module.register_forward_hook(self._add_side_factors)
         self.schedule: SwitchSchedule | None = None
         self.trigger: AdaptiveTrigger | None = None
         # A trigger state restored before the trigger exists (total_steps="auto": a
@@ -138,6 +150,22 @@ class LayerState:
             cache = cache.to(config.svd_device)
         pissa_init_(target, cache)
         return cls(target, cache, budget, config.beta1, config.beta2, print_)
+
+    def _add_side_factors(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """``output + x (s F_B F_A - s E_B E_A)^T``: the writes a quantized base never receives."""
+        assert self.entered_A is not None and self.entered_B is not None
+        used, p = self.pointer - self.r, self.pointer
+        x = args[0].to(torch.float32)
+        side = -(x @ self.entered_A[:p].T) @ self.entered_B[:, :p].T
+        if used:
+            side += (x @ self.fused_A[:used].T) @ self.fused_B[:, :used].T
+        return output + side.mul_(self.target.scaling).to(output.dtype)
+
+    @property
+    def side_factor_bytes(self) -> int:
+        """Memory of a quantized layer's side factors (its fused and entered records)."""
+        records = (self.fused_A, self.fused_B, self.entered_A, self.entered_B)
+        return sum(t.numel() * t.element_size() for t in records if t is not None) if self.target.quantized else 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -244,6 +272,10 @@ class LayerState:
         self.fused_B[:, used : used + self.r_prime] = local(self.target.lora_B.data)[:, slots_dev].float()
         self.fused_A[used : used + self.r_prime] = full(self.target.lora_A.data)[slots_dev].float()
         switch_pairs_(self.target, self.cache, slots, directions)
+        if self.entered_B is not None and self.entered_A is not None:  # a quantized base: record what entered
+            p = self.pointer
+            self.entered_B[:, p : p + self.r_prime] = self.target.lora_B[:, slots_dev].detach().float()
+            self.entered_A[p : p + self.r_prime] = self.target.lora_A[slots_dev].detach().float()
         self.pointer += self.r_prime
         self.used[directions] = True
         self.slot_direction[slots] = directions
@@ -257,6 +289,14 @@ class LayerState:
         """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32), from the
         record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
         t = self.target
+        if t.quantized and self.entered_B is not None and self.entered_A is not None:
+            used, p, s = self.pointer - self.r, self.pointer, t.scaling
+            device = self.fused_B.device
+            P = torch.cat(
+                [s * self.fused_B[:, :used], -s * self.entered_B[:, :p], s * t.lora_B.float().to(device)], dim=1
+            )
+            Q = torch.cat([self.fused_A[:used], self.entered_A[:p], t.lora_A.float().to(device)], dim=0)
+            return P, Q
         if t.sharded:
             raise NotImplementedError(
                 f"layer {self.name!r} is sharded (FSDP2): export and merge need the whole layer. Gather the model "
@@ -283,6 +323,8 @@ class LayerState:
             "importance": self.importance.state_dict(),
             "trigger": None if self.trigger is None else self.trigger.state_dict(),
             "fingerprint": self.fingerprint,
+            "entered_B": None if self.entered_B is None else self.entered_B[:, : self.pointer].clone(),
+            "entered_A": None if self.entered_A is None else self.entered_A[: self.pointer].clone(),
         }
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -314,6 +356,8 @@ class LayerState:
         n = self.target.shape[1]
         w0, w1 = self.target.row_span
         expected = {"fused_B": (w1 - w0, used), "fused_A": (used, n)}
+        if self.target.quantized:
+            expected.update({"entered_B": (self.target.shape[0], pointer), "entered_A": (pointer, n)})
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"layer {name!r}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
@@ -337,79 +381,11 @@ class LayerState:
         self.fused_A[:used] = state["fused_A"]
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
+        if self.entered_B is not None and self.entered_A is not None:
+            self.entered_B.zero_()
+            self.entered_A.zero_()
+            self.entered_B[:, :pointer] = state["entered_B"]
+            self.entered_A[:pointer] = state["entered_A"]
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)
-
-
-def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
-    """The layers whose adaptive trigger fires after optimizer step ``step`` and whose
-    schedule allows a switch then; every layer's scores reach the host in one transfer."""
-    flat = torch.cat([layer.importance.pair_scores().float() for layer in layers])
-    if any(layer.importance.partial for layer in layers):
-        all_reduce_(flat, like=layers[0].target.lora_A)
-    scores = flat.cpu().split([layer.r for layer in layers])
-    due = []
-    for layer, layer_scores in zip(layers, scores, strict=True):
-        assert layer.trigger is not None and layer.schedule is not None
-        # The trigger counts every step, even those on which the schedule forbids a switch.
-        fire = layer.trigger.update(layer_scores, layer.r_prime)
-        if fire and layer.schedule.allows(step, layer.switches_done):
-            due.append(layer)
-    return due
-
-
-def switch_inputs(
-    layers: Sequence[LayerState], extra: Sequence[torch.Tensor | None] | None = None
-) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor | None]]:
-    """What the switches of ``layers`` read on the host, in one device-to-host transfer:
-    each layer's pair scores, whether its ``A`` and ``B`` are finite, and an ``extra``
-    float vector per layer (the gradient policy's alignment EMA), all on the CPU."""
-    if not layers:
-        return [], [], []
-    extra = list(extra) if extra is not None else [None] * len(layers)
-    device = layers[0].importance.ibar_A.device
-    # Scores and non-finite counts first (summed over the ranks under FSDP2), then the extras.
-    shared, sizes = [], []
-    for layer in layers:
-        A, B = local(layer.target.lora_A), local(layer.target.lora_B)
-        bad = (~torch.isfinite(A)).any() | (~torch.isfinite(B)).any()
-        for piece in (layer.importance.pair_scores().float(), bad.float().reshape(1)):
-            shared.append(piece.to(device, non_blocking=True))
-            sizes.append(piece.numel())
-    flat = torch.cat(shared)
-    if any(layer.importance.partial for layer in layers):
-        all_reduce_(flat, like=layers[0].target.lora_A)
-    own = [more.float().to(device, non_blocking=True) for more in extra if more is not None]
-    host = torch.cat([flat, *own]).cpu()
-    flat, rest = host[: flat.numel()].split(sizes), host[flat.numel() :]
-    own_sizes = [more.numel() for more in extra if more is not None]
-    extras = iter(rest.split(own_sizes)) if own_sizes else iter(())
-    scores, finite, gathered = [], [], []
-    for i, more in enumerate(extra):
-        scores.append(flat[2 * i])
-        finite.append(not bool(flat[2 * i + 1].item()))
-        gathered.append(next(extras) if more is not None else None)
-    return scores, finite, gathered
-
-
-def check_build_order(layers: Iterable[LayerState]) -> None:
-    """Refuse layers that ``fully_shard`` split after SRLoRA was built (its state is shaped
-    for the whole layers it saw)."""
-    moved = [layer.name for layer in layers if layer.target.sharded != layer.sharded]
-    if moved:
-        raise RuntimeError(
-            f"{len(moved)} adapted layer(s) (e.g. {moved[0]!r}) were sharded by fully_shard after SRLoRA was "
-            f"built. Build it after sharding: get_peft_model -> fully_shard (each block, then the root) -> "
-            f"SRLoRA(model, config) -> optimizer -> attach."
-        )
-
-
-def refuse_sharded(layers: Iterable[LayerState], what: str) -> None:
-    """``what`` needs whole layers: refused under FSDP2 with the way out."""
-    if any(layer.target.sharded for layer in layers):
-        raise NotImplementedError(
-            f"{what} needs the whole layers, and this model is sharded with FSDP2. Save the model and optimizer "
-            f"with torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every "
-            f"rank, or gather the model (a full state dict) and use an unsharded copy."
-        )

@@ -44,9 +44,32 @@ class LoraTarget:
         return is_sharded(self.base_param)
 
     @property
+    def quantized(self) -> bool:
+        """The base is a bitsandbytes 4-bit or 8-bit layer: its weight is never written
+        (the layer's low-rank side factors carry what SRLoRA adds, :mod:`srlora.layer_state`)."""
+        return _is_quantized_lora(self.module)
+
+    @torch.no_grad()
+    def dequantized(self) -> torch.Tensor:
+        """The weight a quantized base applies, as float32 ``(m, n)`` (a new tensor).
+
+        Read by applying the layer to the identity (minus its bias), so it is exactly what the
+        forward computes whatever the backend's packing (on the CPU, bitsandbytes' own
+        ``dequantize_4bit`` was seen to disagree with its forward)."""
+        base = self.base_layer
+        n = self.shape[1]
+        eye = torch.eye(n, dtype=torch.float32, device=self.lora_A.device)
+        out = base(eye).float()
+        if getattr(base, "bias", None) is not None:
+            out = out - base.bias.float()
+        return out.T.contiguous()
+
+    @property
     def weight(self) -> torch.Tensor:
         """``W``, shape ``(m, n)``: a view of the frozen base weight's storage (under FSDP2,
-        of this rank's rows ``row_span``)."""
+        of this rank's rows ``row_span``). Not for a quantized base, which is never written."""
+        if self.quantized:
+            raise RuntimeError(f"layer {self.name!r}: the quantized base weight is never written; use dequantized().")
         data = local(self.base_param.data)
         return data.T if self.module.fan_in_fan_out else data
 
@@ -81,7 +104,9 @@ class LoraTarget:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the whole layer (sharded or not)."""
+        """``(m, n)`` of the whole layer (sharded or not; a quantized weight is stored packed)."""
+        if self.quantized:
+            return int(self.base_layer.out_features), int(self.base_layer.in_features)
         m, n = self.base_param.shape
         return (int(n), int(m)) if self.module.fan_in_fan_out else (int(m), int(n))
 
@@ -140,6 +165,13 @@ def _refuse_zero3(model: nn.Module) -> None:
         )
 
 
+def _is_quantized_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA layer over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
+    if type(module).__module__ != "peft.tuners.lora.bnb":
+        return False
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2), checked without importing transformers up front."""
     try:
@@ -178,19 +210,23 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     targets: list[LoraTarget] = []
     for name, mod in carrying:
         fix = f"exclude it from LoraConfig.target_modules (e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}])"
-        if type(mod) is not LoraLinear:
+        quantized = _is_quantized_lora(mod)
+        if type(mod) is not LoraLinear and not quantized:
             raise ValueError(
-                f"SRLoRA supports LoRA on nn.Linear and transformers' Conv1D only; layer {name!r} is a "
-                f"{type(mod).__module__}.{type(mod).__name__} (quantized bases and embedding/conv LoRA are not "
-                f"supported). Fix: {fix}, or load the base model unquantized."
+                f"SRLoRA supports LoRA on nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit / "
+                f"Linear8bitLt; layer {name!r} is a {type(mod).__module__}.{type(mod).__name__} (other quantized "
+                f"bases and embedding/conv LoRA are not supported). Fix: {fix}, or load the base model unquantized "
+                f"or in bitsandbytes 4/8 bits."
             )
         base = mod.get_base_layer()
-        if type(base) is not nn.Linear and not _is_conv1d(base):
+        if quantized:
+            pass  # the weight is packed integers; SRLoRA reads it dequantized and never writes it
+        elif type(base) is not nn.Linear and not _is_conv1d(base):
             raise ValueError(
                 f"Layer {name!r} wraps a {type(base).__name__}, not nn.Linear or transformers' Conv1D; SRLoRA needs a "
                 f"plain float weight to decompose. Fix: {fix}, or load the base model unquantized."
             )
-        if not base.weight.dtype.is_floating_point or base.weight.dtype not in (
+        if not quantized and base.weight.dtype not in (
             torch.float32,
             torch.float16,
             torch.bfloat16,
@@ -222,7 +258,7 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
                     f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
                     f"block that holds the whole PEFT layer)."
                 )
-        if target.weight.device.type == "meta":
+        if target.base_param.device.type == "meta":
             raise ValueError(f"Layer {name!r} lives on the meta device; load real weights before SRLoRA.")
         targets.append(target)
     return targets

@@ -12,9 +12,12 @@ The PiSSA factors of directions ``J`` are::
 so that ``s B_J A_J = U[:, J] diag(S[J]) V[:, J]^T`` for any ``s``.
 
 Both operations only move terms between ``W`` and ``s B A``; the layer's function is
-unchanged up to float rounding. Everything runs under ``torch.no_grad()``, in float32,
-and writes into the existing tensors (``copy_``/indexed assignment), so optimizer and
-DDP references to the parameters stay valid.
+unchanged up to float rounding. A quantized base (bitsandbytes 4/8-bit) is never written:
+there only ``B`` and ``A`` change, and :class:`~srlora.layer_state.LayerState` keeps the
+terms that would have entered ``W`` as low-rank side factors applied in the forward.
+Everything runs under ``torch.no_grad()``, in float32, and writes into the existing
+tensors (``copy_``/indexed assignment), so optimizer and DDP references to the parameters
+stay valid.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def effective_weight(target: LoraTarget) -> torch.Tensor:
     if target.sharded:
         B, A = full(target.lora_B.data).float(), full(target.lora_A.data).float()
         return full(target.base_param.data).float() + target.scaling * (B @ A)
+    if target.quantized:
+        return target.dequantized() + target.scaling * (target.lora_B.float() @ target.lora_A.float())
     B = target.lora_B.float()
     A = target.lora_A.float()
     return target.weight.float() + target.scaling * (B @ A)
@@ -66,6 +71,17 @@ def pissa_init_(target: LoraTarget, cache: SVDCache) -> None:
     """
     if target.sharded:
         _pissa_init_sharded_(target, cache)
+        return
+    if target.quantized:  # W is never written: the layer's side factors take -s B A (layer_state)
+        if bool(target.lora_B.detach().any()):
+            raise ValueError(
+                f"Layer {target.name!r}: a quantized layer whose adapter already carries an update (B != 0) is not "
+                f"supported; start SRLoRA from a fresh LoRA adapter."
+            )
+        U, S, V = cache.directions(torch.arange(target.r), target.lora_A.device)
+        B_new, A_new = pissa_factors(U, S, V, target.scaling)
+        target.lora_B.data.copy_(B_new)
+        target.lora_A.data.copy_(A_new)
         return
     r = target.r
     device = target.weight.device
@@ -92,6 +108,14 @@ def switch_pairs_(target: LoraTarget, cache: SVDCache, slots: torch.Tensor, dire
     """
     if target.sharded:
         _switch_pairs_sharded_(target, cache, slots, directions)
+        return
+    if target.quantized:  # W is never written: the layer's side factors record both pairs (layer_state)
+        device = target.lora_A.device
+        slots = to_device(slots, device)
+        U, S, V = cache.directions(directions, device)
+        B_new, A_new = pissa_factors(U, S, V, target.scaling)
+        target.lora_B.data[:, slots] = B_new.to(target.lora_B.dtype)
+        target.lora_A.data[slots] = A_new.to(target.lora_A.dtype)
         return
     device = target.weight.device
     slots = to_device(slots, device)

@@ -10,19 +10,31 @@ clipping, once per optimizer step under gradient accumulation, and not at all on
 the fp16 scaler skips. ``total_steps="auto"`` takes the Trainer's ``max_steps``. At every
 checkpoint it writes ``srlora_state.pt`` (controller state and the frozen weights SRLoRA
 changed, which PEFT's adapter checkpoint does not hold) into the checkpoint folder, and
-restores it when the Trainer resumes.
+restores it when the Trainer resumes. At every logging step it adds SRLoRA's figures to the
+logs (``srlora/switches``, ``srlora/directions_used``, ``srlora/skipped_steps``, and after a
+switch ``srlora/evicted_score``), so they reach the Trainer's reporting integrations.
+
+With TRL, which builds the PEFT model itself from a ``peft_config``, give the callback the
+config instead of a controller::
+
+    trainer = SFTTrainer(model=base, peft_config=LoraConfig(...), train_dataset=ds, args=args,
+                         callbacks=[SRLoRACallback(SRLoRAConfig(r_target=64, total_steps="auto"))])
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
 from ..atomic import atomic_torch_save
 from ..checkpoint import method_state, restore_method_state
+from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
+from .figures import figures
 
 __all__ = ["STATE_FILE", "SRLoRACallback", "unwrap_optimizer"]
 
@@ -30,17 +42,37 @@ STATE_FILE = "srlora_state.pt"
 
 
 class SRLoRACallback(TrainerCallback):
-    """Drives an :class:`~srlora.SRLoRA` controller from a ``transformers.Trainer``."""
+    """Drives an :class:`~srlora.SRLoRA` controller from a ``transformers.Trainer`` (or TRL's
+    ``SFTTrainer``, which subclasses it).
 
-    def __init__(self, controller: SRLoRA) -> None:
-        if not isinstance(controller, SRLoRA):
-            raise TypeError(f"SRLoRACallback needs an SRLoRA controller, got {type(controller).__name__}.")
-        self.controller = controller
+    Args:
+        controller: a controller built on the PEFT model, or an :class:`~srlora.SRLoRAConfig`:
+            the controller is then built when training starts, on the PEFT model the trainer
+            trains (TRL builds it from a ``peft_config``, after the callbacks exist).
+    """
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
-        ctl = self.controller
+    def __init__(self, controller: SRLoRA | SRLoRAConfig) -> None:
+        if isinstance(controller, SRLoRAConfig):
+            self.config: SRLoRAConfig | None = controller
+            self.controller: SRLoRA | None = None
+        elif isinstance(controller, SRLoRA):
+            self.config, self.controller = None, controller
+        else:
+            raise TypeError(
+                f"SRLoRACallback needs an SRLoRA controller or an SRLoRAConfig, got {type(controller).__name__}."
+            )
+        self._logged_events = 0
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if optimizer is None:
             raise RuntimeError("the Trainer passed no optimizer to on_train_begin; SRLoRA cannot attach.")
+        if self.controller is None:
+            assert self.config is not None
+            if model is None:
+                raise RuntimeError("the Trainer passed no model to on_train_begin; SRLoRA cannot be built.")
+            # The optimizer already holds the LoRA parameters; SRLoRA rewrites them in place.
+            self.controller = SRLoRA(_peft_model(model), self.config)
+        ctl = self.controller
         ctl.set_total_steps(int(state.max_steps))
         if ctl.attached:
             ctl.detach()
@@ -54,14 +86,55 @@ class SRLoRACallback(TrainerCallback):
                     f"SRLoRACallback in the callbacks."
                 )
             restore_method_state(path, ctl.model, ctl)
+        self._logged_events = len(ctl.history)
+        _run_first(self)
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Adds SRLoRA's figures to the Trainer's logs (so TensorBoard, W&B... receive them)."""
+        if logs is not None and self.controller is not None:
+            logs.update(figures(self.controller, since_event=self._logged_events))
+            self._logged_events = len(self.controller.history)
         return control
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.is_world_process_zero:
+        if state.is_world_process_zero and self.controller is not None:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             atomic_torch_save(method_state(self.controller.model, self.controller), folder / STATE_FILE)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        self.controller.detach()
+        if self.controller is not None:
+            self.controller.detach()
         return control
+
+
+def _peft_model(model: Any) -> Any:
+    """The PEFT model inside what the Trainer passes (it may be wrapped, e.g. by DDP)."""
+    for _ in range(4):
+        if hasattr(model, "peft_config"):
+            return model
+        model = getattr(model, "module", model)
+    raise TypeError(
+        f"SRLoRACallback built from a config needs a PEFT model; the Trainer trains a {type(model).__name__}. "
+        f"Pass a peft_config to the trainer (TRL) or wrap the model with peft.get_peft_model first."
+    )
+
+
+def _run_first(callback: TrainerCallback) -> None:
+    """Move ``callback`` to the front of the Trainer's callback list, so that its ``on_log``
+    adds SRLoRA's figures before the reporting integrations (TensorBoard, W&B...) read the
+    logs: the Trainer puts user callbacks after them. The handler is the caller of the
+    event (``CallbackHandler.call_event``); if it is not found, the figures reach only the
+    callbacks registered after this one."""
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = inspect.currentframe()
+    for _ in range(6):
+        frame = frame.f_back if frame is not None else None
+        handler = frame.f_locals.get("self") if frame is not None else None
+        if isinstance(handler, CallbackHandler):
+            if callback in handler.callbacks:
+                handler.callbacks.remove(callback)
+                handler.callbacks.insert(0, callback)
+            return

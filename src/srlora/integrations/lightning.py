@@ -9,7 +9,9 @@ built. Lightning runs backward and gradient clipping inside the closure it passe
 ``optimizer.step``, and the controller updates the importance right after that closure,
 so the scores see the clipped (and, under AMP, unscaled) gradients, once per optimizer
 step under ``accumulate_grad_batches``. ``total_steps="auto"`` takes
-``trainer.estimated_stepping_batches``. The controller's state is this callback's state
+``trainer.estimated_stepping_batches``. After every training batch it logs SRLoRA's figures
+(``srlora/switches``, ``srlora/directions_used``, ``srlora/skipped_steps``, after a switch
+``srlora/evicted_score``) with ``pl_module.log``. The controller's state is this callback's state
 in Lightning checkpoints (Lightning's own checkpoint holds the whole module, frozen
 weights included), so ``trainer.fit(module, ckpt_path=...)`` resumes it.
 """
@@ -22,6 +24,7 @@ from lightning.pytorch import Callback
 
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
+from .figures import figures
 
 
 class SRLoRALightningCallback(Callback):
@@ -32,6 +35,7 @@ class SRLoRALightningCallback(Callback):
             raise TypeError(f"SRLoRALightningCallback needs an SRLoRA controller, got {type(controller).__name__}.")
         self.controller = controller
         self._pending: dict[str, Any] | None = None
+        self._logged_events = 0
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -49,6 +53,13 @@ class SRLoRALightningCallback(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.controller.detach()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """SRLoRA's figures through Lightning's own logging (its loggers receive them)."""
+        values = figures(self.controller, since_event=self._logged_events)
+        self._logged_events = len(self.controller.history)
+        for name, value in values.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"controller": self.controller.state_dict()}

@@ -33,6 +33,11 @@ def load(model: str | None) -> tuple[torch.nn.Module, object]:
     folder = assets.fetch("smollm2")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF)
     lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are dequantised float32 now, but transformers still marks the model as
+    # GGUF-quantized, which its Trainer refuses to train: clear the mark.
+    lm.is_quantized, lm.hf_quantizer = False, None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
     return lm, tok
 
 

@@ -155,3 +155,40 @@ def test_fine_foods_on_minilm(minilm, tmp_path):
     )
     res = run(cfg, tmp_path / "run", task=task, progress=False)
     assert set(res["final"]) == {"step", "eval_loss", "accuracy", "f1"}
+
+
+def _example(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).parent.parent / "examples"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_trl_sft_example_on_smollm2():
+    """TRL's SFTTrainer builds the PEFT model; the callback builds SRLoRA on it, takes the step
+    count from epochs x examples / (batch x accumulation) and logs its figures."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("trl")
+    out = _example("trl_sft").main(["--examples", "16", "--epochs", "1", "--r-target", "16"])
+    # 16 examples, batch 2, 2 accumulated micro-batches: 4 optimizer steps; N_switch = 2 at t = 2.
+    assert out["steps"] == 4 and out["layers"] == 30 * 7 and out["switches"] == 30 * 7
+    logged = [entry for entry in out["logs"] if "loss" in entry]
+    assert [entry["srlora/switches"] for entry in logged] == [0.0, 210.0, 210.0, 210.0]
+    assert logged[-1]["srlora/directions_used"] == 12.0
+
+
+@pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+def test_qlora_example_on_smollm2():
+    pytest.importorskip("gguf")
+    bnb = pytest.importorskip("bitsandbytes")
+    out = _example("qlora").main(["--steps", "5", "--r-target", "16"])
+    assert out["layers"] == 30 * 7 and out["switches"] == 2 * 30 * 7
+    assert all(torch.isfinite(torch.tensor(out["losses"]))) and out["losses"][-1] < out["losses"][0]
+    assert bnb is not None and out["side_bytes"] > 0

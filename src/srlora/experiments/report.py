@@ -401,6 +401,9 @@ def render(seeds: list[int], root: Path) -> Path:
     md += section(section_paper_scale(root, done_main), have_main)
     long = long_study_jobs(seeds, root)
     md += section_long(root, seeds, old)
+    from .report_more import section_gpu, section_llm_init, section_qlora
+
+    md += section_llm_init(root) + section_qlora(root) + section_gpu(root)
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")

@@ -200,6 +200,11 @@ class SRLoRA:
         """
         if self._hooks:
             raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
+        if any(layer.target.zero3 for layer in self._layers.values()):
+            raise RuntimeError(
+                "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
+                "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
+            )
         optimizer = unwrap_optimizer(optimizer)
         self._bind(optimizer)
         self._hooks = [
@@ -307,7 +312,7 @@ class SRLoRA:
 
     @torch.no_grad()
     def _update_importance(self) -> bool:
-        layers = [layer for layer in self._layers.values() if layer.target.lora_A.grad is not None]
+        layers = [ly for ly in self._layers.values() if ly.target.zero3 or ly.target.lora_A.grad is not None]
         if not layers:
             return False
         if self.global_step == 0 and self._optimizer is None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from .sharding import all_reduce_, local, local_index
+from .zero3 import full_grad, full_master, is_partitioned
 
 
 class PairImportance:
@@ -150,16 +151,23 @@ def update_importance_from_grads_(
     The finite check reads the largest ``|g|`` of each tensor (finite exactly when every
     entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers.
     """
-    if any(A.grad is None or B.grad is None for A, B in params):
+    if any(is_partitioned(A) for A, _ in params):  # ZeRO-3: whole gradients and fp32 masters
+        weights_A, weights_B = [full_master(A) for A, _ in params], [full_master(B) for _, B in params]
+        grads_A, grads_B = [full_grad(A) for A, _ in params], [full_grad(B) for _, B in params]
+    else:
+        if any(A.grad is None or B.grad is None for A, B in params):
+            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+        # Under FSDP2 each rank works on its shards (local views of the DTensors).
+        weights_A, weights_B = [local(A) for A, _ in params], [local(B) for _, B in params]
+        grads_A = [local(A.grad) for A, _ in params]  # type: ignore[arg-type]
+        grads_B = [local(B.grad) for _, B in params]  # type: ignore[arg-type]
+    if any(g is None for g in (*grads_A, *grads_B)):
         raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
-    # Under FSDP2 each rank works on its shards (local views of the DTensors).
-    grads_A = [local(A.grad) for A, _ in params]  # type: ignore[arg-type]
-    grads_B = [local(B.grad) for _, B in params]  # type: ignore[arg-type]
-    peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))
+    peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))  # type: ignore[arg-type]
     device = peaks[0].device
     finite = torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all()
     finite = all_reduce_(finite.float(), like=params[0][0], op="min")  # every rank skips together
     if not bool(finite):
         return False
-    update_importance_(states, [local(A) for A, _ in params], grads_A, [local(B) for _, B in params], grads_B)
+    update_importance_(states, weights_A, grads_A, weights_B, grads_B)  # type: ignore[arg-type]
     return True

@@ -76,10 +76,11 @@ def check_build_order(layers: Iterable[LayerState]) -> None:
 
 
 def refuse_sharded(layers: Iterable[LayerState], what: str) -> None:
-    """``what`` needs whole layers: refused under FSDP2 with the way out."""
-    if any(layer.target.sharded for layer in layers):
+    """``what`` needs whole layers: refused under FSDP2 and ZeRO-3 with the way out."""
+    if any(layer.target.sharded or layer.target.zero3 for layer in layers):
         raise NotImplementedError(
-            f"{what} needs the whole layers, and this model is sharded with FSDP2. Save the model and optimizer "
-            f"with torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every "
-            f"rank, or gather the model (a full state dict) and use an unsharded copy."
+            f"{what} needs the whole layers, and this model is sharded (FSDP2 or DeepSpeed ZeRO-3). Save the model "
+            f"and optimizer with the framework's own checkpoint (torch.distributed.checkpoint, engine.save_checkpoint) "
+            f"and SRLoRA's state with torch.save(ctl.state_dict()) on every rank, or gather the model (a full state "
+            f"dict) and use an unsharded copy."
         )

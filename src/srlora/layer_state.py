@@ -33,6 +33,7 @@ from .recompose import effective_weight, pissa_init_, switch_pairs_
 from .schedule import AdaptiveTrigger, SwitchSchedule
 from .sharding import all_reduce_, full, local
 from .svd import SVDCache, distributed_top_triplets
+from .zero3 import gathered, set_master
 
 
 @dataclass(frozen=True)
@@ -139,16 +140,22 @@ class LayerState:
     ) -> LayerState:
         """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
         given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it."""
-        w_eff = effective_weight(target)
-        print_ = fingerprint(w_eff, target.base_layer.bias)
-        if cache is None:
-            cache = distributed_top_triplets(w_eff, budget.directions, config)
-        del w_eff
-        if target.sharded and config.direction_policy != "gradient":
-            cache = cache.keep_rows(*target.row_span)  # U of this rank's rows only (srlora.sharding)
-        if config.svd_device is not None:
-            cache = cache.to(config.svd_device)
-        pissa_init_(target, cache)
+        params = (target.base_param, target.base_layer.bias, target.lora_A, target.lora_B)
+        with gathered(params, modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept
+            w_eff = effective_weight(target)
+            print_ = fingerprint(w_eff, target.base_layer.bias)
+            if cache is None:
+                cache = distributed_top_triplets(w_eff, budget.directions, config)
+            del w_eff
+            if target.sharded and config.direction_policy != "gradient":
+                cache = cache.keep_rows(*target.row_span)  # U of this rank's rows only (srlora.sharding)
+            if config.svd_device is not None:
+                cache = cache.to(config.svd_device)
+            pissa_init_(target, cache)
+            new_A, new_B = target.lora_A.detach().clone(), target.lora_B.detach().clone()
+        if target.zero3:
+            set_master(target.lora_A, new_A)
+            set_master(target.lora_B, new_B)
         return cls(target, cache, budget, config.beta1, config.beta2, print_)
 
     def _add_side_factors(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -267,6 +274,24 @@ class LayerState:
             evicted=tuple(self.slot_direction[slots].tolist()),
             scores=tuple(scores[slots].tolist()),
         )
+        t = self.target
+        with gathered((t.base_param, t.lora_A, t.lora_B), modify=True):  # ZeRO-3: whole, rank 0 writes
+            self._switch_pairs(slots, directions)
+            new_A, new_B = (t.lora_A.detach().clone(), t.lora_B.detach().clone()) if t.zero3 else (None, None)
+        if new_A is not None and new_B is not None:
+            set_master(t.lora_A, new_A)
+            set_master(t.lora_B, new_B)
+        self.pointer += self.r_prime
+        self.used[directions] = True
+        self.slot_direction[slots] = directions
+        self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
+        if self.trigger is not None:
+            self.trigger.switched()
+        return event
+
+    def _switch_pairs(self, slots: torch.Tensor, directions: torch.Tensor) -> None:
+        """Record the fused pairs, fuse and re-initialise them (:func:`switch_pairs_`), and for
+        a quantized base record the pairs that entered."""
         used = self.pointer - self.r
         slots_dev = to_device(slots, self.fused_B.device)
         self.fused_B[:, used : used + self.r_prime] = local(self.target.lora_B.data)[:, slots_dev].float()
@@ -276,13 +301,6 @@ class LayerState:
             p = self.pointer
             self.entered_B[:, p : p + self.r_prime] = self.target.lora_B[:, slots_dev].detach().float()
             self.entered_A[p : p + self.r_prime] = self.target.lora_A[slots_dev].detach().float()
-        self.pointer += self.r_prime
-        self.used[directions] = True
-        self.slot_direction[slots] = directions
-        self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
-        if self.trigger is not None:
-            self.trigger.switched()
-        return event
 
     @torch.no_grad()
     def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,10 +315,10 @@ class LayerState:
             )
             Q = torch.cat([self.fused_A[:used], self.entered_A[:p], t.lora_A.float().to(device)], dim=0)
             return P, Q
-        if t.sharded:
+        if t.sharded or t.zero3:
             raise NotImplementedError(
-                f"layer {self.name!r} is sharded (FSDP2): export and merge need the whole layer. Gather the model "
-                f"first (e.g. torch.distributed.checkpoint's full state dict) or export from an unsharded copy."
+                f"layer {self.name!r} is sharded (FSDP2 or ZeRO-3): export and merge need the whole layer. Gather "
+                f"the model first (a full state dict) or export from an unsharded copy."
             )
         s = t.scaling
         used = self.pointer - self.r

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .sharding import check_row_sharded, full, is_sharded, local, row_span
+from .zero3 import is_partitioned
 
 
 @dataclass
@@ -42,6 +43,11 @@ class LoraTarget:
     def sharded(self) -> bool:
         """The layer's parameters are FSDP2 DTensors (:mod:`srlora.sharding`)."""
         return is_sharded(self.base_param)
+
+    @property
+    def zero3(self) -> bool:
+        """The layer's parameters are DeepSpeed ZeRO-3 partitions (:mod:`srlora.zero3`)."""
+        return is_partitioned(self.base_param) or is_partitioned(self.lora_A)
 
     @property
     def quantized(self) -> bool:
@@ -81,7 +87,7 @@ class LoraTarget:
     @property
     def pair_span(self) -> tuple[int, int]:
         """The rows of ``A`` (pairs) this rank holds: all, unless sharded."""
-        return row_span(self.lora_A)
+        return row_span(self.lora_A) if is_sharded(self.lora_A) else (0, self.r)
 
     @property
     def lora_A(self) -> nn.Parameter:
@@ -107,7 +113,7 @@ class LoraTarget:
         """``(m, n)`` of the whole layer (sharded or not; a quantized weight is stored packed)."""
         if self.quantized:
             return int(self.base_layer.out_features), int(self.base_layer.in_features)
-        m, n = self.base_param.shape
+        m, n = getattr(self.base_param, "ds_shape", self.base_param.shape)  # ZeRO-3 keeps its whole shape there
         return (int(n), int(m)) if self.module.fan_in_fan_out else (int(m), int(n))
 
 
@@ -154,17 +160,6 @@ def _refuse_fsdp1(model: nn.Module) -> None:
         )
 
 
-def _refuse_zero3(model: nn.Module) -> None:
-    """DeepSpeed ZeRO-3 partitions every parameter into flat buffers: refused, FSDP2 is the path."""
-    if any(hasattr(p, "ds_numel") or hasattr(p, "ds_status") for p in model.parameters()):
-        raise NotImplementedError(
-            "SRLoRA does not support DeepSpeed ZeRO-3 (partitioned parameters): the SVD, the scores and the "
-            "switches need each adapted layer's weight and the optimizer's moments per entry. Shard with FSDP2 "
-            "instead (torch.distributed.fsdp.fully_shard; docs/INTEGRATIONS.md, FSDP2), or use ZeRO-1/2, which "
-            "leave the weights whole (the same as DDP for SRLoRA)."
-        )
-
-
 def _is_quantized_lora(module: nn.Module) -> bool:
     """A PEFT LoRA layer over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
     if type(module).__module__ != "peft.tuners.lora.bnb":
@@ -193,7 +188,6 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     from peft.tuners.lora import LoraLayer
 
     _refuse_fsdp1(model)
-    _refuse_zero3(model)
 
     lora_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, LoraLayer)]
     if not lora_layers:
@@ -245,6 +239,10 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
         if mod.merged:
             raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before SRLoRA.")
         target = LoraTarget(name=name, module=mod, adapter=adapter)
+        if target.zero3 and (quantized or mod.fan_in_fan_out):
+            raise ValueError(
+                f"Layer {name!r}: DeepSpeed ZeRO-3 with a quantized or Conv1D (fan_in_fan_out) layer is not supported."
+            )
         if target.sharded or is_sharded(target.lora_A):
             if mod.fan_in_fan_out:
                 raise ValueError(

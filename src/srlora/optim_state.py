@@ -35,6 +35,8 @@ import torch
 from .devices import to_device
 from .errors import UnsupportedOptimizerWarning
 from .sharding import is_sharded, local, local_index, row_span
+from .zero3 import is_partitioned
+from .zero3 import zero_moments as zero3_zero_moments
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
@@ -55,7 +57,9 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def require_params(optimizer: torch.optim.Optimizer, params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
-    """Raise ``ValueError`` unless ``optimizer`` holds every tensor of ``params`` (by layer)."""
+    """Raise ``ValueError`` unless ``optimizer`` holds every tensor of ``params`` (by layer).
+    (ZeRO-3 parameters are held by DeepSpeed's optimizer through flat partitions: not checked.)"""
+    params = {k: v for k, v in params.items() if not any(is_partitioned(t) for t in v)}
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, tensors in params.items() if any(id(t) not in held for t in tensors)]
     if missing:
@@ -199,6 +203,11 @@ class OptimizerStateReset:
     def on_switch(self, key: str, lora_A: torch.Tensor, lora_B: torch.Tensor, slots: torch.Tensor) -> None:
         """Pairs ``slots`` (rows of ``A (r, n)``, columns of ``B (m, r)``) were recycled."""
         if self.optimizer is None or self.mode == "none" or self.kind == "other":
+            return
+        if is_partitioned(lora_A):  # ZeRO-3: through DeepSpeed's accessors; "seed" acts as "zero"
+            keys = ADAM_MOMENTS[:2] if self.kind == "adam" else SGD_MOMENTS
+            zero3_zero_moments(lora_A, slots, 0, keys)
+            zero3_zero_moments(lora_B, slots, 1, keys)
             return
         zero_moments_(self.optimizer, lora_A, slots, dim=0)
         zero_moments_(self.optimizer, lora_B, slots, dim=1)

@@ -1,0 +1,108 @@
+"""Run by test_distributed.py under torchrun (2 processes, CPU): SRLoRA under DeepSpeed ZeRO-3,
+driven by hand around the engine, each rank on its half of every global batch; also without
+torchrun, as the single-process reference on the full batches.
+
+    torchrun --nproc_per_node 2 zero3_worker.py OUT [--order before|after]
+    python zero3_worker.py OUT --reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+
+from srlora import SRLoRA, SRLoRAConfig
+
+STEPS, GLOBAL_BATCH = 45, 8
+CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + step)
+    return {
+        "input_ids": torch.randint(0, 100, (GLOBAL_BATCH, 12), generator=g),
+        "labels": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
+    }
+
+
+def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from srlora.zero3 import gathered
+
+    out = {}
+    with gathered(list(model.parameters()), modify=False):
+        for name, layer in ctl.layers.items():
+            t = layer.target
+            out[name] = t.base_param.detach().float() + t.scaling * (t.lora_B.detach().float() @ t.lora_A.float())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--order", default="after", choices=["before", "after"])
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    if args.reference:
+        ctl = SRLoRA(model, CONFIG)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        for step in range(STEPS):
+            CASES["bert"].loss(model, batch(step)).backward()
+            ctl.update_importance()
+            opt.step()
+            ctl.step(opt)
+            opt.zero_grad()
+        torch.save(
+            {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history]},
+            args.out / "reference.pt",
+        )
+        return
+
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if args.order == "before":
+        ctl = SRLoRA(model, CONFIG)  # on the whole model; DeepSpeed partitions the result
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    if args.order == "after":
+        ctl = SRLoRA(model, CONFIG)  # on the partitioned model: gathered per layer
+        try:
+            ctl.attach(optimizer)
+        except RuntimeError as exc:
+            refused = str(exc)
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
+        loss = engine(**b).loss
+        engine.backward(loss)
+        ctl.update_importance()
+        engine.step()
+        ctl.step(optimizer)
+    result = {
+        "weights": effective_weights(ctl, model),
+        "history": [e.to_dict() for e in ctl.history],
+        "refused": refused if args.order == "after" else None,
+    }
+    torch.save(result, args.out / f"{args.order}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

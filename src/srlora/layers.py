@@ -64,7 +64,11 @@ class LoraTarget:
         ``dequantize_4bit`` was seen to disagree with its forward)."""
         base = self.base_layer
         n = self.shape[1]
-        eye = torch.eye(n, dtype=torch.float32, device=self.lora_A.device)
+        # An input that requires grad: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit
+        # weight for its inference kernel (gemv_4bit, which has no backward) on the first
+        # eval-mode forward of an input that does not; every later training step would then
+        # lose the gradient through the base weight.
+        eye = torch.eye(n, dtype=torch.float32, device=self.lora_A.device).requires_grad_(True)
         out = base(eye).float()
         if getattr(base, "bias", None) is not None:
             out = out - base.bias.float()

@@ -1,5 +1,6 @@
 """SRLoRA against PEFT QLoRA on a 4-bit (NF4) model with the shapes of SmolLM2-135M:
-step time (the two models in rotation, in one process) and the memory of SRLoRA's side
+step time (PEFT QLoRA, a second identical PEFT QLoRA as the noise floor, and SRLoRA in
+rotation, in one process) and the memory of SRLoRA's side
 factors against the 4-bit weights, worst case (every layer at r_target).
 
     python benchmarks/qlora_overhead.py                 # r = 8, r_target = 64, 8 timed steps each
@@ -61,7 +62,9 @@ def main() -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         LlamaForCausalLM(cfg).save_pretrained(folder)
-        models = {"qlora": build(folder, args.device, args.r), "srlora": build(folder, args.device, args.r)}
+        # "control": a second, identical PEFT QLoRA model in the same rotation, whose ratio to
+        # "qlora" is the noise floor of the step-time ratio.
+        models = {name: build(folder, args.device, args.r) for name in ("qlora", "control", "srlora")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctl = SRLoRA(models["srlora"], SRLoRAConfig(r_target=args.r_target, switch_interval=10**9))
@@ -74,18 +77,25 @@ def main() -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(2 + args.steps):
-        for name in list(models) if i % 2 == 0 else list(reversed(list(models))):
-            sync()
-            start = time.perf_counter()
-            models[name](input_ids=ids, labels=ids).loss.backward()
-            opts[name].step()
-            opts[name].zero_grad()
-            sync()
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def timed(steps: int) -> dict[str, float]:
+        """Median step time of each model over ``steps`` steps (after 2 warm-up steps), the
+        models in rotation, the order reversed every step."""
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for i in range(2 + steps):
+            for name in list(models) if i % 2 == 0 else list(reversed(list(models))):
+                sync()
+                start = time.perf_counter()
+                models[name](input_ids=ids, labels=ids).loss.backward()
+                opts[name].step()
+                opts[name].zero_grad()
+                sync()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - start)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    for model in models.values():
+        model.train()
+    med = timed(args.steps)  # before any switch: side factors of rank r
 
     # Worst-case memory: run every layer's switches up to r_target (side factors then full).
     weight_4bit = sum(
@@ -96,6 +106,7 @@ def main() -> dict:
     side_allocated = sum(layer.side_factor_bytes for layer in ctl.layers.values())
     while ctl.switch(opts["srlora"]):
         pass
+    med_full = timed(max(args.steps // 2, 2))  # every layer at r_target: side factors of rank 2 r_target - r
     used = sum(
         (layer.target.shape[0] + layer.target.shape[1]) * (2 * layer.pointer - layer.r) * 4
         for layer in ctl.layers.values()
@@ -112,7 +123,11 @@ def main() -> dict:
         "batch": args.batch,
         "step_s_qlora": med["qlora"],
         "step_s_srlora": med["srlora"],
+        "step_s_control": med["control"],
         "ratio": med["srlora"] / med["qlora"],
+        "control_ratio": med["control"] / med["qlora"],
+        "ratio_at_r_target": med_full["srlora"] / med_full["qlora"],
+        "control_ratio_at_r_target": med_full["control"] / med_full["qlora"],
         "weights_4bit_bytes": weight_4bit,
         "side_factor_bytes_at_r_target": used,
         "side_factor_bytes_allocated": side_allocated,
@@ -124,7 +139,12 @@ def main() -> dict:
     )
     print(
         f"step time  PEFT QLoRA {med['qlora'] * 1e3:.0f} ms   SRLoRA {med['srlora'] * 1e3:.0f} ms   "
-        f"ratio {out['ratio']:.3f} (medians of {args.steps} steps each, in rotation)"
+        f"ratio {out['ratio']:.3f}; control (a second PEFT QLoRA) / QLoRA {out['control_ratio']:.3f} "
+        f"(medians of {args.steps} steps each, in rotation)"
+    )
+    print(
+        f"after every switch (side factors at rank 2 r_target - r): ratio {out['ratio_at_r_target']:.3f}; "
+        f"control / QLoRA {out['control_ratio_at_r_target']:.3f}"
     )
     print(
         f"4-bit weights of the adapted layers {weight_4bit / 2**20:.1f} MiB; SRLoRA's side factors at r_target "

@@ -118,13 +118,23 @@ def section_qlora(root: Path) -> list[str]:
         "",
         f"`python benchmarks/qlora_overhead.py --json docs/results/qlora.json` on {d['machine']}: random weights",
         f"with SmolLM2-135M's shapes in NF4, {d['layers']} adapted layers, r = {d['r']}, r_target = {d['r_target']},",
-        f"batch {d['batch']}, PEFT QLoRA and SRLoRA in rotation in one process.",
+        f"batch {d['batch']}, PEFT QLoRA, a second identical PEFT QLoRA (the control) and SRLoRA in rotation in one",
+        "process.",
         "",
         "| figure | value |",
         "|---|---|",
         f"| median step, PEFT QLoRA | {d['step_s_qlora'] * 1e3:.0f} ms |",
         f"| median step, SRLoRA | {d['step_s_srlora'] * 1e3:.0f} ms |",
-        f"| ratio SRLoRA / QLoRA | {d['ratio']:.3f} |",
+        f"| ratio SRLoRA / QLoRA, before any switch (side factors of rank r) | {d['ratio']:.3f} |",
+        *([f"| noise floor: control / QLoRA | {d['control_ratio']:.3f} |"] if "control_ratio" in d else []),
+        *(
+            [
+                f"| ratio SRLoRA / QLoRA, every layer at r_target (side factors of rank 2 r_target - r) | "
+                f"{d['ratio_at_r_target']:.3f} (control {d['control_ratio_at_r_target']:.3f}) |"
+            ]
+            if "ratio_at_r_target" in d
+            else []
+        ),
         f"| 4-bit weights of the adapted layers | {d['weights_4bit_bytes'] / 2**20:.1f} MiB |",
         f"| side factors, every layer at r_target (worst case) | {d['side_factor_bytes_at_r_target'] / 2**20:.1f} MiB "
         f"({d['side_factor_bytes_at_r_target'] / d['weights_4bit_bytes']:.2f}x the 4-bit weights) |",

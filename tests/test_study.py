@@ -129,3 +129,19 @@ def test_render_long_pairs_by_seed_and_applies_the_default_rule(tmp_path):
     shutil.rmtree(tmp_path / "runs")
     again = report.render([1, 2, 3], tmp_path).read_text()
     assert "Measured: 3 win(s)" in again and row in again
+
+
+def test_gap_closed_is_reported_only_for_a_gap_beyond_the_noise():
+    from srlora.experiments.report_long import gap_closed
+
+    def runs(accs: list[float]) -> list[dict]:
+        return [{"seed": s, "final": {"accuracy": a}} for s, a in enumerate(accs, 1)]
+
+    clear = {"LoRA r=2": runs([0.80, 0.81, 0.82]), "LoRA r=8": runs([0.90, 0.91, 0.92])}
+    clear["SRLoRA r=2 spectrum"] = runs([0.85, 0.86, 0.87])
+    text = " ".join(gap_closed(clear))
+    assert "closes 50% of it" in text
+    noisy = {"LoRA r=2": runs([0.80, 0.90, 0.85]), "LoRA r=8": runs([0.90, 0.80, 0.86])}
+    noisy["SRLoRA r=2 spectrum"] = runs([0.85, 0.86, 0.87])
+    text = " ".join(gap_closed(noisy))
+    assert "does not exclude 0" in text and "closes" not in text

@@ -124,7 +124,10 @@ def test_short_interval_warns():
         build("mlp", r=4, r_target=16, switch_interval=5)
 
 
-def test_fsdp_sharded_model_refused():
+def test_placement_other_than_fsdp2_row_sharding_refused():
+    """FSDP2's default, Shard(0) over a 1-D mesh, is supported (tests/test_distributed.py);
+    any other placement of an adapted layer's weight is refused with what is supported,
+    before any weight changes."""
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, DTensor, Replicate
 
@@ -135,9 +138,11 @@ def test_fsdp_sharded_model_refused():
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         mesh = DeviceMesh("cpu", [0])
-        w = model.base_model.model.fc2.weight
-        model.base_model.model.fc2.weight = torch.nn.Parameter(DTensor.from_local(w.data, mesh, [Replicate()]))
-        with pytest.raises(NotImplementedError, match="does not support FSDP"):
-            SRLoRA(model, SRLoRAConfig(r_target=16, total_steps=100))
+        fc1 = model.base_model.model.fc1.base_layer
+        fc1.weight = torch.nn.Parameter(DTensor.from_local(fc1.weight.data, mesh, [Replicate()]), requires_grad=False)
+        before = fc1.weight.to_local().clone()
+        with pytest.raises(ValueError, match=r"Shard\(0\) over a 1-D mesh"):
+            SRLoRA(model, SRLoRAConfig(r_target=16, total_steps=1000))
+        torch.testing.assert_close(fc1.weight.to_local(), before, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()

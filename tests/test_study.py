@@ -145,3 +145,20 @@ def test_gap_closed_is_reported_only_for_a_gap_beyond_the_noise():
     noisy["SRLoRA r=2 spectrum"] = runs([0.85, 0.86, 0.87])
     text = " ".join(gap_closed(noisy))
     assert "does not exclude 0" in text and "closes" not in text
+
+
+def test_render_shows_each_rank_task_with_runs_beyond_its_pilot(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for job in study.rank_pilot_jobs([1, 2, 3]):
+        _fake_run(tmp_path, job, 0.70, 0.6)
+    text = report.render([1, 2, 3], tmp_path).read_text()
+    assert "## 600 steps, rank-bound regime: fashion-mnist" in text  # the chosen task: its pilot
+    assert "## 600 steps, rank-bound regime: mr\n" not in text  # a pilot run alone is no section
+    for job in study.rank_jobs([1, 2, 3], "mr"):
+        if not (tmp_path / job.out).exists():
+            _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
+    text = report.render([1, 2, 3], tmp_path).read_text()
+    assert "## 600 steps, rank-bound regime: mr\n" in text
+    assert "`srlora study --part rank --rank-task mr`" in text
+    assert "Gap between LoRA at r = 8 and at r = 2: +0.053 [" in text  # seed 1: the pilot run, 0.70
+    assert "--r 8 --alpha 8 --out runs/study/rank-mr-r8/lora/seed3" in text  # its commands are listed

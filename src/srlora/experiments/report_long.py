@@ -190,16 +190,27 @@ def section_pilot(root: Path) -> list[str]:
     ]
 
 
-def section_rank(root: Path) -> list[str]:
-    prefix, options = RANK_CANDIDATES[RANK_CHOSEN]
+def rank_tasks(root: Path) -> list[str]:
+    """The rank-bound regime's tasks to report: the chosen one, then every other candidate
+    with runs beyond its LoRA pilot (``srlora study --part rank --rank-task T``)."""
+    out = [RANK_CHOSEN]
+    for task, (prefix, _) in RANK_CANDIDATES.items():
+        if task != RANK_CHOSEN and set(_runs(root, RANK_VARIANTS, prefix)) - {"LoRA r=2"}:
+            out.append(task)
+    return out
+
+
+def section_rank(root: Path, task: str = RANK_CHOSEN) -> list[str]:
+    prefix, options = RANK_CANDIDATES[task]
     runs = _runs(root, RANK_VARIANTS, prefix)
-    pilot = section_pilot(root)
+    pilot = section_pilot(root) if task == RANK_CHOSEN else []
     if not runs and not pilot:
         return []
     md = [
-        RANK_TITLE.format(task=RANK_CHOSEN),
+        RANK_TITLE.format(task=task),
         "",
-        f"`srlora study --part rank`: `{RANK_CHOSEN}` ({' '.join(options) or 'the quick preset'}), 600 AdamW steps "
+        f"`srlora study --part rank --rank-task {task}`: `{task}` ({' '.join(options) or 'the quick preset'}), "
+        "600 AdamW steps "
         "with 60 warm-up steps, the quick preset otherwise; scaling s = alpha / r = 1 at every rank, so only the "
         "rank differs. SRLoRA at r = 2 with r_target = 32: r' = 1, 30 switches, t_interval = 20. The question: how "
         "much of the gap between LoRA at r = 2 and at r = 8 does SRLoRA close?",
@@ -221,20 +232,20 @@ def section_rank(root: Path) -> list[str]:
         ("SRLoRA r=2 gradient", "LoRA r=8"),
     ]
     md += paired_table(runs, pairs)
-    md += gap_closed(runs)
+    md += gap_closed(runs, next(iter(runs.values()))[0]["headline_metric"])
     md += dynamics_table(runs)
-    md += _figures(root, f"rank-{RANK_CHOSEN}", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
+    md += _figures(root, f"rank-{task}", runs, "SRLoRA r=2 spectrum", "SRLoRA r=2 gradient")
     return md
 
 
-def gap_closed(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+def gap_closed(runs: dict[str, list[dict[str, Any]]], metric: str = "accuracy") -> list[str]:
     """How much of the LoRA r = 2 to r = 8 gap each r = 2 variant closes, only where the gap
     itself is beyond the seed noise (its paired interval excludes 0)."""
     if not {"LoRA r=2", "LoRA r=8"} <= set(runs):
         return []
-    acc = {label: by_seed(rs, "accuracy") for label, rs in runs.items()}
+    acc = {label: by_seed(rs, metric) for label, rs in runs.items()}
     gap = paired(acc["LoRA r=8"], acc["LoRA r=2"])
-    lines = [f"Gap between LoRA at r = 8 and at r = 2: {fmt_paired(gap)} accuracy."]
+    lines = [f"Gap between LoRA at r = 8 and at r = 2: {fmt_paired(gap)} {metric}."]
     if not gap[1] > 0:  # NaN (one seed) or an interval that reaches 0
         lines.append(
             "Its interval does not exclude 0: the rank limit is not established beyond the seed noise, so no "
@@ -287,7 +298,8 @@ def section_decision(root: Path) -> list[str]:
 
 
 def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
-    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
+    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank if is_finished(j, root)]
     done = list({j.out: j for j in done}.values())
     if not done:
         return []
@@ -309,7 +321,7 @@ def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list
     md: list[str] = []
     for title, fresh in (
         (PAPER_TITLE, section_paper(root)),
-        (RANK_TITLE.format(task=RANK_CHOSEN), section_rank(root)),
+        *((RANK_TITLE.format(task=task), section_rank(root, task)) for task in rank_tasks(root)),
         (DECISION_TITLE, section_decision(root)),
     ):
         md += fresh or old.get(section_key(title), [])

@@ -265,6 +265,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="What to run before rendering: all (every part below), perf, main (150 steps), ablations, long "
         "(600 steps, paper regime), rank-pilot / rank (600 steps, rank-bound regime), render (nothing).",
     )
+    ap.add_argument(
+        "--rank-task",
+        choices=list(RANK_CANDIDATES),
+        default=RANK_CHOSEN,
+        help="The task of --part rank (the rank-bound regime); the report shows every task that has runs.",
+    )
     ap.add_argument("--seeds", default="1,2,3", help="Comma-separated seeds.")
     ap.add_argument("--jobs", type=int, default=2, help="Training runs at a time (one thread each).")
     ap.add_argument("--root", default=".", help="The repository root (runs/study and docs/ live there).")
@@ -286,7 +292,7 @@ def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
         if ns.part == "rank-pilot":
             run_jobs(rank_pilot_jobs(seeds), ns.jobs, root)
         if ns.part in ("all", "rank"):
-            run_jobs(rank_jobs(seeds), ns.jobs, root)
+            run_jobs(rank_jobs(seeds, ns.rank_task), ns.jobs, root)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; run the study again to go on", file=sys.stderr)
     return seeds, root

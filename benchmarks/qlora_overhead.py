@@ -121,6 +121,7 @@ def main() -> dict:
         "r": args.r,
         "r_target": args.r_target,
         "batch": args.batch,
+        "steps": args.steps,
         "step_s_qlora": med["qlora"],
         "step_s_srlora": med["srlora"],
         "step_s_control": med["control"],

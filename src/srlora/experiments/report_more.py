@@ -116,7 +116,8 @@ def section_qlora(root: Path) -> list[str]:
     return [
         "## QLoRA: SRLoRA on a 4-bit base",
         "",
-        f"`python benchmarks/qlora_overhead.py --json docs/results/qlora.json` on {d['machine']}: random weights",
+        f"`python benchmarks/qlora_overhead.py --steps {d['steps']} --json docs/results/qlora.json` on {d['machine']}: "
+        "random weights",
         f"with SmolLM2-135M's shapes in NF4, {d['layers']} adapted layers, r = {d['r']}, r_target = {d['r_target']},",
         f"batch {d['batch']}, PEFT QLoRA, a second identical PEFT QLoRA (the control) and SRLoRA in rotation in one",
         "process.",

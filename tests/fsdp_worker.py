@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
 
 from srlora import SRLoRA, SRLoRAConfig
-from srlora.sharding import full
+from srlora.kinds.fsdp import full
 
 STEPS, GLOBAL_BATCH = 45, 8
 

@@ -5,6 +5,7 @@ when the harness's extras are missing."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,46 @@ def test_console_script_stops_at_once_without_its_extras(missing):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "pip install 'srlora[experiments]'" in lines[0] and missing in lines[0]
+
+
+# What tells the kinds of layer apart (srlora.kinds): only layers.py, which picks a layer's
+# kind, and the kind modules themselves may read it; the rest of the method asks the target.
+KIND_FLAGS = re.compile(
+    r"\.(sharded|quantized|zero3)\b|\bis_sharded\(|\bis_partitioned\(|\bkind\s*[!=]=|"
+    r"isinstance\([^)]*\b(DenseTarget|ShardedTarget|Zero3Target|QuantizedTarget)\b|"
+    r"from \.+(kinds\.)?(fsdp|zero3|quantized|dense|sharding) import|import deepspeed"
+)
+KIND_HOMES = ("srlora.layers", "srlora.kinds")
+
+
+def test_kind_flags_only_in_layers_and_the_kind_modules():
+    offences = []
+    for name, path in _modules().items():
+        if name.startswith(KIND_HOMES):
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if KIND_FLAGS.search(code) and not code.lstrip().startswith(('"', "'", 'f"')):
+                offences.append(f"{name}:{lineno}: {line.strip()}")
+    assert offences == []
+
+
+def test_every_kind_implements_the_whole_interface():
+    from srlora.kinds import DenseTarget, LoraTarget, QuantizedTarget, ShardedTarget, Zero3Target
+
+    abstract = [n for n, v in vars(LoraTarget).items() if callable(v) and _raises_not_implemented(v)]
+    assert abstract  # the interface names what a kind must provide
+    for kind in (DenseTarget, ShardedTarget, Zero3Target, QuantizedTarget):
+        missing = [n for n in abstract if getattr(kind, n) is getattr(LoraTarget, n)]
+        assert missing == [], (kind.__name__, missing)
+        assert kind.kind != LoraTarget.kind
+
+
+def _raises_not_implemented(fn: object) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(fn)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return False
+    return "raise NotImplementedError" in source and source.count("\n") < 12

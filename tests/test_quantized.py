@@ -105,7 +105,7 @@ def test_init_and_switches_keep_the_output_and_never_write_the_4bit_weight(tiny_
     model = _load(tiny_llama)
     before, bytes_before = _logits(model), _quantized_bytes(model)
     ctl = SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
-    assert all(layer.target.quantized for layer in ctl.layers.values()) and len(ctl.layers) == 14
+    assert all(layer.target.kind == "bnb" for layer in ctl.layers.values()) and len(ctl.layers) == 14
     torch.testing.assert_close(_logits(model), before, **LOGITS_TOL)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctl.attach(opt)
@@ -144,7 +144,7 @@ def test_resume_of_a_quantized_run_is_exact(tiny_llama, tmp_path):
     torch.testing.assert_close(_logits(model2), _logits(model), rtol=0, atol=0)
     for name, layer in ctl.layers.items():
         twin = ctl2.layers[name]
-        assert torch.equal(layer.entered_B, twin.entered_B) and torch.equal(layer.fused_A, twin.fused_A)
+        assert torch.equal(layer.target.entered_B, twin.target.entered_B) and torch.equal(layer.fused_A, twin.fused_A)
 
 
 def test_export_reloads_on_the_dequantized_base_and_merge_matches(tiny_llama, tmp_path):

@@ -33,7 +33,7 @@ def batch(step: int) -> dict:
 
 
 def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from srlora.zero3 import gathered
+    from srlora.kinds.zero3 import gathered
 
     out = {}
     with gathered(list(model.parameters()), modify=False):

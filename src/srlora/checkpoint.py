@@ -31,7 +31,7 @@ from torch import nn
 from .atomic import atomic_torch_save
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .layer_batch import refuse_sharded
+from .layer_batch import refuse
 from .layers import fingerprint, same_fingerprint
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
@@ -43,7 +43,7 @@ def _model_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Tensors to save: the switched frozen weights (and, with ``trainable``, every
     trainable parameter and buffer); fingerprints of the frozen weights not saved."""
-    refuse_sharded(controller.layers.values(), "save_checkpoint")
+    refuse(controller.layers.values(), "save_checkpoint")
     names = {id(p): name for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     if trainable:
@@ -55,7 +55,7 @@ def _model_state(
     prints: dict[str, list[float]] = {}
     for layer in controller.layers.values():
         pname = names[id(layer.target.base_param)]
-        if layer.has_switched and not layer.target.quantized:  # a quantized base is never written
+        if layer.has_switched and layer.target.writes_base_weight:  # e.g. a quantized base is never written
             state[pname] = layer.target.base_param.detach().cpu().clone()
         else:
             prints[pname] = fingerprint(layer.target.base_param)

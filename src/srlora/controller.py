@@ -37,8 +37,8 @@ from torch import nn
 from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
-from .importance import update_importance_from_grads_
-from .layer_batch import adaptive_due, check_build_order, refuse_sharded, switch_inputs
+from .importance import update_importance_from_targets_
+from .layer_batch import adaptive_due, check_build_order, refuse, switch_inputs
 from .layer_state import LayerState, SwitchEvent
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
@@ -200,11 +200,10 @@ class SRLoRA:
         """
         if self._hooks:
             raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
-        if any(layer.target.zero3 for layer in self._layers.values()):
-            raise RuntimeError(
-                "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
-                "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
-            )
+        try:
+            refuse(self._layers.values(), "attach")
+        except NotImplementedError as exc:
+            raise RuntimeError(str(exc)) from None
         optimizer = unwrap_optimizer(optimizer)
         self._bind(optimizer)
         self._hooks = [
@@ -244,6 +243,7 @@ class SRLoRA:
         ``optimizer`` (whose recycled moments are reset) must be the one SRLoRA is attached
         to, if it is attached."""
         self._use(optimizer)
+        check_build_order(self._layers.values())
         return self._switch(list(self._layers.values()))
 
     # ------------------------------------------------------------------ export
@@ -251,16 +251,16 @@ class SRLoRA:
         """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
         same outputs; a quantized layer becomes a float32 ``nn.Linear`` of its dequantized
         weight plus its updates). The controller is detached and must not be used afterwards."""
-        refuse_sharded(self._layers.values(), "merge_and_unload")
+        refuse(self._layers.values(), "merge_and_unload")
         self.detach()
         if self.directions is not None:
             self.directions.close()
         merge = getattr(self.model, "merge_and_unload", None)
         if merge is None:
             raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
-        from .export import merge_quantized_
+        from .export import replace_merged_modules_
 
-        merge_quantized_(self.model, self.layers)  # quantized layers become dequantized float32 Linear
+        replace_merged_modules_(self.model, self.layers)  # e.g. a quantized layer: a dequantized float32 Linear
         return merge(adapter_names=[self.config.adapter_name])
 
     def export_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:
@@ -274,7 +274,7 @@ class SRLoRA:
     # ------------------------------------------------------------------ internals
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
         check_build_order(self._layers.values())
-        require_params(optimizer, {name: (ly.target.lora_A, ly.target.lora_B) for name, ly in self._layers.items()})
+        require_params(optimizer, {name: ly.target.optimizer_tensors() for name, ly in self._layers.items()})
         self._optimizer = optimizer
         self.optimizer_reset.bind(optimizer)
 
@@ -312,13 +312,12 @@ class SRLoRA:
 
     @torch.no_grad()
     def _update_importance(self) -> bool:
-        layers = [ly for ly in self._layers.values() if ly.target.zero3 or ly.target.lora_A.grad is not None]
+        layers = [ly for ly in self._layers.values() if ly.target.has_grad()]
         if not layers:
             return False
         if self.global_step == 0 and self._optimizer is None:
             check_build_order(self._layers.values())  # the manual protocol binds the optimizer only after this
-        params = [(layer.target.lora_A, layer.target.lora_B) for layer in layers]
-        if not update_importance_from_grads_([layer.importance for layer in layers], params):
+        if not update_importance_from_targets_([ly.importance for ly in layers], [ly.target for ly in layers]):
             if self.directions is not None:
                 self.directions.discard()
             self.skipped_steps += 1
@@ -333,9 +332,7 @@ class SRLoRA:
         if self.directions is not None:
             self.directions.fold()
         if self.optimizer_reset.pending:
-            self.optimizer_reset.before_step(
-                {name: (layer.target.lora_A, layer.target.lora_B) for name, layer in self._layers.items()}
-            )
+            self.optimizer_reset.before_step({name: layer.target for name, layer in self._layers.items()})
         return True
 
     def _after_step(self, optimizer: torch.optim.Optimizer | None) -> list[SwitchEvent]:
@@ -387,9 +384,7 @@ class SRLoRA:
             event = layer.switch(self.global_step, reset_all, directions, layer_scores)
             if self.directions is not None:
                 self.directions.switched(layer.name)
-            self.optimizer_reset.on_switch(
-                layer.name, layer.target.lora_A, layer.target.lora_B, torch.tensor(event.slots, dtype=torch.long)
-            )
+            self.optimizer_reset.on_switch(layer.name, layer.target, torch.tensor(event.slots, dtype=torch.long))
             events.append(event)
         self.history.extend(events)
         return events

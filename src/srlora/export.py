@@ -113,19 +113,17 @@ def export_lora(
 
 
 @torch.no_grad()
-def merge_quantized_(model: nn.Module, layers: Mapping[str, LayerState]) -> None:
-    """Replace each quantized LoRA layer by a float32 ``nn.Linear`` holding what it computes,
-    ``dequant(W_q) + side factors + s B A`` (and its bias): a dequantized, merged copy."""
+def replace_merged_modules_(model: nn.Module, layers: Mapping[str, LayerState]) -> None:
+    """Replace each layer whose kind merges itself (a quantized base becomes a float32
+    ``nn.Linear`` of ``dequant(W_q)`` plus its total update) before PEFT merges the rest."""
     for name, layer in layers.items():
-        t = layer.target
-        if not t.quantized:
+
+        def update(layer: LayerState = layer) -> torch.Tensor:
+            P, Q = layer.total_update_factors()
+            return P @ Q
+
+        module = layer.target.merged_module(update)
+        if module is None:
             continue
-        P, Q = layer.total_update_factors()
-        weight = t.dequantized() + P @ Q
-        bias = t.base_layer.bias
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias.float())
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

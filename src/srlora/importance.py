@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .sharding import all_reduce_, local, local_index
-from .zero3 import full_grad, full_master, is_partitioned
+from .kinds.base import LoraTarget, local_index
 
 
 class PairImportance:
@@ -142,32 +141,24 @@ def update_importance_(
     torch._foreach_add_(ubar, sens, alpha=1.0 - beta2)  # U_bar
 
 
-def update_importance_from_grads_(
-    states: Sequence[PairImportance], params: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> bool:
-    """One EMA step for every layer from the gradients of its ``(A, B)``; ``False``, updating
+def update_importance_from_targets_(states: Sequence[PairImportance], targets: Sequence[LoraTarget]) -> bool:
+    """One EMA step for every layer from the gradients of its ``(A, B)`` (as its kind gives
+    them: :meth:`~srlora.kinds.base.LoraTarget.importance_inputs`); ``False``, updating
     nothing, when a gradient is not finite.
 
     The finite check reads the largest ``|g|`` of each tensor (finite exactly when every
-    entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers.
+    entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers,
+    and every process that shares a layer skips together.
     """
-    if any(is_partitioned(A) for A, _ in params):  # ZeRO-3: whole gradients and fp32 masters
-        weights_A, weights_B = [full_master(A) for A, _ in params], [full_master(B) for _, B in params]
-        grads_A, grads_B = [full_grad(A) for A, _ in params], [full_grad(B) for _, B in params]
-    else:
-        if any(A.grad is None or B.grad is None for A, B in params):
-            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
-        # Under FSDP2 each rank works on its shards (local views of the DTensors).
-        weights_A, weights_B = [local(A) for A, _ in params], [local(B) for _, B in params]
-        grads_A = [local(A.grad) for A, _ in params]  # type: ignore[arg-type]
-        grads_B = [local(B.grad) for _, B in params]  # type: ignore[arg-type]
-    if any(g is None for g in (*grads_A, *grads_B)):
-        raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
-    peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))  # type: ignore[arg-type]
+    inputs = [target.importance_inputs() for target in targets]
+    weights_A, grads_A, weights_B, grads_B = ([x[i] for x in inputs] for i in range(4))
+    peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))
     device = peaks[0].device
-    finite = torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all()
-    finite = all_reduce_(finite.float(), like=params[0][0], op="min")  # every rank skips together
+    finite = torch.isfinite(torch.stack([p.to(device, non_blocking=True) for p in peaks])).all().float()
+    collective = next((t for t in targets if t.collective), None)
+    if collective is not None:
+        collective.reduce_(finite, op="min")
     if not bool(finite):
         return False
-    update_importance_(states, weights_A, grads_A, weights_B, grads_B)  # type: ignore[arg-type]
+    update_importance_(states, weights_A, grads_A, weights_B, grads_B)
     return True

@@ -9,15 +9,14 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .layer_state import LayerState
-from .sharding import all_reduce_, local
+from .layers import current_kind
 
 
 def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
     """The layers whose adaptive trigger fires after optimizer step ``step`` and whose
     schedule allows a switch then; every layer's scores reach the host in one transfer."""
     flat = torch.cat([layer.importance.pair_scores().float() for layer in layers])
-    if any(layer.importance.partial for layer in layers):
-        all_reduce_(flat, like=layers[0].target.lora_A)
+    _reduce_partial(layers, flat)
     scores = flat.cpu().split([layer.r for layer in layers])
     due = []
     for layer, layer_scores in zip(layers, scores, strict=True):
@@ -42,14 +41,13 @@ def switch_inputs(
     # Scores and non-finite counts first (summed over the ranks under FSDP2), then the extras.
     shared, sizes = [], []
     for layer in layers:
-        A, B = local(layer.target.lora_A), local(layer.target.lora_B)
+        A, B = layer.target.local_factors()
         bad = (~torch.isfinite(A)).any() | (~torch.isfinite(B)).any()
         for piece in (layer.importance.pair_scores().float(), bad.float().reshape(1)):
             shared.append(piece.to(device, non_blocking=True))
             sizes.append(piece.numel())
     flat = torch.cat(shared)
-    if any(layer.importance.partial for layer in layers):
-        all_reduce_(flat, like=layers[0].target.lora_A)
+    _reduce_partial(layers, flat)
     own = [more.float().to(device, non_blocking=True) for more in extra if more is not None]
     host = torch.cat([flat, *own]).cpu()
     flat, rest = host[: flat.numel()].split(sizes), host[flat.numel() :]
@@ -63,24 +61,28 @@ def switch_inputs(
     return scores, finite, gathered
 
 
+def _reduce_partial(layers: Sequence[LayerState], flat: torch.Tensor) -> None:
+    """Sum ``flat`` over the processes when some layer's importance is split among them."""
+    partial = next((layer for layer in layers if layer.importance.partial), None)
+    if partial is not None:
+        partial.target.reduce_(flat)
+
+
 def check_build_order(layers: Iterable[LayerState]) -> None:
-    """Refuse layers that ``fully_shard`` split after SRLoRA was built (its state is shaped
-    for the whole layers it saw)."""
-    moved = [layer.name for layer in layers if layer.target.sharded != layer.sharded]
-    if moved:
-        raise RuntimeError(
-            f"{len(moved)} adapted layer(s) (e.g. {moved[0]!r}) were sharded by fully_shard after SRLoRA was "
-            f"built. Build it after sharding: get_peft_model -> fully_shard (each block, then the root) -> "
-            f"SRLoRA(model, config) -> optimizer -> attach."
-        )
+    """Follow layers whose kind changed since SRLoRA was built, where SRLoRA's state still
+    fits (:func:`~srlora.layers.current_kind`); refuse the others (``fully_shard`` applied
+    afterwards splits what SRLoRA's state holds whole) before anything changes."""
+    layers = list(layers)
+    moved = {layer.name: new for layer in layers if (new := current_kind(layer.target)) is not None}
+    for layer in layers:
+        if layer.name in moved:
+            layer.retarget(moved[layer.name])
 
 
-def refuse_sharded(layers: Iterable[LayerState], what: str) -> None:
-    """``what`` needs whole layers: refused under FSDP2 and ZeRO-3 with the way out."""
-    if any(layer.target.sharded or layer.target.zero3 for layer in layers):
-        raise NotImplementedError(
-            f"{what} needs the whole layers, and this model is sharded (FSDP2 or DeepSpeed ZeRO-3). Save the model "
-            f"and optimizer with the framework's own checkpoint (torch.distributed.checkpoint, engine.save_checkpoint) "
-            f"and SRLoRA's state with torch.save(ctl.state_dict()) on every rank, or gather the model (a full state "
-            f"dict) and use an unsharded copy."
-        )
+def refuse(layers: Iterable[LayerState], what: str) -> None:
+    """Raise ``NotImplementedError`` with the way out when a layer's kind cannot take part in
+    ``what`` (:meth:`~srlora.kinds.base.LoraTarget.refusal`)."""
+    for layer in layers:
+        reason = layer.target.refusal(what)
+        if reason is not None:
+            raise NotImplementedError(reason)

@@ -7,14 +7,18 @@ A :class:`LayerState` owns, for one PEFT LoRA layer (``y = x W^T + s x A^T B^T``
 * the pair importance EMAs (:class:`~srlora.importance.PairImportance`);
 * which singular direction of ``W0`` each of the ``r`` slots holds, and the pointer
   ``p`` to the next unused one;
-* the record of the fused pairs ``F_B (m, p - r)``, ``F_A (p - r, n)``, with which the
-  total update relative to ``W0`` is exactly::
+* the record of the fused pairs ``F_B (m, p - r)``, ``F_A (p - r, n)``
+  (:class:`~srlora.record.FusedRecord`), with which the total update relative to ``W0``
+  is exactly::
 
       W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T     (rank <= 2p)
 
 * its switch schedule (and, under ``adaptive_switch``, its trigger).
 
-The controller decides *when* a layer switches; the layer does the switch.
+The controller decides *when* a layer switches; the layer decides *which* pairs and
+directions and keeps the books; the layer's kind (``target``, :mod:`srlora.kinds`) does
+what depends on where the tensors live: reading the weight, the writes of the
+initialisation and of the switch, and the side state a quantized base needs.
 """
 
 from __future__ import annotations
@@ -29,11 +33,9 @@ from .devices import to_device
 from .errors import CheckpointError
 from .importance import PairImportance
 from .layers import LoraTarget, fingerprint, same_fingerprint
-from .recompose import effective_weight, pissa_init_, switch_pairs_
+from .record import FusedRecord
 from .schedule import AdaptiveTrigger, SwitchSchedule
-from .sharding import all_reduce_, full, local
 from .svd import SVDCache, distributed_top_triplets
-from .zero3 import gathered, set_master
 
 
 @dataclass(frozen=True)
@@ -95,15 +97,13 @@ class LayerState:
         if cache.rank != budget.directions:
             raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
         self.target = target
-        self.sharded = target.sharded  # as built: fully_shard afterwards would split what SRLoRA keeps whole
         self.fingerprint = fingerprint
         self.cache = cache
         self.budget = budget
-        device = local(target.lora_A).device
         m, n = target.shape
         w0, w1 = target.row_span
         self.importance = PairImportance(
-            budget.r, m, n, beta1, beta2, device, pair_span=target.pair_span, rows_held=w1 - w0
+            budget.r, m, n, beta1, beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
         )
         self.slot_direction = torch.arange(budget.r, dtype=torch.long)
         # Which of the layer's directions have entered so far (a prefix under the paper's
@@ -111,23 +111,9 @@ class LayerState:
         self.used = torch.zeros(budget.directions, dtype=torch.bool)
         self.used[: budget.r] = True
         self.pointer = budget.r
-        n_fused = budget.directions - budget.r
-        self.fused_B = torch.zeros(w1 - w0, n_fused, dtype=torch.float32, device=device)  # this rank's rows
-        self.fused_A = torch.zeros(n_fused, n, dtype=torch.float32, device=device)
+        self.record: FusedRecord = target.new_record(budget.directions - budget.r)
         self.exhausted = False
-        # A quantized base is never written. What SRLoRA would add to W stays beside it as
-        # low-rank side factors, applied by a forward hook:
-        #     W_eff = dequant(W_q) + s F_B F_A - s E_B E_A + s B A
-        # F: the fused pairs (the record above), E: every pair that ever entered the slots
-        # (the top r at the init, then each switch's new pairs), as they were stored.
-        self.entered_B: torch.Tensor | None = None
-        self.entered_A: torch.Tensor | None = None
-        if target.quantized:
-            self.entered_B = torch.zeros(m, budget.directions, dtype=torch.float32, device=device)
-            self.entered_A = torch.zeros(budget.directions, n, dtype=torch.float32, device=device)
-            self.entered_B[:, : budget.r] = target.lora_B.detach().float()
-            self.entered_A[: budget.r] = target.lora_A.detach().float()
-            target.module.register_forward_hook(self._add_side_factors)
+        target.bind(self.record, budget.directions)  # a quantized base sets up its side factors here
         self.schedule: SwitchSchedule | None = None
         self.trigger: AdaptiveTrigger | None = None
         # A trigger state restored before the trigger exists (total_steps="auto": a
@@ -140,39 +126,32 @@ class LayerState:
     ) -> LayerState:
         """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
         given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it."""
-        params = (target.base_param, target.base_layer.bias, target.lora_A, target.lora_B)
-        with gathered(params, modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept
-            w_eff = effective_weight(target)
-            print_ = fingerprint(w_eff, target.base_layer.bias)
+        with target.whole(modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept
+            w_eff = target.effective_weight()
+            print_ = fingerprint(w_eff, target.bias)
             if cache is None:
                 cache = distributed_top_triplets(w_eff, budget.directions, config)
             del w_eff
-            if target.sharded and config.direction_policy != "gradient":
-                cache = cache.keep_rows(*target.row_span)  # U of this rank's rows only (srlora.sharding)
+            cache = target.prepare_cache(cache, full_rows=config.direction_policy == "gradient")
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
-            pissa_init_(target, cache)
-            new_A, new_B = target.lora_A.detach().clone(), target.lora_B.detach().clone()
-        if target.zero3:
-            set_master(target.lora_A, new_A)
-            set_master(target.lora_B, new_B)
+            target.pissa_init_(cache)
         return cls(target, cache, budget, config.beta1, config.beta2, print_)
-
-    def _add_side_factors(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """``output + x (s F_B F_A - s E_B E_A)^T``: the writes a quantized base never receives."""
-        assert self.entered_A is not None and self.entered_B is not None
-        used, p = self.pointer - self.r, self.pointer
-        x = args[0].to(torch.float32)
-        side = -(x @ self.entered_A[:p].T) @ self.entered_B[:, :p].T
-        if used:
-            side += (x @ self.fused_A[:used].T) @ self.fused_B[:, :used].T
-        return output + side.mul_(self.target.scaling).to(output.dtype)
 
     @property
     def side_factor_bytes(self) -> int:
-        """Memory of a quantized layer's side factors (its fused and entered records)."""
-        records = (self.fused_A, self.fused_B, self.entered_A, self.entered_B)
-        return sum(t.numel() * t.element_size() for t in records if t is not None) if self.target.quantized else 0
+        """Memory the layer's kind keeps beyond the common state (a quantized base's side factors)."""
+        return self.target.extra_bytes()
+
+    @property
+    def fused_B(self) -> torch.Tensor:
+        """``F_B (rows, p - r)``: the ``B`` columns of the pairs fused so far."""
+        return self.record.B
+
+    @property
+    def fused_A(self) -> torch.Tensor:
+        """``F_A (p - r, n)``: the ``A`` rows of the pairs fused so far."""
+        return self.record.A
 
     # ------------------------------------------------------------------ queries
     @property
@@ -206,6 +185,13 @@ class LayerState:
         """The frozen weight differs from the one the PiSSA initialisation left."""
         return self.pointer > self.r
 
+    def retarget(self, target: LoraTarget) -> None:
+        """Drive the same layer through another kind whose state layout is the same (see
+        :func:`~srlora.layers.current_kind`)."""
+        if target.module is not self.target.module or target.row_span != self.target.row_span:
+            raise ValueError(f"layer {self.name!r}: cannot retarget to {target!r}.")
+        self.target = target
+
     def set_schedule(self, schedule: SwitchSchedule, trigger: AdaptiveTrigger | None = None) -> None:
         self.schedule = schedule
         self.trigger = trigger
@@ -216,7 +202,7 @@ class LayerState:
         """``S_k`` (float32, ``(r,)``, on the adapter's device); under FSDP2 the sum of every
         rank's share (a collective: all ranks call it together)."""
         scores = self.importance.pair_scores()
-        return all_reduce_(scores, like=self.target.lora_A) if self.importance.partial else scores
+        return self.target.reduce_(scores) if self.importance.partial else scores
 
     def lowest_pairs(self, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slots, scores)``: the ``r'`` lowest-scoring pairs (ascending slot order; ties go
@@ -274,13 +260,8 @@ class LayerState:
             evicted=tuple(self.slot_direction[slots].tolist()),
             scores=tuple(scores[slots].tolist()),
         )
-        t = self.target
-        with gathered((t.base_param, t.lora_A, t.lora_B), modify=True):  # ZeRO-3: whole, rank 0 writes
-            self._switch_pairs(slots, directions)
-            new_A, new_B = (t.lora_A.detach().clone(), t.lora_B.detach().clone()) if t.zero3 else (None, None)
-        if new_A is not None and new_B is not None:
-            set_master(t.lora_A, new_A)
-            set_master(t.lora_B, new_B)
+        with self.target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
+            self.record.append_(*self.target.switch_pairs_(self.cache, slots, directions))
         self.pointer += self.r_prime
         self.used[directions] = True
         self.slot_direction[slots] = directions
@@ -289,60 +270,24 @@ class LayerState:
             self.trigger.switched()
         return event
 
-    def _switch_pairs(self, slots: torch.Tensor, directions: torch.Tensor) -> None:
-        """Record the fused pairs, fuse and re-initialise them (:func:`switch_pairs_`), and for
-        a quantized base record the pairs that entered."""
-        used = self.pointer - self.r
-        slots_dev = to_device(slots, self.fused_B.device)
-        self.fused_B[:, used : used + self.r_prime] = local(self.target.lora_B.data)[:, slots_dev].float()
-        self.fused_A[used : used + self.r_prime] = full(self.target.lora_A.data)[slots_dev].float()
-        switch_pairs_(self.target, self.cache, slots, directions)
-        if self.entered_B is not None and self.entered_A is not None:  # a quantized base: record what entered
-            p = self.pointer
-            self.entered_B[:, p : p + self.r_prime] = self.target.lora_B[:, slots_dev].detach().float()
-            self.entered_A[p : p + self.r_prime] = self.target.lora_A[slots_dev].detach().float()
-
     @torch.no_grad()
     def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P (m, 2p), Q (2p, n))`` with ``P Q = W_t + s B A - W0`` (float32), from the
-        record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
-        t = self.target
-        if t.quantized and self.entered_B is not None and self.entered_A is not None:
-            used, p, s = self.pointer - self.r, self.pointer, t.scaling
-            device = self.fused_B.device
-            P = torch.cat(
-                [s * self.fused_B[:, :used], -s * self.entered_B[:, :p], s * t.lora_B.float().to(device)], dim=1
-            )
-            Q = torch.cat([self.fused_A[:used], self.entered_A[:p], t.lora_A.float().to(device)], dim=0)
-            return P, Q
-        if t.sharded or t.zero3:
-            raise NotImplementedError(
-                f"layer {self.name!r} is sharded (FSDP2 or ZeRO-3): export and merge need the whole layer. Gather "
-                f"the model first (a full state dict) or export from an unsharded copy."
-            )
-        s = t.scaling
-        used = self.pointer - self.r
-        device = self.fused_B.device
-        U, S, V = self.cache.directions(self.used.nonzero().flatten(), device)
-        P = torch.cat([s * self.fused_B[:, :used], s * t.lora_B.float().to(device), -(U * S)], dim=1)
-        Q = torch.cat([self.fused_A[:used], t.lora_A.float().to(device), V.T], dim=0)
-        return P, Q
+        """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` (float32, ``k <= 2p``), from
+        the record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
+        return self.target.total_update_factors(self.cache, self.used, self.record)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        used = self.pointer - self.r
         return {
             "pointer": self.pointer,
             "slot_direction": self.slot_direction.clone(),
             "used": self.used.clone(),
-            "fused_B": self.fused_B[:, :used].clone(),
-            "fused_A": self.fused_A[:used].clone(),
+            **self.record.state_dict(),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
             "trigger": None if self.trigger is None else self.trigger.state_dict(),
             "fingerprint": self.fingerprint,
-            "entered_B": None if self.entered_B is None else self.entered_B[:, : self.pointer].clone(),
-            "entered_A": None if self.entered_A is None else self.entered_A[: self.pointer].clone(),
+            **self.target.state_dict(),
         }
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -371,14 +316,8 @@ class LayerState:
             raise CheckpointError(
                 f"layer {name!r}: the saved set of used directions does not fit {self.limit} of them."
             )
-        n = self.target.shape[1]
-        w0, w1 = self.target.row_span
-        expected = {"fused_B": (w1 - w0, used), "fused_A": (used, n)}
-        if self.target.quantized:
-            expected.update({"entered_B": (self.target.shape[0], pointer), "entered_A": (pointer, n)})
-        for key, shape in expected.items():
-            if tuple(state[key].shape) != shape:
-                raise CheckpointError(f"layer {name!r}: {key} has shape {tuple(state[key].shape)}, expected {shape}.")
+        self.record.check_state(state, used, f"layer {name!r}")
+        self.target.check_state(state, pointer)
         for key, own in zip(("ibar_A", "ubar_A", "ibar_B", "ubar_B"), self.importance.tensors(), strict=True):
             saved = state["importance"][key]
             if saved.shape != own.shape:
@@ -389,21 +328,13 @@ class LayerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.check_state(state)
         pointer = int(state["pointer"])
-        used = pointer - self.r
         self.pointer = pointer
         self.slot_direction.copy_(state["slot_direction"])
         self.used.copy_(state["used"])
-        self.fused_B.zero_()
-        self.fused_A.zero_()
-        self.fused_B[:, :used] = state["fused_B"]
-        self.fused_A[:used] = state["fused_A"]
+        self.record.load_state_dict(state)
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
-        if self.entered_B is not None and self.entered_A is not None:
-            self.entered_B.zero_()
-            self.entered_A.zero_()
-            self.entered_B[:, :pointer] = state["entered_B"]
-            self.entered_A[:pointer] = state["entered_A"]
+        self.target.load_state_dict(state, pointer)
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)

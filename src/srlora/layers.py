@@ -1,124 +1,59 @@
-"""Find and check the PEFT LoRA layers that SRLoRA drives.
+"""Find the PEFT LoRA layers that SRLoRA drives, and give each its kind.
 
-PEFT does the LoRA plumbing; this module only reads it. One adapted layer is seen
-through :class:`LoraTarget`, which hides ``fan_in_fan_out`` (GPT-2's ``Conv1D`` stores
-its weight transposed): ``target.weight`` is always the ``(m, n)`` matrix ``W`` with
-``y = x W^T``, as a view sharing storage with the module's parameter.
+PEFT does the LoRA plumbing; this module only reads it. Each adapted layer is seen through
+a :class:`~srlora.kinds.base.LoraTarget` whose subclass, its *kind*, is chosen here once
+(:func:`kind_of`) from where the layer's tensors live: a dense float weight, FSDP2 row
+shards, DeepSpeed ZeRO-3 partitions, or a bitsandbytes quantized base
+(:mod:`srlora.kinds`). Everything that differs between them is the kind's business; the
+rest of the method asks the target.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .sharding import check_row_sharded, full, is_sharded, local, row_span
-from .zero3 import is_partitioned
+from .kinds.base import LoraTarget
+from .kinds.dense import DenseTarget
+from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded
+from .kinds.quantized import QuantizedTarget
+from .kinds.zero3 import Zero3Target, is_partitioned
+
+__all__ = ["LoraTarget", "current_kind", "find_lora_targets", "fingerprint", "kind_of", "same_fingerprint"]
 
 
-@dataclass
-class LoraTarget:
-    """One PEFT ``lora.Linear`` layer, one adapter.
+def kind_of(module: nn.Module, adapter: str) -> type[LoraTarget]:
+    """The kind of a PEFT LoRA layer carrying ``adapter``, from where its tensors live now."""
+    weight = module.get_base_layer().weight
+    A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if is_partitioned(weight) or is_partitioned(A):
+        return Zero3Target
+    if is_sharded(weight) or is_sharded(A) or is_sharded(B):
+        return ShardedTarget
+    if _is_quantized_lora(module):
+        return QuantizedTarget
+    return DenseTarget
 
-    Attributes:
-        name: module name inside the PEFT model.
-        module: the PEFT LoRA layer.
-        adapter: adapter name.
-    """
 
-    name: str
-    module: nn.Module
-    adapter: str
+def current_kind(target: LoraTarget) -> LoraTarget | None:
+    """A target of the layer's kind now, when it differs from ``target``'s (``None``: same).
 
-    @property
-    def base_layer(self) -> nn.Module:
-        return self.module.get_base_layer()
-
-    @property
-    def base_param(self) -> nn.Parameter:
-        return self.base_layer.weight
-
-    @property
-    def sharded(self) -> bool:
-        """The layer's parameters are FSDP2 DTensors (:mod:`srlora.sharding`)."""
-        return is_sharded(self.base_param)
-
-    @property
-    def zero3(self) -> bool:
-        """The layer's parameters are DeepSpeed ZeRO-3 partitions (:mod:`srlora.zero3`)."""
-        return is_partitioned(self.base_param) or is_partitioned(self.lora_A)
-
-    @property
-    def quantized(self) -> bool:
-        """The base is a bitsandbytes 4-bit or 8-bit layer: its weight is never written
-        (the layer's low-rank side factors carry what SRLoRA adds, :mod:`srlora.layer_state`)."""
-        return _is_quantized_lora(self.module)
-
-    @torch.no_grad()
-    def dequantized(self) -> torch.Tensor:
-        """The weight a quantized base applies, as float32 ``(m, n)`` (a new tensor).
-
-        Read by applying the layer to the identity (minus its bias), so it is exactly what the
-        forward computes whatever the backend's packing (on the CPU, bitsandbytes' own
-        ``dequantize_4bit`` was seen to disagree with its forward)."""
-        base = self.base_layer
-        n = self.shape[1]
-        # An input that requires grad: on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit
-        # weight for its inference kernel (gemv_4bit, which has no backward) on the first
-        # eval-mode forward of an input that does not; every later training step would then
-        # lose the gradient through the base weight.
-        eye = torch.eye(n, dtype=torch.float32, device=self.lora_A.device).requires_grad_(True)
-        out = base(eye).float()
-        if getattr(base, "bias", None) is not None:
-            out = out - base.bias.float()
-        return out.T.contiguous()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """``W``, shape ``(m, n)``: a view of the frozen base weight's storage (under FSDP2,
-        of this rank's rows ``row_span``). Not for a quantized base, which is never written."""
-        if self.quantized:
-            raise RuntimeError(f"layer {self.name!r}: the quantized base weight is never written; use dequantized().")
-        data = local(self.base_param.data)
-        return data.T if self.module.fan_in_fan_out else data
-
-    @property
-    def row_span(self) -> tuple[int, int]:
-        """The rows of ``W`` and ``B`` (output features) this rank holds: all, unless sharded."""
-        return row_span(self.base_param) if self.sharded else (0, self.shape[0])
-
-    @property
-    def pair_span(self) -> tuple[int, int]:
-        """The rows of ``A`` (pairs) this rank holds: all, unless sharded."""
-        return row_span(self.lora_A) if is_sharded(self.lora_A) else (0, self.r)
-
-    @property
-    def lora_A(self) -> nn.Parameter:
-        """``A``, shape ``(r, n)``."""
-        return self.module.lora_A[self.adapter].weight
-
-    @property
-    def lora_B(self) -> nn.Parameter:
-        """``B``, shape ``(m, r)``."""
-        return self.module.lora_B[self.adapter].weight
-
-    @property
-    def scaling(self) -> float:
-        """``s`` in ``W + s B A`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA)."""
-        return float(self.module.scaling[self.adapter])
-
-    @property
-    def r(self) -> int:
-        return int(self.module.r[self.adapter])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the whole layer (sharded or not; a quantized weight is stored packed)."""
-        if self.quantized:
-            return int(self.base_layer.out_features), int(self.base_layer.in_features)
-        m, n = getattr(self.base_param, "ds_shape", self.base_param.shape)  # ZeRO-3 keeps its whole shape there
-        return (int(n), int(m)) if self.module.fan_in_fan_out else (int(m), int(n))
+    A kind may change after SRLoRA was built without changing what SRLoRA holds, e.g.
+    ``deepspeed.initialize`` partitions a dense layer whose state every rank keeps whole:
+    the new target takes over. A change that splits the layer among processes
+    (``fully_shard`` afterwards), or leaves state of the old kind behind, raises
+    ``RuntimeError`` with the order to follow."""
+    kind = kind_of(target.module, target.adapter)
+    if kind is type(target):
+        return None
+    new = kind(target.name, target.module, target.adapter)
+    if new.row_span != target.row_span or new.pair_span != target.pair_span or target.state_dict():
+        raise RuntimeError(
+            f"adapted layer {target.name!r} was sharded (it is now {new.kind}, SRLoRA was built on it as "
+            f"{target.kind}). Build it after sharding: get_peft_model -> fully_shard (each block, then the root) -> "
+            f"SRLoRA(model, config) -> optimizer -> attach."
+        )
+    return new
 
 
 def fingerprint(*tensors: torch.Tensor | None) -> list[float]:
@@ -216,6 +151,7 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
                 f"bases and embedding/conv LoRA are not supported). Fix: {fix}, or load the base model unquantized "
                 f"or in bitsandbytes 4/8 bits."
             )
+        kind = kind_of(mod, adapter)
         base = mod.get_base_layer()
         if quantized:
             pass  # the weight is packed integers; SRLoRA reads it dequantized and never writes it
@@ -242,25 +178,31 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
             )
         if mod.merged:
             raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before SRLoRA.")
-        target = LoraTarget(name=name, module=mod, adapter=adapter)
-        if target.zero3 and (quantized or mod.fan_in_fan_out):
+        if kind is Zero3Target and (quantized or mod.fan_in_fan_out):
             raise ValueError(
                 f"Layer {name!r}: DeepSpeed ZeRO-3 with a quantized or Conv1D (fan_in_fan_out) layer is not supported."
             )
-        if target.sharded or is_sharded(target.lora_A):
-            if mod.fan_in_fan_out:
-                raise ValueError(
-                    f"Layer {name!r}: transformers' Conv1D (fan_in_fan_out) under FSDP2 is not supported; "
-                    f"shard a model with nn.Linear layers, or train it with DDP."
-                )
-            for what, t in (("weight", target.base_param), ("lora_A", target.lora_A), ("lora_B", target.lora_B)):
-                check_row_sharded(t, f"Layer {name!r}'s {what}")
-            if not (target.sharded and is_sharded(target.lora_A) and is_sharded(target.lora_B)):
-                raise ValueError(
-                    f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
-                    f"block that holds the whole PEFT layer)."
-                )
+        if kind is ShardedTarget:
+            _check_sharded(name, mod, adapter)
+        target = kind(name, mod, adapter)
         if target.base_param.device.type == "meta":
             raise ValueError(f"Layer {name!r} lives on the meta device; load real weights before SRLoRA.")
         targets.append(target)
     return targets
+
+
+def _check_sharded(name: str, mod: nn.Module, adapter: str) -> None:
+    """FSDP2's default layout, whole PEFT layers: refused otherwise, with the way out."""
+    if mod.fan_in_fan_out:
+        raise ValueError(
+            f"Layer {name!r}: transformers' Conv1D (fan_in_fan_out) under FSDP2 is not supported; "
+            f"shard a model with nn.Linear layers, or train it with DDP."
+        )
+    weight, A, B = mod.get_base_layer().weight, mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+    for what, t in (("weight", weight), ("lora_A", A), ("lora_B", B)):
+        check_row_sharded(t, f"Layer {name!r}'s {what}")
+    if not (is_sharded(weight) and is_sharded(A) and is_sharded(B)):
+        raise ValueError(
+            f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
+            f"block that holds the whole PEFT layer)."
+        )

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .devices import to_device
 from .errors import UnsupportedOptimizerWarning
-from .sharding import is_sharded, local, local_index, row_span
-from .zero3 import is_partitioned
-from .zero3 import zero_moments as zero3_zero_moments
+
+if TYPE_CHECKING:
+    from .kinds.base import LoraTarget
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
@@ -57,9 +57,9 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def require_params(optimizer: torch.optim.Optimizer, params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
-    """Raise ``ValueError`` unless ``optimizer`` holds every tensor of ``params`` (by layer).
-    (ZeRO-3 parameters are held by DeepSpeed's optimizer through flat partitions: not checked.)"""
-    params = {k: v for k, v in params.items() if not any(is_partitioned(t) for t in v)}
+    """Raise ``ValueError`` unless ``optimizer`` holds every tensor of ``params`` (by layer;
+    a layer whose kind names no tensor, such as ZeRO-3's flat partitions, is not checked)."""
+    params = {k: v for k, v in params.items() if v}
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [name for name, tensors in params.items() if any(id(t) not in held for t in tensors)]
     if missing:
@@ -104,35 +104,36 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     return "other"
 
 
-def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
-    key: list[slice | torch.Tensor] = [slice(None)] * tensor.dim()
-    key[dim] = to_device(index, tensor.device)
+def select(param: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
+    """The key of slices ``index`` along ``dim`` of ``param`` (and of anything shaped like it)."""
+    key: list[slice | torch.Tensor] = [slice(None)] * param.dim()
+    key[dim] = to_device(index, param.device)
     return tuple(key)
 
 
-def _local_select(param: torch.Tensor, index: torch.Tensor, dim: int) -> tuple[slice | torch.Tensor, ...]:
-    """The key of slices ``index`` along ``dim`` in this rank's shard of ``param`` (and of
-    anything shaped like it): under FSDP2 the first dimension is split, so only the indices
-    this rank holds, shifted to its rows, remain."""
-    if dim == 0 and is_sharded(param):
-        _, index = local_index(index, row_span(param))
-    return _select(local(param), index, dim)
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 @torch.no_grad()
-def zero_moments_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
-    """Zero the moments of ``param``'s slices ``index`` along ``dim``; other entries untouched.
+def zero_moments_(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    key: tuple[slice | torch.Tensor, ...],
+    view: Callable[[torch.Tensor], torch.Tensor] = _same,
+) -> None:
+    """Zero the moments of ``param`` at ``key``; other entries untouched.
 
-    A parameter the optimizer has not stepped yet has no state and nothing to reset.
+    ``view`` gives the storage a key indexes (a sharded kind's local shard). A parameter the
+    optimizer has not stepped yet has no state and nothing to reset.
     """
     state = optimizer.state.get(param)
     if not state:
         return
-    select = _local_select(param, index, dim)
-    for key in (*ADAM_MOMENTS, *SGD_MOMENTS):
-        buf = state.get(key)
+    for name in (*ADAM_MOMENTS, *SGD_MOMENTS):
+        buf = state.get(name)
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-            local(buf)[select] = 0.0
+            view(buf)[key] = 0.0
 
 
 def _param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
@@ -143,8 +144,13 @@ def _param_group(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> bool:
-    """Set Adam's ``exp_avg_sq`` of slices ``index`` to ``grad^2 (1 - beta2^t)``; see the module doc.
+def seed_second_moment_(
+    optimizer: torch.optim.Optimizer,
+    param: torch.Tensor,
+    key: tuple[slice | torch.Tensor, ...],
+    view: Callable[[torch.Tensor], torch.Tensor] = _same,
+) -> bool:
+    """Set Adam's ``exp_avg_sq`` of ``param`` at ``key`` to ``grad^2 (1 - beta2^t)``; see the module doc.
 
     Returns ``False`` (doing nothing) when the optimizer is not Adam/AdamW or the
     parameter has no state or no gradient yet.
@@ -157,16 +163,15 @@ def seed_second_moment_(optimizer: torch.optim.Optimizer, param: torch.Tensor, i
     beta2 = _param_group(optimizer, param)["betas"][1]
     # 1 - beta2^t computed where the step count lives, as a tensor: no host sync (t may be
     # a device tensor under capturable/fused Adam).
-    step = local(state["step"])
-    exp_avg_sq = local(state["exp_avg_sq"])
+    step = view(state["step"]) if isinstance(state["step"], torch.Tensor) else state["step"]
+    exp_avg_sq = view(state["exp_avg_sq"])
     t = step.to(torch.float64) if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=torch.float64)
     b2 = beta2.to(torch.float64) if isinstance(beta2, torch.Tensor) else torch.tensor(float(beta2), dtype=torch.float64)
     bias = to_device((1.0 - b2.to(t.device) ** t).to(exp_avg_sq.dtype), exp_avg_sq.device)
-    key = _local_select(param, index, dim)
-    seeded = local(param.grad)[key].to(exp_avg_sq.dtype).square().mul_(bias)
+    seeded = view(param.grad)[key].to(exp_avg_sq.dtype).square().mul_(bias)
     exp_avg_sq[key] = seeded
     if isinstance(state.get("max_exp_avg_sq"), torch.Tensor):
-        local(state["max_exp_avg_sq"])[key] = seeded
+        view(state["max_exp_avg_sq"])[key] = seeded
     return True
 
 
@@ -184,48 +189,42 @@ class OptimizerStateReset:
             raise ValueError(f"optimizer_reset must be 'seed', 'zero' or 'none', got {mode!r}.")
         self.mode = mode
         self.optimizer: torch.optim.Optimizer | None = None
-        self.kind: str | None = None
+        self.optimizer_kind: str | None = None
         self.pending: dict[str, set[int]] = {}
         self.warned = False
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
         """Use ``optimizer`` from now on (warned once when its state layout is unknown)."""
         self.optimizer = optimizer
-        self.kind = optimizer_kind(optimizer)
-        if self.kind == "other" and self.mode != "none" and not self.warned:
+        self.optimizer_kind = optimizer_kind(optimizer)
+        if self.optimizer_kind == "other" and self.mode != "none" and not self.warned:
             self.warned = True
             warn_unsupported(optimizer)
 
     def unbind(self) -> None:
         self.optimizer = None
-        self.kind = None
+        self.optimizer_kind = None
 
-    def on_switch(self, key: str, lora_A: torch.Tensor, lora_B: torch.Tensor, slots: torch.Tensor) -> None:
-        """Pairs ``slots`` (rows of ``A (r, n)``, columns of ``B (m, r)``) were recycled."""
-        if self.optimizer is None or self.mode == "none" or self.kind == "other":
+    def on_switch(self, key: str, target: LoraTarget, slots: torch.Tensor) -> None:
+        """Pairs ``slots`` (rows of ``A (r, n)``, columns of ``B (m, r)``) of layer ``target``
+        were recycled."""
+        if self.optimizer is None or self.mode == "none" or self.optimizer_kind == "other":
             return
-        if is_partitioned(lora_A):  # ZeRO-3: through DeepSpeed's accessors; "seed" acts as "zero"
-            keys = ADAM_MOMENTS[:2] if self.kind == "adam" else SGD_MOMENTS
-            zero3_zero_moments(lora_A, slots, 0, keys)
-            zero3_zero_moments(lora_B, slots, 1, keys)
-            return
-        zero_moments_(self.optimizer, lora_A, slots, dim=0)
-        zero_moments_(self.optimizer, lora_B, slots, dim=1)
-        if self.mode == "seed" and self.kind == "adam":
+        target.zero_moments_(self.optimizer, slots)
+        if self.mode == "seed" and self.optimizer_kind == "adam" and target.seeds_moments:
             self.pending.setdefault(key, set()).update(int(k) for k in slots.tolist())
 
-    def before_step(self, params: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def before_step(self, targets: Mapping[str, LoraTarget]) -> None:
         """Seed the second moment of the pending slots from the gradients about to be
-        applied; ``params[key]`` is the layer's ``(A, B)``."""
+        applied; ``targets[key]`` is the layer."""
         if not self.pending or self.optimizer is None:
             return
         for key in list(self.pending):
-            lora_A, lora_B = params[key]
-            if lora_A.grad is None:
+            target = targets[key]
+            if not target.has_grad():
                 continue  # this layer takes no step now; seed at its next one
             slots = torch.tensor(sorted(self.pending.pop(key)), dtype=torch.long)
-            seed_second_moment_(self.optimizer, lora_A, slots, dim=0)
-            seed_second_moment_(self.optimizer, lora_B, slots, dim=1)
+            target.seed_moments_(self.optimizer, slots)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pending": {k: sorted(v) for k, v in self.pending.items() if v}, "warned": self.warned}

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3: SRLoRA on partitioned parameters.
+"""The DeepSpeed ZeRO-3 kind: SRLoRA on partitioned parameters.
 
 ZeRO-3 keeps every parameter as a flat partition per rank (``ds_id``, ``ds_shape``); the
 module's tensor is empty outside DeepSpeed's own gathers, the gradients live in the
@@ -30,6 +30,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
+from ..record import FusedRecord
+from ..svd import SVDCache
+from .dense import DenseTarget
 
 
 def is_partitioned(t: Any) -> bool:
@@ -95,3 +100,82 @@ def zero_moments(param: Any, index: torch.Tensor, dim: int, keys: Iterable[str])
         value = value.clone()
         value[tuple(select)] = 0.0
         safe_set_full_optimizer_state(param, value, key)
+
+
+_ZERO3_EXPORT = (
+    "{what} needs the whole layers, and this model is partitioned by DeepSpeed ZeRO-3. Save the model and "
+    "optimizer with engine.save_checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every rank, "
+    "or gather the model (a full state dict) and use an unsharded copy."
+)
+
+
+class Zero3Target(DenseTarget):
+    """A LoRA layer whose parameters are ZeRO-3 partitions: the dense kind's math, run on
+    the layer gathered whole (:meth:`whole`), with DeepSpeed's accessors for gradients,
+    fp32 masters and moments."""
+
+    kind = "zero3"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n = getattr(self.base_param, "ds_shape", self.base_param.shape)  # ZeRO-3 keeps its whole shape there
+        return int(m), int(n)
+
+    @contextlib.contextmanager
+    def whole(self, modify: bool) -> Iterator[None]:
+        """The layer gathered on every rank (rank 0's writes kept with ``modify``); after a
+        write the new ``A`` and ``B`` go to the optimizer's fp32 masters too."""
+        params = (self.base_param, self.bias, self.lora_A, self.lora_B)
+        new: tuple[torch.Tensor, torch.Tensor] | None = None
+        with gathered(params, modify=modify):
+            yield
+            if modify:
+                new = (self.lora_A.detach().clone(), self.lora_B.detach().clone())
+        if new is not None:
+            set_master(self.lora_A, new[0])
+            set_master(self.lora_B, new[1])
+
+    def has_grad(self) -> bool:
+        return True  # the gradients live in DeepSpeed's partitions, never in .grad
+
+    def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole fp32 masters and gradients (collectives: every rank calls them in the same order)."""
+        A, B = self.lora_A, self.lora_B
+        wA, wB = full_master(A), full_master(B)
+        gA, gB = full_grad(A), full_grad(B)
+        if gA is None or gB is None:
+            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+        return wA, gA, wB, gB
+
+    def optimizer_tensors(self) -> tuple[torch.Tensor, ...]:
+        return ()  # DeepSpeed's optimizer holds flat partitions, not these tensors
+
+    @property
+    def seeds_moments(self) -> bool:
+        return False  # the per-tensor step count seeding needs is not exposed per parameter
+
+    def zero_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        keys = ADAM_MOMENTS[:2] if optimizer_kind(optimizer) == "adam" else SGD_MOMENTS
+        zero_moments(self.lora_A, slots, 0, keys)
+        zero_moments(self.lora_B, slots, 1, keys)
+
+    def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        pass
+
+    def refusal(self, what: str) -> str | None:
+        if what == "attach":
+            return (
+                "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
+                "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
+            )
+        if what in ("export_lora", "merge_and_unload", "save_checkpoint"):
+            return _ZERO3_EXPORT.format(what=what)
+        return None
+
+    def total_update_factors(
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            f"layer {self.name!r} is partitioned (ZeRO-3): export and merge need the whole layer. Gather the model "
+            f"first (a full state dict) or export from an unsharded copy."
+        )

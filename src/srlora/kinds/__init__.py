@@ -1,0 +1,21 @@
+"""The kinds of adapted layer SRLoRA drives, one module each (see :mod:`srlora.kinds.base`).
+
+=================  ===========================================================================
+kind               the layer's tensors
+=================  ===========================================================================
+``dense``          a float weight in this process (``nn.Linear``, transformers' ``Conv1D``)
+``fsdp2``          FSDP2 (``fully_shard``) row shards: each rank holds rows of ``W``, ``B``, ``A``
+``zero3``          DeepSpeed ZeRO-3 partitions, whole only inside DeepSpeed's gathers
+``bnb``            a bitsandbytes 4/8-bit base, never written; side factors carry the changes
+=================  ===========================================================================
+
+:func:`srlora.layers.kind_of` picks the kind of a PEFT LoRA layer once, when SRLoRA is built.
+"""
+
+from .base import LoraTarget
+from .dense import DenseTarget
+from .fsdp import ShardedTarget
+from .quantized import QuantizedTarget
+from .zero3 import Zero3Target
+
+__all__ = ["DenseTarget", "LoraTarget", "QuantizedTarget", "ShardedTarget", "Zero3Target"]

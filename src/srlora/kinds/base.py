@@ -1,0 +1,234 @@
+"""What every kind of adapted layer provides: the interface the method's code talks to.
+
+One PEFT LoRA layer ``y = x W^T + s x A^T B^T`` (``W: (m, n)``, ``A: (r, n)``, ``B: (m, r)``)
+is driven through one :class:`LoraTarget`, whose subclass is chosen once, when the layer is
+found (:func:`srlora.layers.find_lora_targets`), from where its tensors live:
+
+* :class:`~srlora.kinds.dense.DenseTarget`: a float weight in this process (``nn.Linear``,
+  transformers' ``Conv1D``); DDP replicas are this kind too;
+* :class:`~srlora.kinds.fsdp.ShardedTarget`: FSDP2 (``fully_shard``) row shards;
+* :class:`~srlora.kinds.zero3.Zero3Target`: DeepSpeed ZeRO-3 partitions;
+* :class:`~srlora.kinds.quantized.QuantizedTarget`: a bitsandbytes 4/8-bit base that is
+  never written, with low-rank side factors carrying what SRLoRA adds to ``W``.
+
+A kind owns what differs between them: how the effective weight is read, how the PiSSA
+initialisation and a switch write the layer, which gradients and weights the importance
+reads, how the optimizer's moments of recycled slices are reached, what export and
+checkpoints can take from it, and what it refuses. The method's code
+(:class:`~srlora.layer_state.LayerState`, the controller, importance, export, checkpoint)
+asks the target and never branches on its kind. A fifth kind (GPTQ, torchao's quantized
+tensors...) is one more subclass here and one more case in
+:func:`srlora.layers.kind_of`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..record import FusedRecord
+from ..svd import SVDCache
+
+
+def local_index(index: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(which, local)``: the positions of ``index`` that fall in ``span``, and their
+    indices relative to it (the part of a set of rows that a process holds)."""
+    start, stop = span
+    which = ((index >= start) & (index < stop)).nonzero().flatten()
+    return which, index[which] - start
+
+
+class LoraTarget:
+    """One PEFT LoRA layer (``peft.tuners.lora.LoraLayer``), one adapter.
+
+    Attributes:
+        name: module name inside the PEFT model.
+        module: the PEFT LoRA layer.
+        adapter: adapter name.
+        kind: a short name of the kind (``"dense"``, ``"fsdp2"``, ``"zero3"``, ``"bnb"``),
+            for messages and figures.
+        writes_base_weight: switches change the frozen weight itself (a checkpoint must then
+            hold it); ``False`` for a base that is never written.
+    """
+
+    kind: ClassVar[str] = "abstract"
+    writes_base_weight: ClassVar[bool] = True
+
+    def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
+        self.name = name
+        self.module = module
+        self.adapter = adapter
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, adapter={self.adapter!r})"
+
+    # ------------------------------------------------------------------ reads common to every kind
+    @property
+    def base_layer(self) -> nn.Module:
+        return self.module.get_base_layer()
+
+    @property
+    def base_param(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        """``A``, shape ``(r, n)``."""
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        """``B``, shape ``(m, r)``."""
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def scaling(self) -> float:
+        """``s`` in ``W + s B A`` (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA)."""
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def r(self) -> int:
+        return int(self.module.r[self.adapter])
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(getattr(self.module, "fan_in_fan_out", False))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the whole layer."""
+        m, n = self.base_param.shape
+        return (int(n), int(m)) if self.fan_in_fan_out else (int(m), int(n))
+
+    @property
+    def row_span(self) -> tuple[int, int]:
+        """The rows of ``W`` and ``B`` (output features) this process holds."""
+        return 0, self.shape[0]
+
+    @property
+    def pair_span(self) -> tuple[int, int]:
+        """The rows of ``A`` (pairs) this process holds."""
+        return 0, self.r
+
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter (and SRLoRA's state of the layer) lives."""
+        return self.local_factors()[0].device
+
+    def local_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as this process holds them (the storage a write goes to)."""
+        return self.lora_A.data, self.lora_B.data
+
+    # ------------------------------------------------------------------ collectives
+    @property
+    def collective(self) -> bool:
+        """Each process holds a part of the layer's importance: scores are summed over processes."""
+        return False
+
+    def reduce_(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``t`` in place over the processes that share this layer (``"sum"`` or ``"min"``)."""
+        return t
+
+    @contextlib.contextmanager
+    def whole(self, modify: bool) -> Iterator[None]:
+        """Inside the block the layer's tensors are whole in this process; with ``modify``
+        the writes made there are kept."""
+        yield
+
+    # ------------------------------------------------------------------ initialisation and switch
+    def effective_weight(self) -> torch.Tensor:
+        """``W + s B A`` in float32, ``(m, n)``: the weight the layer applies now, whole."""
+        raise NotImplementedError
+
+    def prepare_cache(self, cache: SVDCache, full_rows: bool) -> SVDCache:
+        """The part of the layer's SVD this process keeps (``full_rows``: all rows of ``U``)."""
+        return cache
+
+    def bind(self, record: FusedRecord, directions: int) -> None:
+        """Called once with the layer's fused-pair record and direction budget, before the
+        initialisation (a kind that keeps more state sets it up here)."""
+
+    def new_record(self, capacity: int) -> FusedRecord:
+        """An empty record of fused pairs shaped for the rows this process holds, with room
+        for ``capacity`` pairs."""
+        w0, w1 = self.row_span
+        return FusedRecord(w1 - w0, self.shape[1], self.device, capacity)
+
+    def pissa_init_(self, cache: SVDCache) -> None:
+        """Put the top ``r`` directions of ``cache`` into ``(B, A)`` and keep the layer's
+        function: ``W <- W_eff - s B A`` (or the kind's equivalent)."""
+        raise NotImplementedError
+
+    def switch_pairs_(
+        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse pairs ``slots`` into ``W`` and re-initialise them from ``directions`` (PiSSA
+        factors, slot ``slots[i]`` receives ``directions[i]``), keeping the layer's function.
+        Returns the fused pairs as they were: ``(B[rows, slots], A[slots])`` in float32."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ importance
+    def has_grad(self) -> bool:
+        """This optimizer step carries a gradient for the layer's adapter."""
+        return self.lora_A.grad is not None
+
+    def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, dA, B, dB)``: the weights and gradients the scores read, as this process holds them."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimizer
+    def optimizer_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors an optimizer must hold (by identity) for SRLoRA to reach their state."""
+        return self.lora_A, self.lora_B
+
+    @property
+    def seeds_moments(self) -> bool:
+        """``optimizer_reset="seed"`` can seed this layer's second moments (else it acts as ``"zero"``)."""
+        return True
+
+    def zero_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        """Zero the moments of rows ``slots`` of ``A`` and columns ``slots`` of ``B``."""
+        raise NotImplementedError
+
+    def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        """Seed Adam's second moment of the recycled slices from their gradient (:mod:`srlora.optim_state`)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ export, merge, checkpoint
+    def refusal(self, what: str) -> str | None:
+        """Why this layer cannot take part in ``what`` (``"attach"``, ``"export_lora"``,
+        ``"merge_and_unload"``, ``"save_checkpoint"``), with the way out; ``None``: it can."""
+        return None
+
+    def total_update_factors(
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` in float32."""
+        raise NotImplementedError
+
+    def merged_module(self, update: Callable[[], torch.Tensor]) -> nn.Module | None:
+        """The plain module that replaces this layer when the adapters are merged (``update()``
+        gives its total update ``(m, n)``); ``None`` where PEFT's own merge does it."""
+        return None
+
+    def extra_bytes(self) -> int:
+        """Memory the kind keeps beyond the method's common state (e.g. side factors)."""
+        return 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The kind's own state (empty for most)."""
+        return {}
+
+    def check_state(self, state: dict[str, torch.Tensor], pointer: int) -> None:
+        """Raise :class:`~srlora.errors.CheckpointError` when ``state`` does not fit."""
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], pointer: int) -> None:
+        """Restore :meth:`state_dict`."""

@@ -1,0 +1,91 @@
+"""The dense kind: a float weight held whole by this process.
+
+``nn.Linear`` and transformers' ``Conv1D`` (GPT-2, which stores ``W^T``: PEFT's
+``fan_in_fan_out``) in float32, bfloat16, float16 or float64; DDP replicas are this kind
+(each process holds the whole layer and applies the same switch). ``weight`` is always the
+``(m, n)`` matrix ``W`` with ``y = x W^T``, a view sharing storage with the module's
+parameter, so every write lands in the parameter itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..devices import to_device
+from ..optim_state import seed_second_moment_, select, zero_moments_
+from ..recompose import add_to_weight_, fused_delta, pissa_factors
+from ..record import FusedRecord
+from ..svd import SVDCache
+from .base import LoraTarget
+
+
+class DenseTarget(LoraTarget):
+    """A LoRA layer over a float weight in this process."""
+
+    kind = "dense"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W``, shape ``(m, n)``: a view of the frozen base weight's storage."""
+        data = self.base_param.data
+        return data.T if self.fan_in_fan_out else data
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight.float() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def pissa_init_(self, cache: SVDCache) -> None:
+        r = self.r
+        w_eff = self.effective_weight()
+        U, S, V = cache.directions(torch.arange(r), self.weight.device)
+        B_new, A_new = pissa_factors(U, S, V, self.scaling)
+        self.lora_B.data.copy_(B_new)
+        self.lora_A.data.copy_(A_new)
+        # Subtract the factors as stored (possibly rounded to the adapter dtype) so that
+        # W + s B A reproduces W_eff as closely as the dtypes allow.
+        self.weight.copy_(w_eff - self.scaling * (self.lora_B.float() @ self.lora_A.float()))
+
+    @torch.no_grad()
+    def switch_pairs_(
+        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.weight.device
+        slots = to_device(slots, device)
+        A, B = self.lora_A, self.lora_B
+        U, S, V = cache.directions(directions, device)
+        B_new, A_new = pissa_factors(U, S, V, self.scaling)
+        B_new, A_new = B_new.to(B.dtype), A_new.to(A.dtype)
+        B_old, A_old = B.data[:, slots].float(), A.data[slots].float()
+        add_to_weight_(self.weight, fused_delta(B_old, A_old, B_new, A_new, self.scaling))
+        B.data[:, slots] = B_new
+        A.data[slots] = A_new
+        return B_old, A_old
+
+    def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        A, B = self.lora_A, self.lora_B
+        if A.grad is None or B.grad is None:
+            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+        return A, A.grad, B, B.grad
+
+    def zero_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        zero_moments_(optimizer, self.lora_A, select(self.lora_A, slots, 0))
+        zero_moments_(optimizer, self.lora_B, select(self.lora_B, slots, 1))
+
+    def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
+        seed_second_moment_(optimizer, self.lora_A, select(self.lora_A, slots, 0))
+        seed_second_moment_(optimizer, self.lora_B, select(self.lora_B, slots, 1))
+
+    @torch.no_grad()
+    def total_update_factors(
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s F_B F_A + s B A - U_p diag(S_p) V_p^T``: the record, the slots, and the PiSSA
+        parts of every direction used (``W0`` itself is never kept)."""
+        s = self.scaling
+        device = record.B.device
+        F_B, F_A = record.factors()
+        U, S, V = cache.directions(used.nonzero().flatten(), device)
+        P = torch.cat([s * F_B, s * self.lora_B.float().to(device), -(U * S)], dim=1)
+        Q = torch.cat([F_A, self.lora_A.float().to(device), V.T], dim=0)
+        return P, Q

@@ -332,6 +332,15 @@ ASSETS["fine-foods"] = Asset(
     extract=_extract_fine_foods,
 )
 
+ASSETS["trl-source"] = Asset(
+    name="trl-source",
+    description="Python source of TRL 1.16.0 (133 files, 3.0 MB; released 2026): the corpus of the absorption task",
+    client="pip",
+    package="trl==1.16.0",
+    sha256="c4726e139dd40e1a41661511c639c8a68416782b2e3e8c0befebd77bb7ba0396",
+    extract=_extract_zip_folder("trl/", suffix=".py"),
+)
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -257,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_arguments(p)
     p.set_defaults(func=cmd_study)
+
+    from . import absorb
+
+    p = sub.add_parser(
+        "absorb",
+        help="One corpus-absorption run (SmolLM2-135M continued pretraining on Python source).",
+        description=absorb.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    absorb.add_arguments(p)
+    p.set_defaults(func=absorb.main)
     return ap
 
 

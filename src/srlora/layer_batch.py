@@ -1,23 +1,40 @@
 """Operations over many layers at once: what a switch step reads on the host in one
 device-to-host transfer (and, under FSDP2, one all-reduce), the adaptive trigger's scores,
-and the checks that apply to every layer."""
+and the checks that apply to every layer. Grouped layers (:mod:`srlora.layer_group`) are
+read through their group's stacked storage."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from .layer_group import LayerGroup
 from .layer_state import LayerState
 from .layers import current_kind
 
 
-def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
+def pair_scores(layers: Sequence[LayerState], groups: Mapping[str, LayerGroup], reduce: bool = True) -> torch.Tensor:
+    """Every layer's pair scores ``S_k``, concatenated in the order of ``layers`` (float32, on
+    the first layer's device): a grouped layer's from its group's stacked EMAs (a few batched
+    operations per group), the others' one by one; summed over processes where a layer's
+    importance is split among them."""
+    device = layers[0].importance.ibar_A.device
+    rows: dict[str, torch.Tensor] = {}
+    for group in {id(g): g for g in groups.values()}.values():
+        rows.update(zip(group.names, group.pair_scores().unbind(0), strict=True))
+    pieces = [rows[layer.name] if layer.name in rows else layer.importance.pair_scores() for layer in layers]
+    flat = torch.cat([p.float().to(device, non_blocking=True) for p in pieces])
+    if reduce:
+        _reduce_partial(layers, flat)
+    return flat
+
+
+def adaptive_due(layers: Sequence[LayerState], step: int, groups: Mapping[str, LayerGroup]) -> list[LayerState]:
     """The layers whose adaptive trigger fires after optimizer step ``step`` and whose
     schedule allows a switch then; every layer's scores reach the host in one transfer."""
-    flat = torch.cat([layer.importance.pair_scores().float() for layer in layers])
-    _reduce_partial(layers, flat)
-    scores = flat.cpu().split([layer.r for layer in layers])
+    flat = pair_scores(layers, groups).cpu()
+    scores = flat.split([layer.r for layer in layers])
     due = []
     for layer, layer_scores in zip(layers, scores, strict=True):
         assert layer.trigger is not None and layer.schedule is not None
@@ -29,36 +46,40 @@ def adaptive_due(layers: Sequence[LayerState], step: int) -> list[LayerState]:
 
 
 def switch_inputs(
-    layers: Sequence[LayerState], extra: Sequence[torch.Tensor | None] | None = None
-) -> tuple[list[torch.Tensor], list[bool], list[torch.Tensor | None]]:
+    layers: Sequence[LayerState],
+    groups: Mapping[str, LayerGroup],
+    extra: Sequence[torch.Tensor | None] | None = None,
+) -> tuple[list[list[float]], list[bool], list[torch.Tensor | None]]:
     """What the switches of ``layers`` read on the host, in one device-to-host transfer:
-    each layer's pair scores, whether its ``A`` and ``B`` are finite, and an ``extra``
-    float vector per layer (the gradient policy's alignment EMA), all on the CPU."""
+    each layer's pair scores (a list of floats), whether its ``A`` and ``B`` are finite,
+    and an ``extra`` float vector per layer (the gradient policy's alignment EMA). Batched:
+    the number of tensor operations grows with the number of groups, not of layers."""
     if not layers:
         return [], [], []
     extra = list(extra) if extra is not None else [None] * len(layers)
-    device = layers[0].importance.ibar_A.device
-    # Scores and non-finite counts first (summed over the ranks under FSDP2), then the extras.
-    shared, sizes = [], []
-    for layer in layers:
-        A, B = layer.target.local_factors()
-        bad = (~torch.isfinite(A)).any() | (~torch.isfinite(B)).any()
-        for piece in (layer.importance.pair_scores().float(), bad.float().reshape(1)):
-            shared.append(piece.to(device, non_blocking=True))
-            sizes.append(piece.numel())
-    flat = torch.cat(shared)
-    _reduce_partial(layers, flat)
-    own = [more.float().to(device, non_blocking=True) for more in extra if more is not None]
-    host = torch.cat([flat, *own]).cpu()
-    flat, rest = host[: flat.numel()].split(sizes), host[flat.numel() :]
-    own_sizes = [more.numel() for more in extra if more is not None]
-    extras = iter(rest.split(own_sizes)) if own_sizes else iter(())
-    scores, finite, gathered = [], [], []
-    for i, more in enumerate(extra):
-        scores.append(flat[2 * i])
-        finite.append(not bool(flat[2 * i + 1].item()))
-        gathered.append(next(extras) if more is not None else None)
-    return scores, finite, gathered
+    scores = pair_scores(layers, groups, reduce=False)
+    factors = [t for layer in layers for t in layer.target.local_factors()]
+    # The largest |entry| of each A and B: finite exactly when every entry is.
+    peaks = [p.float() for p in torch._foreach_norm(factors, float("inf"))]
+    bad = (~torch.isfinite(torch.stack(peaks))).float().to(scores.device, non_blocking=True)
+    shared = torch.cat([scores, bad])  # summed over processes where the importance is split
+    _reduce_partial(layers, shared)
+    own = [more.float().to(scores.device, non_blocking=True) for more in extra if more is not None]
+    host = torch.cat([shared, *own]).cpu().tolist()
+    n_scores = sum(layer.r for layer in layers)
+    flags, rest = host[n_scores : n_scores + len(factors)], host[n_scores + len(factors) :]
+    out_scores, finite, gathered = [], [], []
+    at, more_at = 0, 0
+    for i, (layer, more) in enumerate(zip(layers, extra, strict=True)):
+        out_scores.append(host[at : at + layer.r])
+        at += layer.r
+        finite.append(not (flags[2 * i] or flags[2 * i + 1]))
+        if more is None:
+            gathered.append(None)
+        else:
+            gathered.append(torch.tensor(rest[more_at : more_at + more.numel()]))
+            more_at += more.numel()
+    return out_scores, finite, gathered
 
 
 def _reduce_partial(layers: Sequence[LayerState], flat: torch.Tensor) -> None:
@@ -66,6 +87,17 @@ def _reduce_partial(layers: Sequence[LayerState], flat: torch.Tensor) -> None:
     partial = next((layer for layer in layers if layer.importance.partial), None)
     if partial is not None:
         partial.target.reduce_(flat)
+
+
+def mark_exhausted(layers: Iterable[LayerState]) -> list[LayerState]:
+    """The layers that have just run out of unused directions (marked, so that each is
+    reported once)."""
+    out = []
+    for layer in layers:
+        if not layer.can_switch and not layer.exhausted:
+            layer.exhausted = True
+            out.append(layer)
+    return out
 
 
 def check_build_order(layers: Iterable[LayerState]) -> None:

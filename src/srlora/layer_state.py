@@ -23,6 +23,7 @@ initialisation and of the switch, and the side state a quantized base needs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -105,11 +106,12 @@ class LayerState:
         self.importance = PairImportance(
             budget.r, m, n, beta1, beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
         )
-        self.slot_direction = torch.arange(budget.r, dtype=torch.long)
-        # Which of the layer's directions have entered so far (a prefix under the paper's
-        # policy; any set under direction_policy="gradient"), and how many: p.
-        self.used = torch.zeros(budget.directions, dtype=torch.bool)
-        self.used[: budget.r] = True
+        # Host bookkeeping in plain Python (a switch's decisions cost no tensor op): the
+        # direction each slot holds, which of the layer's directions have entered so far (a
+        # prefix under the paper's policy; any set under direction_policy="gradient"), and
+        # how many: p.
+        self._slots: list[int] = list(range(budget.r))
+        self._used: list[bool] = [k < budget.r for k in range(budget.directions)]
         self.pointer = budget.r
         self.record: FusedRecord = target.new_record(budget.directions - budget.r)
         self.exhausted = False
@@ -185,6 +187,23 @@ class LayerState:
         """The frozen weight differs from the one the PiSSA initialisation left."""
         return self.pointer > self.r
 
+    @property
+    def slot_direction(self) -> torch.Tensor:
+        """``(r,)`` long: the singular direction of ``W0`` each slot holds."""
+        return torch.tensor(self._slots, dtype=torch.long)
+
+    @property
+    def used(self) -> torch.Tensor:
+        """``(limit,)`` bool: the directions that have entered so far."""
+        return torch.tensor(self._used, dtype=torch.bool)
+
+    def use_cache(self, cache: SVDCache) -> None:
+        """Keep the SVD cache in ``cache`` (views into a group's stacked storage, holding the
+        same values) from now on."""
+        if cache.U.shape != self.cache.U.shape or cache.V.shape != self.cache.V.shape:
+            raise ValueError(f"layer {self.name!r}: the new cache's shapes do not fit.")
+        self.cache = cache
+
     def retarget(self, target: LoraTarget) -> None:
         """Drive the same layer through another kind whose state layout is the same (see
         :func:`~srlora.layers.current_kind`)."""
@@ -204,20 +223,18 @@ class LayerState:
         scores = self.importance.pair_scores()
         return self.target.reduce_(scores) if self.importance.partial else scores
 
-    def lowest_pairs(self, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(slots, scores)``: the ``r'`` lowest-scoring pairs (ascending slot order; ties go
-        to the lowest index) and every pair's score, on the CPU (``scores``: already there)."""
-        scores = self.pair_scores().cpu() if scores is None else scores
-        low = torch.sort(scores, stable=True).indices[: self.r_prime]
-        return torch.sort(low).values, scores
+    def lowest_pairs(self, scores: Sequence[float]) -> list[int]:
+        """The ``r'`` lowest-scoring slots in ascending order (ties go to the lowest index)."""
+        order = sorted(range(self.r), key=lambda k: scores[k])  # a stable sort
+        return sorted(order[: self.r_prime])
 
     def next_directions(self) -> torch.Tensor:
         """The paper's choice: the next ``r'`` unused directions in singular-value order."""
-        return (~self.used).nonzero().flatten()[: self.r_prime]
+        return self.unused_directions()[: self.r_prime]
 
     def unused_directions(self) -> torch.Tensor:
         """Indices of the directions that have not entered yet, ascending."""
-        return (~self.used).nonzero().flatten()
+        return torch.tensor([k for k, u in enumerate(self._used) if not u], dtype=torch.long)
 
     # ------------------------------------------------------------------ the switch
     @torch.no_grad()
@@ -225,50 +242,69 @@ class LayerState:
         self,
         step: int,
         reset_all_scores: bool = False,
-        directions: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
+        directions: torch.Tensor | Sequence[int] | None = None,
+        scores: torch.Tensor | Sequence[float] | None = None,
     ) -> SwitchEvent:
         """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
-        ``directions`` (default: the next unused ones in singular-value order;
-        :func:`~srlora.recompose.switch_pairs_`); reset the importance of those slots (of
-        every slot with ``reset_all_scores``). ``scores``: the pair scores already on the host
-        (:func:`switch_inputs`), to save a device sync.
+        ``directions`` (default: the next unused ones in singular-value order); reset the
+        importance of those slots (of every slot with ``reset_all_scores``). ``scores``: the
+        pair scores already on the host (:func:`~srlora.layer_batch.switch_inputs`), to save
+        a device sync.
 
         The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
         when no direction is left (check :attr:`can_switch`) and ``ValueError`` for
-        ``directions`` that are not ``r'`` distinct unused ones."""
+        ``directions`` that are not ``r'`` distinct unused ones. (A :class:`LayerGroup`
+        switches its layers together: :meth:`plan` for each, one batched write, :meth:`commit`.)"""
+        if scores is None:
+            scores = self.pair_scores().cpu()
+        event = self.plan(step, _as_list(scores), None if directions is None else _as_list(directions))
+        self.apply(event, reset_all_scores)
+        self.commit(event)
+        return event
+
+    def plan(self, step: int, scores: Sequence[float], directions: Sequence[int] | None = None) -> SwitchEvent:
+        """The switch this layer would make now, in plain Python: the ``r'`` lowest-scoring
+        slots, and the directions they receive (default: the next unused ones). Changes nothing."""
         if not self.can_switch:
             raise RuntimeError(f"layer {self.name!r} has no unused direction left ({self.pointer} of {self.limit}).")
         if directions is None:
-            directions = self.next_directions()
-        directions = torch.sort(torch.as_tensor(directions, dtype=torch.long).flatten()).values
+            directions = [k for k, u in enumerate(self._used) if not u][: self.r_prime]
+        chosen = sorted(int(d) for d in directions)
         if (
-            directions.numel() != self.r_prime
-            or directions.unique().numel() != self.r_prime
-            or not ((directions >= 0) & (directions < self.limit)).all()
-            or self.used[directions].any()
+            len(chosen) != self.r_prime
+            or len(set(chosen)) != self.r_prime
+            or not all(0 <= d < self.limit for d in chosen)
+            or any(self._used[d] for d in chosen)
         ):
-            raise ValueError(
-                f"layer {self.name!r}: {directions.tolist()} are not {self.r_prime} distinct unused directions."
-            )
-        slots, scores = self.lowest_pairs(scores)
-        event = SwitchEvent(
+            raise ValueError(f"layer {self.name!r}: {chosen} are not {self.r_prime} distinct unused directions.")
+        slots = self.lowest_pairs(scores)
+        return SwitchEvent(
             step=step,
             layer=self.name,
-            slots=tuple(slots.tolist()),
-            directions=tuple(directions.tolist()),
-            evicted=tuple(self.slot_direction[slots].tolist()),
-            scores=tuple(scores[slots].tolist()),
+            slots=tuple(slots),
+            directions=tuple(chosen),
+            evicted=tuple(self._slots[k] for k in slots),
+            scores=tuple(float(scores[k]) for k in slots),
         )
+
+    @torch.no_grad()
+    def apply(self, event: SwitchEvent, reset_all_scores: bool) -> None:
+        """The tensor side of ``event``, for this layer alone: the kind's writes, the record
+        of the fused pairs, the importance reset."""
+        slots = torch.tensor(event.slots, dtype=torch.long)
+        directions = torch.tensor(event.directions, dtype=torch.long)
         with self.target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
             self.record.append_(*self.target.switch_pairs_(self.cache, slots, directions))
-        self.pointer += self.r_prime
-        self.used[directions] = True
-        self.slot_direction[slots] = directions
         self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
+
+    def commit(self, event: SwitchEvent) -> None:
+        """The host bookkeeping of ``event`` (plain Python): pointer, slots, used directions."""
+        self.pointer += self.r_prime
+        for slot, direction in zip(event.slots, event.directions, strict=True):
+            self._slots[slot] = direction
+            self._used[direction] = True
         if self.trigger is not None:
             self.trigger.switched()
-        return event
 
     @torch.no_grad()
     def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,8 +316,8 @@ class LayerState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "pointer": self.pointer,
-            "slot_direction": self.slot_direction.clone(),
-            "used": self.used.clone(),
+            "slot_direction": self.slot_direction,
+            "used": self.used,
             **self.record.state_dict(),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
@@ -329,8 +365,8 @@ class LayerState:
         self.check_state(state)
         pointer = int(state["pointer"])
         self.pointer = pointer
-        self.slot_direction.copy_(state["slot_direction"])
-        self.used.copy_(state["used"])
+        self._slots = [int(x) for x in state["slot_direction"].tolist()]
+        self._used = [bool(x) for x in state["used"].tolist()]
         self.record.load_state_dict(state)
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
@@ -338,3 +374,7 @@ class LayerState:
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)
+
+
+def _as_list(values: torch.Tensor | Sequence[Any]) -> list[Any]:
+    return values.flatten().tolist() if isinstance(values, torch.Tensor) else list(values)

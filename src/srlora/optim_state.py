@@ -27,7 +27,7 @@ switch (:meth:`~OptimizerStateReset.on_switch`) and of each coming optimizer ste
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -175,6 +175,63 @@ def seed_second_moment_(
     return True
 
 
+@torch.no_grad()
+def zero_moments_batched_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], keep: torch.Tensor) -> None:
+    """:func:`zero_moments_` of the recycled slices of many layers in one ``_foreach`` product:
+    ``keep (L, r)`` is 0 at each layer's recycled pairs (rows of ``A``, columns of ``B``), 1
+    elsewhere. For layers whose kind batches (whole parameters in this process)."""
+    moments, masks = [], []
+    for target, k_A, k_B in zip(targets, keep[:, :, None].unbind(0), keep[:, None, :].unbind(0), strict=True):
+        for param, mask in ((target.lora_A, k_A), (target.lora_B, k_B)):
+            state = optimizer.state.get(param)
+            for name in (*ADAM_MOMENTS, *SGD_MOMENTS) if state else ():
+                buf = state.get(name)
+                if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
+                    moments.append(buf)
+                    masks.append(mask)
+    if moments:
+        torch._foreach_mul_(moments, masks)
+
+
+@torch.no_grad()
+def seed_second_moments_batched_(
+    optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], recycled: torch.Tensor
+) -> None:
+    """:func:`seed_second_moment_` of many layers at once: ``recycled (L, r)`` is 1 at each
+    layer's pairs waiting for their seed (their second moments are 0 since the switch), and
+    ``exp_avg_sq += recycled * grad^2 (1 - beta2^t)`` in a few ``_foreach`` operations."""
+    if optimizer_kind(optimizer) != "adam":
+        return
+    params, masks, steps, betas = [], [], [], []
+    for target, r_A, r_B in zip(targets, recycled[:, :, None].unbind(0), recycled[:, None, :].unbind(0), strict=True):
+        for param, mask in ((target.lora_A, r_A), (target.lora_B, r_B)):
+            state = optimizer.state.get(param)
+            if param.grad is None or not state or "exp_avg_sq" not in state:
+                continue
+            params.append(param)
+            masks.append(mask)
+            steps.append(state["step"])
+            betas.append(float(_param_group(optimizer, param)["betas"][1]))
+    if not params:
+        return
+    # 1 - beta2^t per parameter, in float64 as the one-layer path computes it, then in the
+    # moments' dtype; one host-to-device copy for all.
+    t = torch.stack([x if isinstance(x, torch.Tensor) else torch.tensor(float(x)) for x in steps]).double()
+    bias = 1.0 - torch.tensor(betas, dtype=torch.float64, device=t.device) ** t
+    moment = optimizer.state[params[0]]["exp_avg_sq"]
+    bias = to_device(bias.to(moment.dtype), moment.device).unbind(0)
+    grads = [p.grad for p in params]
+    seeded = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
+    torch._foreach_mul_(seeded, list(bias))
+    torch._foreach_mul_(seeded, masks)
+    exp_avg_sq = [optimizer.state[p]["exp_avg_sq"] for p in params]
+    torch._foreach_add_(exp_avg_sq, seeded)
+    amsgrad = [(optimizer.state[p].get("max_exp_avg_sq"), x) for p, x in zip(params, seeded, strict=True)]
+    amsgrad = [(m, x) for m, x in amsgrad if isinstance(m, torch.Tensor)]
+    if amsgrad:
+        torch._foreach_add_([m for m, _ in amsgrad], [x for _, x in amsgrad])
+
+
 class OptimizerStateReset:
     """The ``optimizer_reset`` policy (``"seed"``, ``"zero"`` or ``"none"``) for one controller.
 
@@ -214,17 +271,42 @@ class OptimizerStateReset:
         if self.mode == "seed" and self.optimizer_kind == "adam" and target.seeds_moments:
             self.pending.setdefault(key, set()).update(int(k) for k in slots.tolist())
 
+    def on_switch_batch(
+        self, keys: Sequence[str], targets: Sequence[LoraTarget], recycled: torch.Tensor, slots: Sequence[Any]
+    ) -> None:
+        """:meth:`on_switch` of many layers of a batching kind at once: ``recycled (L, r)``
+        is 1 at each layer's recycled pairs, ``slots[i].slots`` the same as indices."""
+        if self.optimizer is None or self.mode == "none" or self.optimizer_kind == "other":
+            return
+        zero_moments_batched_(self.optimizer, targets, 1.0 - recycled)
+        if self.mode == "seed" and self.optimizer_kind == "adam":
+            for key, event in zip(keys, slots, strict=True):
+                self.pending.setdefault(key, set()).update(int(k) for k in event.slots)
+
     def before_step(self, targets: Mapping[str, LoraTarget]) -> None:
         """Seed the second moment of the pending slots from the gradients about to be
-        applied; ``targets[key]`` is the layer."""
+        applied; ``targets[key]`` is the layer. Layers whose kind batches are seeded together."""
         if not self.pending or self.optimizer is None:
             return
+        batch: list[tuple[LoraTarget, list[int]]] = []
         for key in list(self.pending):
             target = targets[key]
             if not target.has_grad():
                 continue  # this layer takes no step now; seed at its next one
-            slots = torch.tensor(sorted(self.pending.pop(key)), dtype=torch.long)
-            target.seed_moments_(self.optimizer, slots)
+            pending = sorted(self.pending.pop(key))
+            if target.batch_key() is not None:
+                batch.append((target, pending))
+            else:
+                target.seed_moments_(self.optimizer, torch.tensor(pending, dtype=torch.long))
+        if batch:
+            rows = [[1.0 if k in set(slots) else 0.0 for k in range(t.r)] for t, slots in batch]
+            by_rank: dict[int, list[int]] = {}
+            for i, (t, _) in enumerate(batch):
+                by_rank.setdefault(t.r, []).append(i)
+            for members in by_rank.values():  # one mask per adapter rank
+                device = batch[members[0]][0].device
+                recycled = torch.tensor([rows[i] for i in members]).to(device, non_blocking=True)
+                seed_second_moments_batched_(self.optimizer, [batch[i][0] for i in members], recycled)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pending": {k: sorted(v) for k, v in self.pending.items() if v}, "warned": self.warned}

@@ -36,13 +36,19 @@ class FusedRecord:
     ) -> None:
         self.rows, self.n, self.dtype = rows, n, dtype
         self.count = 0
-        self._B = torch.zeros(rows, capacity, dtype=dtype, device=device)
+        # F_B is stored transposed, (capacity, rows), so that both records are indexed by pair
+        # on their first dimension (a group of layers writes every layer's new pairs at once).
+        self._Bt = torch.zeros(capacity, rows, dtype=dtype, device=device)
         self._A = torch.zeros(capacity, n, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._A.shape[0])
 
     @property
     def B(self) -> torch.Tensor:
         """``F_B``, ``(rows, u)`` in the storage dtype (a view)."""
-        return self._B[:, : self.count]
+        return self._Bt[: self.count].T
 
     @property
     def A(self) -> torch.Tensor:
@@ -52,21 +58,38 @@ class FusedRecord:
     @property
     def nbytes(self) -> int:
         """Bytes allocated (the capacity, not only the pairs recorded)."""
-        return self._B.numel() * self._B.element_size() + self._A.numel() * self._A.element_size()
+        return self._Bt.numel() * self._Bt.element_size() + self._A.numel() * self._A.element_size()
+
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F_B^T (capacity, rows), F_A (capacity, n))``, the whole allocation."""
+        return self._Bt, self._A
+
+    def use_storage(self, Bt: torch.Tensor, A: torch.Tensor) -> None:
+        """Keep the record in ``Bt``, ``A`` (views into a group's stacked storage, holding the
+        same values) from now on."""
+        if Bt.shape != self._Bt.shape or A.shape != self._A.shape:
+            raise ValueError(f"storage of shapes {tuple(Bt.shape)}, {tuple(A.shape)} does not fit this record.")
+        self._Bt, self._A = Bt, A
 
     def _reserve(self, total: int) -> None:
-        if total <= self._A.shape[0]:
+        if total <= self.capacity:
             return
-        more = total - self._A.shape[0]
-        self._B = torch.cat([self._B, self._B.new_zeros(self.rows, more)], dim=1)
+        more = total - self.capacity
+        self._Bt = torch.cat([self._Bt, self._Bt.new_zeros(more, self.rows)], dim=0)
         self._A = torch.cat([self._A, self._A.new_zeros(more, self.n)], dim=0)
 
     def append_(self, B_cols: torch.Tensor, A_rows: torch.Tensor) -> None:
         """Record fused pairs ``B_cols (rows, k)``, ``A_rows (k, n)`` (cast to the storage dtype)."""
         k = int(A_rows.shape[0])
         self._reserve(self.count + k)
-        self._B[:, self.count : self.count + k] = B_cols
+        self._Bt[self.count : self.count + k] = B_cols.T
         self._A[self.count : self.count + k] = A_rows
+        self.count += k
+
+    def counted(self, k: int) -> None:
+        """``k`` more pairs were written into the storage by the group this record belongs to."""
+        if self.count + k > self.capacity:
+            raise RuntimeError("a group wrote past the record's capacity.")
         self.count += k
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +97,7 @@ class FusedRecord:
         return self.B.float(), self.A.float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"fused_B": self.B.clone(), "fused_A": self.A.clone()}
+        return {"fused_B": self.B.contiguous().clone(), "fused_A": self.A.clone()}
 
     def check_state(self, state: dict[str, Any], count: int, where: str) -> None:
         """Raise :class:`CheckpointError` unless ``state`` holds ``count`` pairs of this shape."""
@@ -88,8 +111,8 @@ class FusedRecord:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = int(state["fused_A"].shape[0])
         self._reserve(count)
-        self._B.zero_()
+        self._Bt.zero_()
         self._A.zero_()
-        self._B[:, :count] = state["fused_B"]
+        self._Bt[:count] = state["fused_B"].T
         self._A[:count] = state["fused_A"]
         self.count = count

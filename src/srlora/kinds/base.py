@@ -124,8 +124,8 @@ class LoraTarget:
         return self.local_factors()[0].device
 
     def local_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` as this process holds them (the storage a write goes to)."""
-        return self.lora_A.data, self.lora_B.data
+        """``(A, B)`` as this process holds them (to read; a write under ``torch.no_grad()``)."""
+        return self.lora_A, self.lora_B
 
     # ------------------------------------------------------------------ collectives
     @property
@@ -174,6 +174,11 @@ class LoraTarget:
         factors, slot ``slots[i]`` receives ``directions[i]``), keeping the layer's function.
         Returns the fused pairs as they were: ``(B[rows, slots], A[slots])`` in float32."""
         raise NotImplementedError
+
+    def batch_key(self) -> object | None:
+        """Layers with equal keys switch as one batch (:mod:`srlora.layer_group`, through the
+        kind's ``switch_batched_``); ``None``: this layer switches on its own."""
+        return None
 
     # ------------------------------------------------------------------ importance
     def has_grad(self) -> bool:

@@ -9,6 +9,8 @@ parameter, so every write lands in the parameter itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..devices import to_device
@@ -60,6 +62,55 @@ class DenseTarget(LoraTarget):
         add_to_weight_(self.weight, fused_delta(B_old, A_old, B_new, A_new, self.scaling))
         B.data[:, slots] = B_new
         A.data[slots] = A_new
+        return B_old, A_old
+
+    def batch_key(self) -> object | None:
+        W, A, B = self.base_param, self.lora_A, self.lora_B
+        return (type(self), self.shape, self.fan_in_fan_out, W.dtype, A.dtype, B.dtype, W.device)
+
+    @staticmethod
+    @torch.no_grad()
+    def switch_batched_(
+        targets: Sequence[DenseTarget],
+        U_new: torch.Tensor,
+        S_new: torch.Tensor,
+        V_new: torch.Tensor,
+        slots: torch.Tensor,
+        scaling: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`switch_pairs_` of ``L`` layers of one :meth:`batch_key` at once.
+
+        Args:
+            U_new: ``(L, r', m)``, ``S_new``: ``(L, r')``, ``V_new``: ``(L, r', n)``: the new
+                directions of each layer, in the order of its ``slots`` ``(L, r')``.
+            scaling: ``(L,)``, each layer's ``s``.
+
+        Returns ``(B_old (L, m, r'), A_old (L, r', n))`` in float32. The weight update of all
+        layers is one batched product and one ``_foreach`` add; the factor writes one scatter
+        and one ``_foreach`` copy per factor.
+        """
+        root = (S_new / scaling[:, None]).sqrt_()[:, :, None]  # (L, r', 1)
+        A_params = [t.lora_A for t in targets]
+        B_params = [t.lora_B for t in targets]
+        A, B = torch.stack(A_params), torch.stack(B_params)  # (L, r, n), (L, m, r)
+        B_new = (U_new * root).transpose(1, 2).to(B.dtype)  # (L, m, r')
+        A_new = (V_new * root).to(A.dtype)  # (L, r', n)
+        idx_B = slots[:, None, :].expand(-1, B.shape[1], -1)
+        idx_A = slots[:, :, None].expand(-1, -1, A.shape[2])
+        B_old, A_old = B.gather(2, idx_B).float(), A.gather(1, idx_A).float()
+        # s (B_old A_old - B_new A_new) as one batched product of rank 2 r' (on the CPU,
+        # matmul's batched kernel is several times faster than bmm's here).
+        P = torch.cat([B_old, B_new.float().neg()], dim=2).mul_(scaling[:, None, None])
+        delta = torch.matmul(P, torch.cat([A_old, A_new.float()], dim=1))
+        weights = [t.base_param for t in targets]
+        if targets[0].fan_in_fan_out:
+            delta = delta.transpose(1, 2)  # the parameter stores W^T
+        if weights[0].dtype == torch.float32:
+            torch._foreach_add_(weights, delta.unbind(0))
+        else:  # summed in float32, rounded once
+            torch._foreach_copy_(weights, torch.stack(weights).float().add_(delta).unbind(0))
+        torch._foreach_copy_(B_params, B.scatter_(2, idx_B, B_new).unbind(0))
+        torch._foreach_copy_(A_params, A.scatter_(1, idx_A, A_new).unbind(0))
         return B_old, A_old
 
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -117,6 +117,9 @@ class ShardedTarget(DenseTarget):
 
     kind = "fsdp2"
 
+    def batch_key(self) -> object | None:
+        return None  # switches layer by layer
+
     @property
     def weight(self) -> torch.Tensor:
         """This rank's rows ``row_span`` of ``W`` (a view of its local shard)."""

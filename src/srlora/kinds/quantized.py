@@ -41,6 +41,9 @@ class QuantizedTarget(DenseTarget):
     kind = "bnb"
     writes_base_weight = False
 
+    def batch_key(self) -> object | None:
+        return None  # switches layer by layer
+
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         super().__init__(name, module, adapter)
         self.entered_B: torch.Tensor | None = None

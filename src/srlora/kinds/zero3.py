@@ -116,6 +116,9 @@ class Zero3Target(DenseTarget):
 
     kind = "zero3"
 
+    def batch_key(self) -> object | None:
+        return None  # switches layer by layer
+
     @property
     def shape(self) -> tuple[int, int]:
         m, n = getattr(self.base_param, "ds_shape", self.base_param.shape)  # ZeRO-3 keeps its whole shape there

@@ -101,10 +101,21 @@ def _layer_outputs(ctl) -> dict[str, torch.Tensor]:
 LOGITS_TOL = dict(rtol=5e-3, atol=5e-3)
 
 
-def test_init_and_switches_keep_the_output_and_never_write_the_4bit_weight(tiny_llama):
+# A switch moves the fused pairs into the side factors, stored in side_factor_dtype: in
+# float32 the layer's output changes by float32 rounding (1e-5 here); in bfloat16 by the
+# rounding of those pairs, at most 2^-8 relative per factor entry, so below 2^-7 of their
+# contribution to the output (with float32 rounding on top).
+SWITCH_TOL = {"float32": 0.0, "bfloat16": 2.0**-7}
+# Through the two blocks those per-layer changes reach the logits (~1 here) at up to ~1e-2
+# in bfloat16; in float32 only bitsandbytes' own bfloat16 input rounding remains.
+SWITCH_LOGITS_TOL = {"float32": LOGITS_TOL, "bfloat16": dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("side", ["bfloat16", "float32"])
+def test_init_and_switches_keep_the_output_and_never_write_the_4bit_weight(tiny_llama, side):
     model = _load(tiny_llama)
     before, bytes_before = _logits(model), _quantized_bytes(model)
-    ctl = SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
+    ctl = SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20, side_factor_dtype=side))
     assert all(layer.target.kind == "bnb" for layer in ctl.layers.values()) and len(ctl.layers) == 14
     torch.testing.assert_close(_logits(model), before, **LOGITS_TOL)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -114,15 +125,37 @@ def test_init_and_switches_keep_the_output_and_never_write_the_4bit_weight(tiny_
     for _ in range(3):
         trained, layers_before = _logits(model), _layer_outputs(ctl)
         assert ctl.switch()
-        for name, out in _layer_outputs(ctl).items():  # the invariant itself, in float32
-            torch.testing.assert_close(out, layers_before[name], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(_logits(model), trained, **LOGITS_TOL)
+        for name, out in _layer_outputs(ctl).items():  # the invariant itself, per layer
+            layer = ctl.layers[name]
+            x = torch.randn(6, layer.target.shape[1], generator=torch.Generator().manual_seed(7))
+            k = layer.r_prime
+            fused = layer.target.scaling * (x @ layer.fused_A[-k:].float().T) @ layer.fused_B[:, -k:].float().T
+            tol = SWITCH_TOL[side] * float(fused.abs().max()) + 1e-5
+            torch.testing.assert_close(out, layers_before[name], rtol=0, atol=tol)
+        torch.testing.assert_close(_logits(model), trained, **SWITCH_LOGITS_TOL[side])
     after = _quantized_bytes(model)
     assert after.keys() == bytes_before.keys() and all(torch.equal(after[k], v) for k, v in bytes_before.items())
-    # The side factors of the full budget: (m + n) * (2 * 16 - 4) float32 numbers per layer.
+    # The side factors grow with the directions used (p = 4 + 5 switches x 2), in the side
+    # dtype: (m + n) (2p - r) numbers per layer, the p pairs that entered and the p - r fused.
     layer = ctl.layers[ctl.layer_names[0]]
     m, n = layer.target.shape
-    assert layer.side_factor_bytes == (m + n) * (2 * 16 - 4) * 4
+    size = torch.tensor([], dtype=getattr(torch, side)).element_size()
+    assert layer.pointer == 14 and layer.side_factor_bytes == (m + n) * (2 * 14 - 4) * size
+
+
+def test_side_factors_grow_with_the_directions_used_and_the_cache_waits_on_the_cpu(tiny_llama):
+    model = _load(tiny_llama)
+    ctl = SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20))
+    layer = ctl.layers[ctl.layer_names[0]]
+    m, n = layer.target.shape
+    assert layer.cache.U.device.type == "cpu"
+    assert layer.side_factor_bytes == (m + n) * 4 * 2  # the r = 4 pairs that entered, bfloat16
+    ctl.switch()
+    assert layer.side_factor_bytes == (m + n) * (4 + 2 + 2) * 2  # + r' = 2 entered and 2 fused
+    # The records hold exactly what entered: the slots' values are representable in bfloat16.
+    E_B, E_A = layer.target.entered.factors()
+    torch.testing.assert_close(E_B[:, -2:], layer.target.lora_B[:, list(ctl.history[-1].slots)], rtol=0, atol=0)
+    torch.testing.assert_close(E_A[-2:], layer.target.lora_A[list(ctl.history[-1].slots)], rtol=0, atol=0)
 
 
 def test_resume_of_a_quantized_run_is_exact(tiny_llama, tmp_path):
@@ -144,7 +177,7 @@ def test_resume_of_a_quantized_run_is_exact(tiny_llama, tmp_path):
     torch.testing.assert_close(_logits(model2), _logits(model), rtol=0, atol=0)
     for name, layer in ctl.layers.items():
         twin = ctl2.layers[name]
-        assert torch.equal(layer.target.entered_B, twin.target.entered_B) and torch.equal(layer.fused_A, twin.fused_A)
+        assert torch.equal(layer.target.entered.B, twin.target.entered.B) and torch.equal(layer.fused_A, twin.fused_A)
 
 
 def test_export_reloads_on_the_dequantized_base_and_merge_matches(tiny_llama, tmp_path):
@@ -214,3 +247,74 @@ def test_init_keeps_the_gradient_through_the_4bit_base(tiny_llama):
         SRLoRA(model, SRLoRAConfig(r_target=16, total_steps=100))
     # float32 throughout; the side factors reorder the sums: relative error ~1e-6.
     torch.testing.assert_close(input_grad(), before, rtol=1e-4, atol=1e-6)
+
+
+class _Hand(torch.nn.Module):
+    """A model whose layers are bitsandbytes 4-bit modules placed by hand, not loaded through
+    transformers' BitsAndBytesConfig: PEFT wraps them in its plain lora.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = _linear4bit(torch.nn.Linear(24, 48))
+        self.fc2 = _linear4bit(torch.nn.Linear(48, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _linear4bit(dense: torch.nn.Linear) -> torch.nn.Module:
+    q = bnb.nn.Linear4bit(dense.in_features, dense.out_features, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q.bias = torch.nn.Parameter(dense.bias.data.clone())
+    return q.to("cpu")  # quantizes
+
+
+def test_a_4bit_model_built_by_hand_trains_switches_and_exports(tmp_path):
+    hand = _Hand()
+    assert hand.fc1.weight.dtype == torch.uint8  # really packed 4-bit
+    model = peft.get_peft_model(hand, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    assert type(model.base_model.model.fc1).__name__ == "Linear"  # PEFT's plain lora.Linear over Linear4bit
+    packed = {k: v.clone() for k, v in model.state_dict().items() if v.dtype == torch.uint8}
+    x = torch.randn(32, 24, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    model.train()
+    with torch.no_grad():
+        before = model(x)
+    ctl = SRLoRA(model, SRLoRAConfig(r_target=12, switch_interval=20, side_factor_dtype="float32"))
+    assert [layer.target.kind for layer in ctl.layers.values()] == ["bnb", "bnb"]
+    with torch.no_grad():  # float32 side factors: the init keeps the output to float32 rounding
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl.attach(opt)
+    losses = []
+    for _ in range(65):  # switches after steps 20, 40, 60
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0] and len(ctl.history) == 2 * 3
+    with torch.no_grad():
+        trained = model(x)
+        ctl.switch()
+        torch.testing.assert_close(model(x), trained, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in packed.items())
+    ctl.export_lora(tmp_path / "adapter")
+    # The exported adapter on the dequantized base computes what the trained 4-bit model does.
+    plain = torch.nn.Module()
+    plain.fc1 = torch.nn.Linear(24, 48)
+    plain.fc2 = torch.nn.Linear(48, 16)
+    plain.forward = _Hand.forward.__get__(plain)  # type: ignore[method-assign]
+    for name, layer in ctl.layers.items():
+        key = name.removeprefix("base_model.model.")
+        plain.get_submodule(key).weight.data.copy_(layer.target.dequantized())
+        plain.get_submodule(key).bias.data.copy_(layer.target.bias.data)
+    reloaded = peft.PeftModel.from_pretrained(plain, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=1e-4, atol=1e-4)
+    # ... and so does its gradient with respect to the input (the side factors' own backward).
+    xq, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    model(xq).square().sum().backward()
+    reloaded(xp).square().sum().backward()
+    torch.testing.assert_close(xq.grad, xp.grad, rtol=1e-4, atol=1e-4)

@@ -17,11 +17,13 @@ OptimizerReset = Literal["seed", "zero", "none"]
 ScoreReset = Literal["recycled", "all"]
 SVDMethod = Literal["full", "randomized"]
 DirectionPolicy = Literal["spectrum", "gradient"]
+SideFactorDType = Literal["bfloat16", "float16", "float32"]
 
 _OPTIMIZER_RESET = ("seed", "zero", "none")
 _SCORE_RESET = ("recycled", "all")
 _SVD_METHODS = ("full", "randomized")
 _DIRECTION_POLICIES = ("spectrum", "gradient")
+_SIDE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,17 @@ class SRLoRAConfig:
     svd_device: str | None = field(
         default=None,
         metadata={
-            "help": "Where the SVD cache lives ('cpu' keeps it off the accelerator); None: beside each layer's weight."
+            "help": "Where the SVD cache lives ('cpu' keeps it off the accelerator); None: beside each layer's weight, "
+            "except on a quantized base, where it waits on the CPU (a switch moves the directions it needs)."
+        },
+    )
+    side_factor_dtype: SideFactorDType = field(
+        default="bfloat16",
+        metadata={
+            "help": "Storage dtype of a quantized base's side factors (the pairs fused into W and those that entered "
+            "the slots, kept beside the never-written 4/8-bit weight). 'bfloat16': half the memory of float32; pairs "
+            "enter the slots rounded to it (so the entered record is exact) and a switch changes the layer's output by "
+            "the bfloat16 rounding of the fused pairs (below 2^-7 of their contribution). 'float32': exact switches."
         },
     )
     seed: int = field(
@@ -174,6 +186,7 @@ class SRLoRAConfig:
         _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
         _check_choice("svd_method", self.svd_method, _SVD_METHODS)
         _check_choice("direction_policy", self.direction_policy, _DIRECTION_POLICIES)
+        _check_choice("side_factor_dtype", self.side_factor_dtype, _SIDE_DTYPES)
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
         _check_int("adaptive_patience", self.adaptive_patience, minimum=1)

@@ -249,18 +249,20 @@ class SRLoRA:
     def merge_and_unload(self) -> nn.Module:
         """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
         same outputs; a quantized layer becomes a float32 ``nn.Linear`` of its dequantized
-        weight plus its updates). The controller is detached and must not be used afterwards."""
+        weight plus its updates; under FSDP2 / ZeRO-3 each rank merges what it holds and the
+        model stays sharded: every rank calls it). The controller is detached and must not be
+        used afterwards."""
         refuse(self._layers.values(), "merge_and_unload")
+        unload = getattr(self.model, "unload", None)
+        if unload is None:
+            raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
         self.detach()
         if self.directions is not None:
             self.directions.close()
-        merge = getattr(self.model, "merge_and_unload", None)
-        if merge is None:
-            raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
-        from .export import replace_merged_modules_
+        from .export import merge_layers_
 
-        replace_merged_modules_(self.model, self.layers)  # e.g. a quantized layer: a dequantized float32 Linear
-        return merge(adapter_names=[self.config.adapter_name])
+        merge_layers_(self.model, self.layers)  # each kind's own merge (sharded: each rank its rows)
+        return unload()
 
     def export_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:
         """Write a standard PEFT LoRA adapter of the total update relative to the original

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from .atomic import atomic_dir
+from .collective import barrier, is_writer
 from .layer_state import LayerState
+from .layers import gathered_trainable, whole_tensor
 
 
 @torch.no_grad()
@@ -66,6 +68,10 @@ def export_lora(
     The folder is written atomically (built beside ``path``, then swapped in). Returns
     and writes (``reconstruction_error.json``) each layer's relative Frobenius error.
 
+    Under torch.distributed (FSDP2, DeepSpeed ZeRO-3) every rank calls it: each layer's
+    factors are gathered in turn (``m x 2p`` numbers, never a whole weight), and rank 0
+    writes the folder (the other ranks return ``{}`` once it is written).
+
     Args:
         model: the PEFT model SRLoRA trained.
         layers: the controller's layers (``SRLoRA.layers``).
@@ -76,15 +82,19 @@ def export_lora(
 
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None (exact), got {rank}.")
-    state = {
-        k: v.detach().cpu().clone().contiguous()
-        for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
-    }
+    writer = is_writer()
+    with gathered_trainable(model):  # ZeRO-3: the adapter's and the head's partitions, gathered
+        state = {
+            k: whole_tensor(v).detach().cpu().clone().contiguous()
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()
+        }
     peft_config = copy.deepcopy(model.peft_config[adapter])
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     for name, layer in layers.items():
-        P, Q = layer.total_update_factors()
+        P, Q = layer.total_update_factors()  # one layer at a time; a collective for a sharded layer
+        if not writer:
+            continue
         B, A, err = truncate(P, Q, rank)
         key = name.split("base_model.model.", 1)[-1]
         a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
@@ -94,6 +104,9 @@ def export_lora(
         state[b_key] = B.cpu().contiguous()
         ranks[key] = B.shape[1]
         errors[key] = err
+    if not writer:
+        barrier("export_lora")  # returns once rank 0 has written the folder
+        return {}
     r_max = max(ranks.values())
     peft_config.r = r_max
     peft_config.lora_alpha = r_max
@@ -109,13 +122,15 @@ def export_lora(
         (tmp / "reconstruction_error.json").write_text(
             json.dumps({"rank": rank, "ranks": ranks, "relative_frobenius_error": errors}, indent=2)
         )
+    barrier("export_lora")
     return errors
 
 
 @torch.no_grad()
-def replace_merged_modules_(model: nn.Module, layers: Mapping[str, LayerState]) -> None:
-    """Replace each layer whose kind merges itself (a quantized base becomes a float32
-    ``nn.Linear`` of ``dequant(W_q)`` plus its total update) before PEFT merges the rest."""
+def merge_layers_(model: nn.Module, layers: Mapping[str, LayerState]) -> None:
+    """Merge every layer's adapter, as its kind does it: ``W += s B A`` in the weight each
+    process holds, or a new module (a quantized base becomes a float32 ``nn.Linear`` of
+    ``dequant(W_q)`` plus its total update). PEFT's ``unload`` then removes the LoRA modules."""
     for name, layer in layers.items():
 
         def update(layer: LayerState = layer) -> torch.Tensor:
@@ -124,6 +139,7 @@ def replace_merged_modules_(model: nn.Module, layers: Mapping[str, LayerState]) 
 
         module = layer.target.merged_module(update)
         if module is None:
+            layer.target.merge_adapter_()
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

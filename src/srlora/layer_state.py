@@ -128,6 +128,7 @@ class LayerState:
     ) -> LayerState:
         """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
         given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it."""
+        target.setup(config)
         with target.whole(modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept
             w_eff = target.effective_weight()
             print_ = fingerprint(w_eff, target.bias)

@@ -10,16 +10,28 @@ rest of the method asks the target.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from .kinds.base import LoraTarget
 from .kinds.dense import DenseTarget
 from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded
-from .kinds.quantized import QuantizedTarget
-from .kinds.zero3 import Zero3Target, is_partitioned
+from .kinds.quantized import QuantizedTarget, is_bnb_linear
+from .kinds.zero3 import Zero3Target, gathered, is_partitioned
 
-__all__ = ["LoraTarget", "current_kind", "find_lora_targets", "fingerprint", "kind_of", "same_fingerprint"]
+__all__ = [
+    "LoraTarget",
+    "current_kind",
+    "find_lora_targets",
+    "fingerprint",
+    "gathered_trainable",
+    "kind_of",
+    "same_fingerprint",
+    "whole_tensor",
+]
 
 
 def kind_of(module: nn.Module, adapter: str) -> type[LoraTarget]:
@@ -54,6 +66,21 @@ def current_kind(target: LoraTarget) -> LoraTarget | None:
             f"SRLoRA(model, config) -> optimizer -> attach."
         )
     return new
+
+
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole in this process: an FSDP2 DTensor is gathered (a collective); a ZeRO-3
+    parameter must be inside :func:`gathered_trainable` (or DeepSpeed's own gather)."""
+    return full(t)
+
+
+@contextlib.contextmanager
+def gathered_trainable(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model's trainable ZeRO-3 partitions are whole on every rank
+    (the adapters and heads: small); nothing to do for other models."""
+    params = [p for p in model.parameters() if p.requires_grad and is_partitioned(p)]
+    with gathered(params, modify=False):
+        yield
 
 
 def fingerprint(*tensors: torch.Tensor | None) -> list[float]:
@@ -99,11 +126,31 @@ def _refuse_fsdp1(model: nn.Module) -> None:
         )
 
 
+def real_class(module: nn.Module) -> type:
+    """The module's own class, under the dynamic subclass FSDP2's ``fully_shard`` swaps in
+    (``FSDPLinear``, a subclass of ``FSDPModule`` and ``Linear``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+
+
 def _is_quantized_lora(module: nn.Module) -> bool:
-    """A PEFT LoRA layer over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``."""
-    if type(module).__module__ != "peft.tuners.lora.bnb":
-        return False
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    """A PEFT LoRA layer over a bitsandbytes ``Linear4bit`` or ``Linear8bitLt``, whichever
+    PEFT class wraps it (PEFT's bnb layers for a model loaded in 4/8 bits, its plain
+    ``lora.Linear`` for one built by hand)."""
+    return is_bnb_linear(module.get_base_layer())
+
+
+def _is_peft_linear(module: nn.Module) -> bool:
+    """PEFT's ``lora.Linear`` or one of its bitsandbytes LoRA layers (by the real class)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    cls = real_class(module)
+    return cls is LoraLinear or (
+        cls.__module__ == "peft.tuners.lora.bnb" and cls.__name__ in ("Linear4bit", "Linear8bitLt")
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -123,7 +170,6 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
         ValueError: the adapter is absent, or a layer cannot be driven by SRLoRA
             (message names the layer and the fix).
     """
-    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     _refuse_fsdp1(model)
@@ -144,7 +190,7 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
     for name, mod in carrying:
         fix = f"exclude it from LoraConfig.target_modules (e.g. exclude_modules=[{name.rsplit('.', 1)[-1]!r}])"
         quantized = _is_quantized_lora(mod)
-        if type(mod) is not LoraLinear and not quantized:
+        if not _is_peft_linear(mod):
             raise ValueError(
                 f"SRLoRA supports LoRA on nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit / "
                 f"Linear8bitLt; layer {name!r} is a {type(mod).__module__}.{type(mod).__name__} (other quantized "
@@ -155,7 +201,7 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
         base = mod.get_base_layer()
         if quantized:
             pass  # the weight is packed integers; SRLoRA reads it dequantized and never writes it
-        elif type(base) is not nn.Linear and not _is_conv1d(base):
+        elif real_class(base) is not nn.Linear and not _is_conv1d(base):
             raise ValueError(
                 f"Layer {name!r} wraps a {type(base).__name__}, not nn.Linear or transformers' Conv1D; SRLoRA needs a "
                 f"plain float weight to decompose. Fix: {fix}, or load the base model unquantized."
@@ -183,6 +229,11 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
                 f"Layer {name!r}: DeepSpeed ZeRO-3 with a quantized or Conv1D (fan_in_fan_out) layer is not supported."
             )
         if kind is ShardedTarget:
+            if quantized:
+                raise ValueError(
+                    f"Layer {name!r}: FSDP2 with a bitsandbytes quantized base is not supported; train QLoRA on one "
+                    f"device or with DDP."
+                )
             _check_sharded(name, mod, adapter)
         target = kind(name, mod, adapter)
         if target.base_param.device.type == "meta":

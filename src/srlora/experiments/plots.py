@@ -12,7 +12,7 @@ import numpy as np
 from ..atomic import atomic_write
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,11 +21,11 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     try:
         atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight"))
     finally:
-        _plt().close(fig)  # pyplot keeps every figure alive until closed; a study draws dozens
+        pyplot().close(fig)  # pyplot keeps every figure alive until closed; a study draws dozens
     return path
 
 
@@ -42,7 +42,7 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_loss_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Path, title: str = "") -> Path:
     """Training loss per method: mean over seeds (line) and min-max band, smoothed."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, runs in curves.items():
         n = min(len(r) for r in runs)
@@ -59,7 +59,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: Path
     ax.set_title(title or "Training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def active_intervals(history: Mapping[str, Any], layer: str) -> dict[int, list[tuple[int, int]]]:
@@ -95,7 +95,7 @@ def layers_of(history: Mapping[str, Any]) -> list[str]:
 
 def plot_active_intervals(history: Mapping[str, Any], layer: str, path: Path) -> Path:
     """Fig. 5: one horizontal bar per SVD direction of ``layer`` while it was trainable."""
-    plt = _plt()
+    plt = pyplot()
     spans = active_intervals(history, layer)
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(spans) + 1)))
     for j, intervals in spans.items():
@@ -106,12 +106,12 @@ def plot_active_intervals(history: Mapping[str, Any], layer: str, path: Path) ->
     ax.invert_yaxis()
     ax.set_title(f"Active intervals: {layer}")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_interval_variance(history: Mapping[str, Any], path: Path) -> Path:
     """Fig. 4: variance of the directions' active-interval lengths, per layer."""
-    plt = _plt()
+    plt = pyplot()
     layers = layers_of(history)
     var = [float(interval_lengths(history, name).var()) for name in layers]
     labels = [_short(name) for name in layers]
@@ -121,7 +121,7 @@ def plot_interval_variance(history: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("variance of active interval (steps²)")
     ax.set_title("Variance of active intervals per layer")
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _short(name: str) -> str:

@@ -401,8 +401,12 @@ def render(seeds: list[int], root: Path) -> Path:
     md += section(section_paper_scale(root, done_main), have_main)
     long = long_study_jobs(seeds, root)
     md += section_long(root, seeds, old)
+    from .report_evidence import refresh_absorb, refresh_known_rank, section_absorb, section_known_rank
     from .report_more import section_gpu, section_llm_init, section_qlora
 
+    refresh_known_rank(root)
+    refresh_absorb(root)
+    md += section_known_rank(root) + section_absorb(root)
     md += section_llm_init(root) + section_qlora(root) + section_gpu(root)
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"

@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import SRLoRAConfig
 from ..record import FusedRecord
 from ..svd import SVDCache
 
@@ -148,6 +149,10 @@ class LoraTarget:
         """``W + s B A`` in float32, ``(m, n)``: the weight the layer applies now, whole."""
         raise NotImplementedError
 
+    def setup(self, config: SRLoRAConfig) -> None:
+        """Called once, before the initialisation, with the run's config (a kind that needs
+        settings from it reads them here)."""
+
     def prepare_cache(self, cache: SVDCache, full_rows: bool) -> SVDCache:
         """The part of the layer's SVD this process keeps (``full_rows``: all rows of ``U``)."""
         return cache
@@ -217,6 +222,11 @@ class LoraTarget:
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` in float32."""
+        raise NotImplementedError
+
+    def merge_adapter_(self) -> None:
+        """``W <- W + s B A``: the adapter merged into the weight this process holds (the
+        LoRA modules are removed afterwards)."""
         raise NotImplementedError
 
     def merged_module(self, update: Callable[[], torch.Tensor]) -> nn.Module | None:

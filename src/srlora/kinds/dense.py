@@ -128,6 +128,11 @@ class DenseTarget(LoraTarget):
         seed_second_moment_(optimizer, self.lora_B, select(self.lora_B, slots, 1))
 
     @torch.no_grad()
+    def merge_adapter_(self) -> None:
+        """``W <- W + s B A`` in float32, cast once (what PEFT's merge computes)."""
+        add_to_weight_(self.weight, (self.lora_B.float() @ self.lora_A.float()).mul_(self.scaling))
+
+    @torch.no_grad()
     def total_update_factors(
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
     ) -> tuple[torch.Tensor, torch.Tensor]:

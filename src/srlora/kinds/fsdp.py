@@ -105,13 +105,6 @@ def all_reduce_(t: torch.Tensor, like: torch.Tensor, op: str = "sum") -> torch.T
     return t
 
 
-_SHARDED_EXPORT = (
-    "{what} needs the whole layers, and this model is sharded (FSDP2). Save the model and optimizer with "
-    "torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every rank, or gather "
-    "the model (a full state dict) and use an unsharded copy."
-)
-
-
 class ShardedTarget(DenseTarget):
     """A LoRA layer whose ``W``, ``B`` and ``A`` are FSDP2 row shards (see the module doc)."""
 
@@ -207,14 +200,39 @@ class ShardedTarget(DenseTarget):
         seed_second_moment_(optimizer, self.lora_B, select(local(self.lora_B), slots, 1), view=local)
 
     def refusal(self, what: str) -> str | None:
-        if what in ("export_lora", "merge_and_unload", "save_checkpoint"):
-            return _SHARDED_EXPORT.format(what=what)
+        if what == "save_checkpoint":
+            return (
+                "save_checkpoint needs whole layers, and this model is sharded (FSDP2). Save the model and optimizer "
+                "with torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every rank."
+            )
         return None
 
+    @torch.no_grad()
+    def merge_adapter_(self) -> None:
+        """This rank's rows: ``W[w0:w1] += s B[w0:w1] A`` (``A``, ``r x n``, gathered)."""
+        B_local = local(self.lora_B.data).float()
+        add_to_weight_(self.weight, (B_local @ full(self.lora_A.data).float()).mul_(self.scaling))
+
+    @torch.no_grad()
     def total_update_factors(
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            f"layer {self.name!r} is sharded (FSDP2): export and merge need the whole layer. Gather the model first "
-            f"(a full state dict) or export from an unsharded copy."
-        )
+        """The whole ``(P, Q)`` on every rank (a collective): ``Q`` is the same everywhere, the
+        rows of ``P`` are gathered, one layer at a time (``m x k`` numbers, never ``W``)."""
+        import torch.distributed as dist
+
+        s = self.scaling
+        device = record.B.device
+        F_B, F_A = record.factors()
+        U, S, V = cache.directions(used.nonzero().flatten(), device, rows=self.row_span)
+        B_local = local(self.lora_B.data).float().to(device)
+        P_local = torch.cat([s * F_B, s * B_local, -(U * S)], dim=1)
+        Q = torch.cat([F_A, full(self.lora_A.data).float().to(device), V.T], dim=0)
+        mesh = self.base_param.device_mesh  # type: ignore[attr-defined]
+        world, m = mesh.size(), self.shape[0]
+        chunk = math.ceil(m / world)
+        padded = P_local.new_zeros(chunk, P_local.shape[1])
+        padded[: P_local.shape[0]] = P_local
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded, group=mesh.get_group())
+        return torch.cat(pieces)[:m], Q

@@ -8,9 +8,19 @@ hook on the PEFT layer::
 
 ``F``: the pairs fused so far (the layer's :class:`~srlora.record.FusedRecord`, shared with
 the method), ``E``: every pair that ever entered the slots (the top ``r`` at the
-initialisation, then each switch's new pairs), as they were stored. The total update
-relative to ``W0 = dequant(W_q)`` is then ``s F_B F_A - s E_B E_A + s B A``, which is what
-export writes; merging gives a float32 ``nn.Linear`` of ``dequant(W_q)`` plus it.
+initialisation, then each switch's new pairs). The total update relative to
+``W0 = dequant(W_q)`` is ``s F_B F_A - s E_B E_A + s B A``, which is what export writes;
+merging gives a float32 ``nn.Linear`` of ``dequant(W_q)`` plus it.
+
+Memory (docs/INTEGRATIONS.md, QLoRA). ``D = s (F_B F_A - E_B E_A)`` has rank up to
+``k = 2p - r`` after ``p`` directions, so keeping the output exact needs ``k (m + n - k)``
+numbers at least; the records hold ``k (m + n)``, in ``side_factor_dtype`` (bfloat16 by
+default), and grow by ``r'`` pairs each per switch: nothing is allocated for directions
+that have not entered. New pairs enter the slots rounded to that dtype, so ``E`` records
+exactly what entered; a fused pair is rounded once, when it is recorded (the only change a
+switch makes to the layer's output, below ``2^-7`` of that pair's contribution in
+bfloat16, none in float32). The SVD cache waits on the CPU unless ``svd_device`` says
+otherwise; a switch moves the ``r'`` directions it brings in.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import SRLoRAConfig
 from ..devices import to_device
 from ..errors import CheckpointError
 from ..recompose import pissa_factors
@@ -28,14 +39,23 @@ from ..record import FusedRecord
 from ..svd import SVDCache
 from .dense import DenseTarget
 
+_BNB_LINEAR = ("Linear4bit", "Linear8bitLt")
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (or a subclass), checked by class without
+    importing bitsandbytes."""
+    return any(c.__module__.startswith("bitsandbytes") and c.__name__ in _BNB_LINEAR for c in type(module).__mro__)
+
 
 class QuantizedTarget(DenseTarget):
-    """A LoRA layer over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (see the module doc).
+    """A LoRA layer over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (see the module doc),
+    whichever PEFT class wraps it.
 
     Attributes:
-        entered_B: ``(m, directions)`` float32, the ``B`` columns of every pair that entered
-            (the first ``p`` are set).
-        entered_A: ``(directions, n)`` float32, their ``A`` rows.
+        entered: the record of every pair that entered the slots, ``E_B (m, p)``, ``E_A (p, n)``.
+        record: the layer's record of fused pairs ``F`` (shared with its ``LayerState``).
+        side_dtype: the records' storage dtype.
     """
 
     kind = "bnb"
@@ -46,11 +66,29 @@ class QuantizedTarget(DenseTarget):
 
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         super().__init__(name, module, adapter)
-        self.entered_B: torch.Tensor | None = None
-        self.entered_A: torch.Tensor | None = None
-        self.entered = 0
+        self.side_dtype = torch.bfloat16
+        self.cache_device: str | None = "cpu"
+        self.entered: FusedRecord | None = None
         self.record: FusedRecord | None = None
         self._hook: Any = None
+
+    def setup(self, config: SRLoRAConfig) -> None:
+        self.side_dtype = getattr(torch, config.side_factor_dtype)
+        self.cache_device = None if config.svd_device is not None else "cpu"
+
+    def prepare_cache(self, cache: SVDCache, full_rows: bool) -> SVDCache:
+        return cache.to(self.cache_device) if self.cache_device is not None else cache
+
+    def new_record(self, capacity: int) -> FusedRecord:
+        """A record that grows with the pairs fused (nothing allocated up front), in ``side_dtype``."""
+        m, n = self.shape
+        return FusedRecord(m, n, self.device, capacity=0, dtype=self.side_dtype)
+
+    def _rounded(self, B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New factors as the slots will hold them: rounded to the side dtype, then to the
+        adapter's, so that the record of what entered is exact."""
+        B = B.to(self.side_dtype).to(self.lora_B.dtype)
+        return B, A.to(self.side_dtype).to(self.lora_A.dtype)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,29 +123,22 @@ class QuantizedTarget(DenseTarget):
         return self.dequantized() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def bind(self, record: FusedRecord, directions: int) -> None:
-        """Allocate the record of entered pairs (the current ``A``, ``B`` first) and hook the
-        side factors into the layer's forward."""
+        """Start the record of entered pairs with the current ``A``, ``B`` and hook the side
+        factors into the layer's forward."""
         m, n = self.shape
-        device = self.device
         self.record = record
-        self.entered_B = torch.zeros(m, directions, dtype=torch.float32, device=device)
-        self.entered_A = torch.zeros(directions, n, dtype=torch.float32, device=device)
-        self.entered_B[:, : self.r] = self.lora_B.detach().float()
-        self.entered_A[: self.r] = self.lora_A.detach().float()
-        self.entered = self.r
+        self.entered = FusedRecord(m, n, self.device, capacity=0, dtype=self.side_dtype)
+        self.entered.append_(self.lora_B.detach(), self.lora_A.detach())
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._add_side_factors)
 
     def _add_side_factors(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """``output + x (s F_B F_A - s E_B E_A)^T``: the writes a quantized base never receives."""
-        assert self.entered_A is not None and self.entered_B is not None and self.record is not None
-        p = self.entered
-        x = args[0].to(torch.float32)
-        side = -(x @ self.entered_A[:p].T) @ self.entered_B[:, :p].T
-        if self.record.count:
-            F_B, F_A = self.record.factors()
-            side += (x @ F_A.T) @ F_B.T
-        return output + side.mul_(self.scaling).to(output.dtype)
+        """``output + s x (F_B F_A - E_B E_A)^T`` in the input's dtype: the writes a quantized
+        base never receives (:class:`_SideFactors`: nothing but the records is kept for the backward)."""
+        assert self.entered is not None and self.record is not None
+        x = args[0]
+        side = _SideFactors.apply(x, self.record.A, self.record.B, self.entered.A, self.entered.B, self.scaling)
+        return output + side.to(output.dtype)
 
     @torch.no_grad()
     def pissa_init_(self, cache: SVDCache) -> None:
@@ -119,7 +150,7 @@ class QuantizedTarget(DenseTarget):
                 f"supported; start SRLoRA from a fresh LoRA adapter."
             )
         U, S, V = cache.directions(torch.arange(self.r), self.lora_A.device)
-        B_new, A_new = pissa_factors(U, S, V, self.scaling)
+        B_new, A_new = self._rounded(*pissa_factors(U, S, V, self.scaling))
         self.lora_B.data.copy_(B_new)
         self.lora_A.data.copy_(A_new)
 
@@ -129,18 +160,15 @@ class QuantizedTarget(DenseTarget):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Only ``B`` and ``A`` change; the side factors record the pair that entered (the
         caller records the fused one)."""
-        assert self.entered_A is not None and self.entered_B is not None
+        assert self.entered is not None
         device = self.lora_A.device
         slots = to_device(slots, device)
         B_old, A_old = self.lora_B.data[:, slots].float(), self.lora_A.data[slots].float()
         U, S, V = cache.directions(directions, device)
-        B_new, A_new = pissa_factors(U, S, V, self.scaling)
-        self.lora_B.data[:, slots] = B_new.to(self.lora_B.dtype)
-        self.lora_A.data[slots] = A_new.to(self.lora_A.dtype)
-        p, k = self.entered, int(slots.numel())
-        self.entered_B[:, p : p + k] = self.lora_B[:, slots].detach().float()
-        self.entered_A[p : p + k] = self.lora_A[slots].detach().float()
-        self.entered = p + k
+        B_new, A_new = self._rounded(*pissa_factors(U, S, V, self.scaling))
+        self.lora_B.data[:, slots] = B_new
+        self.lora_A.data[slots] = A_new
+        self.entered.append_(B_new, A_new)
         return B_old, A_old
 
     @torch.no_grad()
@@ -148,12 +176,13 @@ class QuantizedTarget(DenseTarget):
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``s F_B F_A - s E_B E_A + s B A``."""
-        assert self.entered_A is not None and self.entered_B is not None
-        p, s = self.entered, self.scaling
+        assert self.entered is not None
+        s = self.scaling
         device = record.B.device
         F_B, F_A = record.factors()
-        P = torch.cat([s * F_B, -s * self.entered_B[:, :p], s * self.lora_B.float().to(device)], dim=1)
-        Q = torch.cat([F_A, self.entered_A[:p], self.lora_A.float().to(device)], dim=0)
+        E_B, E_A = self.entered.factors()
+        P = torch.cat([s * F_B, -s * E_B, s * self.lora_B.float().to(device)], dim=1)
+        Q = torch.cat([F_A, E_A, self.lora_A.float().to(device)], dim=0)
         return P, Q
 
     @torch.no_grad()
@@ -168,15 +197,12 @@ class QuantizedTarget(DenseTarget):
         return linear
 
     def extra_bytes(self) -> int:
-        """Memory of the side factors (the fused and entered records)."""
-        tensors = [t for t in (self.entered_A, self.entered_B) if t is not None]
-        own = sum(t.numel() * t.element_size() for t in tensors)
-        return own + (self.record.nbytes if self.record is not None else 0)
+        """Memory of the side factors (the fused and entered records, as allocated)."""
+        return sum(rec.nbytes for rec in (self.entered, self.record) if rec is not None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        assert self.entered_A is not None and self.entered_B is not None
-        p = self.entered
-        return {"entered_B": self.entered_B[:, :p].clone(), "entered_A": self.entered_A[:p].clone()}
+        assert self.entered is not None
+        return {"entered_B": self.entered.B.contiguous().clone(), "entered_A": self.entered.A.clone()}
 
     def check_state(self, state: dict[str, torch.Tensor], pointer: int) -> None:
         m, n = self.shape
@@ -187,9 +213,53 @@ class QuantizedTarget(DenseTarget):
                 raise CheckpointError(f"layer {self.name!r}: {key} has shape {found}, expected {shape}.")
 
     def load_state_dict(self, state: dict[str, torch.Tensor], pointer: int) -> None:
-        assert self.entered_A is not None and self.entered_B is not None
-        self.entered_B.zero_()
-        self.entered_A.zero_()
-        self.entered_B[:, :pointer] = state["entered_B"]
-        self.entered_A[:pointer] = state["entered_A"]
-        self.entered = pointer
+        assert self.entered is not None
+        self.entered.load_state_dict({"fused_B": state["entered_B"], "fused_A": state["entered_A"]})
+
+
+class _SideFactors(torch.autograd.Function):
+    """``y = s x (F_B F_A - E_B E_A)^T`` and its gradient with respect to ``x`` only (the
+    records are not trained). Computed in ``x``'s dtype; the backward recomputes the casts of
+    the records instead of keeping them, so a step holds no float32 copy of bfloat16 records."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        F_A: torch.Tensor,
+        F_B: torch.Tensor,
+        E_A: torch.Tensor,
+        E_B: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(F_A, F_B, E_A, E_B)
+        ctx.scaling = scaling
+        return _side(x, F_A, F_B, E_A, E_B, scaling, transpose=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        F_A, F_B, E_A, E_B = ctx.saved_tensors
+        grad_x = _side(grad, F_A, F_B, E_A, E_B, ctx.scaling, transpose=True) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None
+
+
+def _side(
+    x: torch.Tensor,
+    F_A: torch.Tensor,
+    F_B: torch.Tensor,
+    E_A: torch.Tensor,
+    E_B: torch.Tensor,
+    scaling: float,
+    transpose: bool,
+) -> torch.Tensor:
+    """``s x D^T`` (or ``s x D`` with ``transpose``) for ``D = F_B F_A - E_B E_A``, by factors;
+    the sign and the scaling go into the small factors, so the output is written once."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    x = x.to(dtype)
+    first, second = (E_B, E_A) if transpose else (E_A.T, E_B.T)
+    out = (x @ first.to(dtype)) @ (second.to(dtype) * -scaling)
+    if F_A.shape[0]:
+        f1, f2 = (F_B, F_A) if transpose else (F_A.T, F_B.T)
+        flat = out.view(-1, out.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]) @ f1.to(dtype), f2.to(dtype) * scaling)
+    return out

@@ -102,13 +102,6 @@ def zero_moments(param: Any, index: torch.Tensor, dim: int, keys: Iterable[str])
         safe_set_full_optimizer_state(param, value, key)
 
 
-_ZERO3_EXPORT = (
-    "{what} needs the whole layers, and this model is partitioned by DeepSpeed ZeRO-3. Save the model and "
-    "optimizer with engine.save_checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every rank, "
-    "or gather the model (a full state dict) and use an unsharded copy."
-)
-
-
 class Zero3Target(DenseTarget):
     """A LoRA layer whose parameters are ZeRO-3 partitions: the dense kind's math, run on
     the layer gathered whole (:meth:`whole`), with DeepSpeed's accessors for gradients,
@@ -171,14 +164,25 @@ class Zero3Target(DenseTarget):
                 "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
                 "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
             )
-        if what in ("export_lora", "merge_and_unload", "save_checkpoint"):
-            return _ZERO3_EXPORT.format(what=what)
+        if what == "save_checkpoint":
+            return (
+                "save_checkpoint needs whole layers, and this model is partitioned by DeepSpeed ZeRO-3. Save the model "
+                "and optimizer with engine.save_checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on "
+                "every rank."
+            )
         return None
 
+    @torch.no_grad()
+    def merge_adapter_(self) -> None:
+        """``W += s B A`` on the gathered layer (rank 0's write kept, then partitioned again)."""
+        with gathered((self.base_param, self.lora_A, self.lora_B), modify=True):
+            DenseTarget.merge_adapter_(self)
+
+    @torch.no_grad()
     def total_update_factors(
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
-            f"layer {self.name!r} is partitioned (ZeRO-3): export and merge need the whole layer. Gather the model "
-            f"first (a full state dict) or export from an unsharded copy."
-        )
+        """The dense factors, from ``A`` and ``B`` gathered (the record and the cache are whole
+        on every rank); a collective."""
+        with gathered((self.lora_A, self.lora_B), modify=False):
+            return DenseTarget.total_update_factors(self, cache, used, record)

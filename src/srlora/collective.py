@@ -1,0 +1,55 @@
+"""What every process of a torch.distributed run does together: who writes shared files,
+and the barrier that ends a collective call (export, merge, checkpoint of a sharded model).
+
+A collective call must be made by every rank. Where one rank does not come (it skipped the
+call, or crashed), the others would wait forever in the next collective; the barrier here
+waits at most ``SRLORA_COLLECTIVE_TIMEOUT`` seconds (default 600) and then raises, naming
+the call, on a gloo group made for it (NCCL has no monitored barrier).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+_GROUP: dict[str, Any] = {}
+
+
+def distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_writer() -> bool:
+    """This process writes the files of a collective call: rank 0, or the only process."""
+    import torch.distributed as dist
+
+    return not distributed() or dist.get_rank() == 0
+
+
+def _gloo_group() -> Any:
+    """A gloo group over every rank (made once, by every rank: the first collective call)."""
+    import torch.distributed as dist
+
+    if "gloo" not in _GROUP:
+        _GROUP["gloo"] = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _GROUP["gloo"]
+
+
+def barrier(what: str = "this call") -> None:
+    """Every rank waits here for the others; raises ``RuntimeError`` naming ``what`` when a
+    rank has not arrived within the timeout (nothing to do outside torch.distributed)."""
+    if not distributed():
+        return
+    import torch.distributed as dist
+
+    timeout = float(os.environ.get("SRLORA_COLLECTIVE_TIMEOUT", "600"))
+    try:
+        dist.monitored_barrier(group=_gloo_group(), timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{what} is a collective call of a sharded run: every rank must call it, and not every rank did within "
+            f"{timeout:.0f} s (SRLORA_COLLECTIVE_TIMEOUT). {str(exc).splitlines()[0][:300]}"
+        ) from exc

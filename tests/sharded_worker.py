@@ -1,0 +1,117 @@
+"""Run by test_sharded.py: the trained result out of a sharded run. Under torchrun (2
+processes, CPU): SRLoRA on a model sharded by FSDP2 (``--mode fsdp``) or partitioned by
+DeepSpeed ZeRO-3 (``--mode zero3``), each rank on its half of every global batch; then
+``export_lora`` and ``merge_and_unload`` (every rank calls them). Without torchrun
+(``--mode reference``): the same on one process and the full batches.
+
+    torchrun --nproc_per_node 2 sharded_worker.py OUT --mode fsdp|zero3
+    python sharded_worker.py OUT --mode reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+
+from srlora import SRLoRA, SRLoRAConfig
+
+STEPS, GLOBAL_BATCH = 45, 8
+CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+
+
+def batch(step: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + step)
+    return {
+        "input_ids": torch.randint(0, 100, (GLOBAL_BATCH, 12), generator=g),
+        "labels": torch.randint(0, 3, (GLOBAL_BATCH,), generator=g),
+    }
+
+
+def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the (merged) model, whole, on the CPU."""
+    if mode == "zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+    from srlora.kinds.fsdp import full
+
+    return {k: full(v).detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--mode", choices=["fsdp", "zero3", "reference"], required=True)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    rank, world = 0, 1
+    engine = None
+    if args.mode == "fsdp":
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for block in model.base_model.model.bert.encoder.layer:
+            fully_shard(block)
+        fully_shard(model)
+    if args.mode == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        config = {
+            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+        ctl = SRLoRA(model, CONFIG)
+    else:
+        ctl = SRLoRA(model, CONFIG)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
+        if engine is not None:
+            engine.backward(engine(**b).loss)
+            ctl.update_importance()
+            engine.step()
+            ctl.step(opt)
+        else:
+            CASES["bert"].loss(model, b).backward()
+            ctl.update_importance()
+            opt.step()
+            ctl.step(opt)
+            opt.zero_grad()
+    probe = batch(999)
+    (engine or model).eval()
+    with torch.no_grad():
+        trained = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
+    tag = args.mode
+    errors = ctl.export_lora(args.out / f"adapter-{tag}")
+    merged = ctl.merge_and_unload()
+    with torch.no_grad():  # through the root that was sharded (its hooks gather the parameters)
+        after = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
+    state = whole_state(merged, args.mode)
+    result = {"errors": errors, "trained": trained, "merged_logits": after, "merged": state}
+    torch.save(result, args.out / f"{tag}-rank{rank}.pt")
+    if args.mode != "reference":
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

@@ -20,8 +20,6 @@ controller, optimizer and scheduler before it changes any of them.
 
 from __future__ import annotations
 
-import pickle
-import random
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
+from .checkpoint_io import read_payload, restore_rng_states, rng_states
 from .controller import SRLoRA
 from .errors import CheckpointError
 from .layer_batch import refuse
-from .layers import fingerprint, same_fingerprint
+from .layers import fingerprint, is_sharded_model, same_fingerprint
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
 FORMAT_VERSION = 2
@@ -73,29 +72,41 @@ def save_checkpoint(
 ) -> int:
     """Write a checkpoint atomically; returns its size in bytes.
 
+    A sharded model (FSDP2, DeepSpeed ZeRO-3) gets a folder with one file per rank, and
+    every rank calls this (:mod:`srlora.checkpoint_sharded`); under ZeRO-3 pass the DeepSpeed
+    engine as ``optimizer`` (its own checkpoint holds the partitions and the optimizer).
+
     Args:
         step: the training loop's step counter (default: the controller's).
         extra: anything else to keep beside (e.g. a data-loader position): tensors and
             plain Python data only (numbers, strings, lists, dicts), which is what a
             ``weights_only`` load accepts.
     """
+    if _sharded(controller):
+        from .checkpoint_sharded import save_sharded
+
+        return save_sharded(Path(path), model, controller, optimizer, lr_scheduler, _step(controller, step), extra)
     model_state, prints = _model_state(model, controller)
     payload = {
         "format": FORMAT_VERSION,
-        "step": controller.global_step if step is None else int(step),
+        "step": _step(controller, step),
         "model": model_state,
         "frozen_fingerprints": prints,
         "controller": controller.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate(),
-        },
+        "rng": rng_states(),
         "extra": extra,
     }
     return atomic_torch_save(payload, path)
+
+
+def _sharded(controller: SRLoRA) -> bool:
+    return is_sharded_model([layer.target for layer in controller.layers.values()])
+
+
+def _step(controller: SRLoRA, step: int | None) -> int:
+    return controller.global_step if step is None else int(step)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -107,21 +118,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             than tensors and plain data, or is an srlora checkpoint of another format.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint file there.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: refused: not a checkpoint, or it holds objects other than tensors and plain data, which "
-            f"an srlora checkpoint never does and which could run code when loaded ({reason[:200]})."
-        ) from exc
-    except Exception as exc:  # truncated zip, empty file, random bytes: each library raises its own
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint (empty, truncated or another kind of file: "
-            f"{type(exc).__name__}: {str(exc)[:200]})."
-        ) from exc
+    payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not an srlora checkpoint of format {FORMAT_VERSION} (found {found!r}).")
@@ -146,6 +143,10 @@ def load_checkpoint(
             layers, other base weights), the controller (other SRLoRA config), the optimizer
             (other parameter groups or shapes) or the scheduler (none saved).
     """
+    if _sharded(controller):
+        from .checkpoint_sharded import load_sharded
+
+        return load_sharded(Path(path), model, controller, optimizer, lr_scheduler, restore_rng)
     payload = read_checkpoint(path)
     for key in ("model", "frozen_fingerprints", "controller", "optimizer", "lr_scheduler", "rng", "step"):
         if key not in payload:
@@ -165,17 +166,8 @@ def load_checkpoint(
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(payload["lr_scheduler"])
     if restore_rng:
-        torch.set_rng_state(payload["rng"]["torch"])
-        if payload["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        random.setstate(_as_rng_state(payload["rng"]["python"]))
+        restore_rng_states(payload["rng"])
     return int(payload["step"])
-
-
-def _as_rng_state(value: Any) -> tuple:
-    """``random.setstate`` wants tuples; a round trip may give lists."""
-    version, internal, gauss = value
-    return (version, tuple(internal), gauss)
 
 
 def method_state(model: nn.Module, controller: SRLoRA) -> dict[str, Any]:

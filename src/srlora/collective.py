@@ -29,8 +29,15 @@ def is_writer() -> bool:
     return not distributed() or dist.get_rank() == 0
 
 
+def prepare() -> None:
+    """Make the group :func:`barrier` uses now, while every rank is here (SRLoRA's
+    construction): making it is itself a collective."""
+    if distributed():
+        _gloo_group()
+
+
 def _gloo_group() -> Any:
-    """A gloo group over every rank (made once, by every rank: the first collective call)."""
+    """A gloo group over every rank (made once, by every rank together: :func:`prepare`)."""
     import torch.distributed as dist
 
     if "gloo" not in _GROUP:

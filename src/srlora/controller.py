@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import collective
 from .config import SRLoRAConfig, SwitchBudget
 from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
@@ -99,8 +100,8 @@ class SRLoRA:
             cache = (svd_caches or {}).get(target.name)
             self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache)
 
-        # Layers of a batching kind and one shape switch together (srlora.layer_group).
-        self._groups, self._group_of = build_groups(list(self._layers.values()))
+        collective.prepare()  # the group that checks that every rank makes a collective call
+        self._groups, self._group_of = build_groups(list(self._layers.values()))  # batched switches
 
         clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
         if clamped:
@@ -247,12 +248,12 @@ class SRLoRA:
 
     # ------------------------------------------------------------------ export
     def merge_and_unload(self) -> nn.Module:
-        """The plain base model with ``W + s B A`` merged into every layer (no adapter left,
-        same outputs; a quantized layer becomes a float32 ``nn.Linear`` of its dequantized
-        weight plus its updates; under FSDP2 / ZeRO-3 each rank merges what it holds and the
-        model stays sharded: every rank calls it). The controller is detached and must not be
-        used afterwards."""
+        """The plain base model with ``W + s B A`` merged into every layer, same outputs (a
+        quantized layer: a float32 ``nn.Linear`` of its dequantized weight plus its updates;
+        FSDP2 / ZeRO-3: each rank merges what it holds, every rank calls it). Detaches the
+        controller, which must not be used afterwards."""
         refuse(self._layers.values(), "merge_and_unload")
+        collective.barrier("merge_and_unload")  # every rank, or a clear error before any collective
         unload = getattr(self.model, "unload", None)
         if unload is None:
             raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")

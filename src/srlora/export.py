@@ -82,6 +82,7 @@ def export_lora(
 
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1 or None (exact), got {rank}.")
+    barrier("export_lora")  # every rank, or a clear error before the first gather
     writer = is_writer()
     with gathered_trainable(model):  # ZeRO-3: the adapter's and the head's partitions, gathered
         state = {

@@ -18,7 +18,7 @@ from torch import nn
 
 from .kinds.base import LoraTarget
 from .kinds.dense import DenseTarget
-from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded
+from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded, local
 from .kinds.quantized import QuantizedTarget, is_bnb_linear
 from .kinds.zero3 import Zero3Target, gathered, is_partitioned
 
@@ -28,9 +28,13 @@ __all__ = [
     "find_lora_targets",
     "fingerprint",
     "gathered_trainable",
+    "is_sharded_model",
     "kind_of",
     "same_fingerprint",
+    "shard_like",
+    "shard_of",
     "whole_tensor",
+    "write_shard_",
 ]
 
 
@@ -81,6 +85,43 @@ def gathered_trainable(model: nn.Module) -> Iterator[None]:
     params = [p for p in model.parameters() if p.requires_grad and is_partitioned(p)]
     with gathered(params, modify=False):
         yield
+
+
+def is_sharded_model(targets: list[LoraTarget]) -> bool:
+    """The model is split among processes (FSDP2 shards or ZeRO-3 partitions): its checkpoint
+    is a folder with one file per rank."""
+    return any(t.collective or isinstance(t, Zero3Target) for t in targets)
+
+
+def shard_of(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of ``t``: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's
+    flat partition, or ``t`` itself."""
+    if is_partitioned(t):
+        return t.ds_tensor  # type: ignore[attr-defined]
+    return local(t)
+
+
+def write_shard_(t: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` (saved by :func:`shard_of`) into what this process holds of ``t``."""
+    with torch.no_grad():
+        shard_of(t.data if not is_partitioned(t) else t).copy_(value)
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a local shard) as the kind of tensor ``like`` is: a DTensor with ``like``'s
+    mesh and placements when ``like`` is one (an optimizer moment of a sharded parameter)."""
+    if not is_sharded(like):
+        return value
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        value.to(like.device),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
 
 
 def fingerprint(*tensors: torch.Tensor | None) -> list[float]:

@@ -199,14 +199,6 @@ class ShardedTarget(DenseTarget):
         seed_second_moment_(optimizer, self.lora_A, self._select_A(slots), view=local)
         seed_second_moment_(optimizer, self.lora_B, select(local(self.lora_B), slots, 1), view=local)
 
-    def refusal(self, what: str) -> str | None:
-        if what == "save_checkpoint":
-            return (
-                "save_checkpoint needs whole layers, and this model is sharded (FSDP2). Save the model and optimizer "
-                "with torch.distributed.checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on every rank."
-            )
-        return None
-
     @torch.no_grad()
     def merge_adapter_(self) -> None:
         """This rank's rows: ``W[w0:w1] += s B[w0:w1] A`` (``A``, ``r x n``, gathered)."""

@@ -164,12 +164,6 @@ class Zero3Target(DenseTarget):
                 "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
                 "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
             )
-        if what == "save_checkpoint":
-            return (
-                "save_checkpoint needs whole layers, and this model is partitioned by DeepSpeed ZeRO-3. Save the model "
-                "and optimizer with engine.save_checkpoint and SRLoRA's state with torch.save(ctl.state_dict()) on "
-                "every rank."
-            )
         return None
 
     @torch.no_grad()

@@ -1,0 +1,48 @@
+"""Run by test_sharded.py under torchrun (2 processes, gloo): rank 1 skips a collective call
+(export_lora of an FSDP2 model); rank 0 must get a clear error, not wait forever.
+
+    torchrun --nproc_per_node 2 missing_rank_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+from sharded_worker import CONFIG
+
+from srlora import SRLoRA
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    fully_shard(model)
+    ctl = SRLoRA(model, CONFIG)
+    if rank == 1:
+        time.sleep(30)  # busy elsewhere: it never calls export_lora
+        return
+    try:
+        ctl.export_lora(out / "adapter")
+        message = None
+    except RuntimeError as exc:
+        message = str(exc)
+    (out / "rank0-error.txt").write_text(message or "no error")
+    os._exit(0)  # the process group cannot be torn down cleanly with a rank missing
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,123 @@
+"""Run by test_sharded.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
+Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-3 (``--mode zero3``), saves
+(every rank), trains on to step 50; then builds everything again, loads the checkpoint and
+trains the same steps 30-50. With ``--kill`` a second save is interrupted by SIGKILL after
+the rank files are written and before the folder is swapped in.
+
+    torchrun --nproc_per_node 2 sharded_ckpt_worker.py OUT --mode fsdp|zero3 [--kill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+from sharded_worker import CONFIG, GLOBAL_BATCH, batch, whole_state
+
+import srlora.checkpoint_sharded as sharded
+from srlora import SRLoRA, load_checkpoint, save_checkpoint
+
+
+def build(mode: str, rank: int, world: int) -> tuple:
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.base_model.model.bert.encoder.layer:
+            fully_shard(block)
+        fully_shard(model)
+        ctl = SRLoRA(model, CONFIG)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+        ctl.attach(opt)
+        return model, ctl, opt, None
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    return model, SRLoRA(model, CONFIG), opt, engine
+
+
+def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int) -> None:
+    share = GLOBAL_BATCH // world
+    for step in range(start, stop):
+        b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
+        if engine is not None:
+            engine.backward(engine(**b).loss)
+            ctl.update_importance()
+            engine.step()
+            ctl.step(opt)
+        else:
+            CASES["bert"].loss(model, b).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--mode", choices=["fsdp", "zero3"], required=True)
+    ap.add_argument("--kill", action="store_true")
+    args = ap.parse_args()
+    import torch.distributed as dist
+
+    if args.mode == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt = args.out / f"ckpt-{args.mode}"
+    survivor = None
+    if (ckpt / "manifest.json").is_file():  # left by an earlier (killed) run: it must load whole
+        model, ctl, opt, engine = build(args.mode, rank, world)
+        survivor = {"step": load_checkpoint(ckpt, model, ctl, engine or opt), "state": whole_state(model, args.mode)}
+
+    model, ctl, opt, engine = build(args.mode, rank, world)
+    train(model, ctl, opt, engine, rank, world, 0, 30)
+    at30 = whole_state(model, args.mode)
+    save_checkpoint(ckpt, model, ctl, engine or opt)
+    if args.kill:
+        train(model, ctl, opt, engine, rank, world, 30, 35)
+        calls = {"n": 0}
+        original = sharded.barrier
+
+        def dying_barrier(what: str = "") -> None:
+            calls["n"] += 1
+            if calls["n"] == 2 and rank == 1:  # rank 1's file is written; the swap has not happened
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(what)
+
+        sharded.barrier = dying_barrier
+        save_checkpoint(ckpt, model, ctl, engine or opt)  # never returns: rank 1 dies, torchrun stops both
+        return
+    train(model, ctl, opt, engine, rank, world, 30, 50)
+    straight = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode)}
+
+    model, ctl, opt, engine = build(args.mode, rank, world)
+    step = load_checkpoint(ckpt, model, ctl, engine or opt)
+    train(model, ctl, opt, engine, rank, world, step, 50)
+    resumed = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode), "step": step}
+    result = {"straight": straight, "resumed": resumed, "survivor": survivor, "at30": at30}
+    torch.save(result, args.out / f"ckpt-{args.mode}-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

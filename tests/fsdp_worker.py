@@ -59,6 +59,7 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         if os.environ.get("SRLORA_TEST_ORDER") == "srlora-first":
             early = SRLoRA(model, config)
+            early.switch()  # its state now holds whole layers' fused pairs: it cannot follow a split
         for block in model.base_model.model.bert.encoder.layer:
             fully_shard(block)
         fully_shard(model)

@@ -5,7 +5,8 @@ torchrun, as the single-process reference on the full batches.
 Wraps (each followed by the root, as FSDP2 wants): ``root`` only, transformer ``blocks``,
 each PEFT ``lora-layer``, each LoRA layer's ``base-layer``, each ``lora_A`` / ``lora_B``
 ``leaf`` (PEFT's own auto-wrap policy), a ``mix`` of the last three, and ``blocks-bf16``
-(``MixedPrecisionPolicy(param_dtype=bfloat16)``: bfloat16 compute, float32 masters).
+(``MixedPrecisionPolicy(param_dtype=bfloat16)``: bfloat16 compute, float32 masters), and
+``built-before``: blocks and root, with SRLoRA built before ``fully_shard`` (as a Trainer does).
 
     torchrun --nproc_per_node 2 fsdp_wraps_worker.py OUT [WRAP ...]
     python fsdp_wraps_worker.py OUT --reference
@@ -27,7 +28,7 @@ from srlora import SRLoRA, SRLoRAConfig
 from srlora.kinds.fsdp import full
 
 STEPS, GLOBAL_BATCH = 45, 8
-WRAPS = ("root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16")
+WRAPS = ("root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16", "built-before")
 CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20)
 
 
@@ -57,7 +58,7 @@ def wrap(model: torch.nn.Module, how: str) -> None:
         fully_shard(layer.lora_A["default"])
         fully_shard(layer.lora_B["default"])
 
-    if how in ("blocks", "blocks-bf16"):
+    if how in ("blocks", "blocks-bf16", "built-before"):
         for block in blocks:
             fully_shard(block, **kwargs)
     elif how == "lora-layer":
@@ -92,12 +93,16 @@ def effective_weights(ctl: SRLoRA) -> dict[str, torch.Tensor]:
 def run(how: str | None, rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)  # no dropout: every run sees the same function
-    if how is not None:
+    if how == "built-before":  # SRLoRA on the whole model, then fully_shard, then attach
+        ctl = SRLoRA(model, CONFIG)
         wrap(model, how)
-    ctl = SRLoRA(model, CONFIG)
-    kinds = sorted({layer.target.kind for layer in ctl.layers.values()})
+    else:
+        if how is not None:
+            wrap(model, how)
+        ctl = SRLoRA(model, CONFIG)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ctl.attach(opt)
+    kinds = sorted({layer.target.kind for layer in ctl.layers.values()})
     share = GLOBAL_BATCH // world
     for step in range(STEPS):
         b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}

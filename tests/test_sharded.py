@@ -31,8 +31,8 @@ def _structure(history: list[dict]) -> list[tuple]:
 
 def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
     """The root only, blocks, each PEFT LoRA layer, each base layer, each lora_A / lora_B leaf,
-    a mix, and bfloat16 compute with float32 masters: every wrap makes the switches one process
-    makes, and (float32) ends at its effective weights within 1e-5."""
+    a mix, bfloat16 compute with float32 masters, and SRLoRA built before fully_shard: every
+    wrap makes the switches one process makes, and (float32) ends at its weights within 1e-5."""
     worker = HERE / "fsdp_wraps_worker.py"
     proc = _torchrun(worker, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,7 +40,7 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"wraps-rank{k}.pt", weights_only=False) for k in (0, 1))
     one = torch.load(tmp_path / "wraps-reference.pt", weights_only=False)
-    assert set(r0) == {"root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16"}
+    assert set(r0) == {"root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16", "built-before"}
     for how, run in r0.items():
         assert "error" not in run, (how, run.get("error"))
         assert run["kinds"] == ["fsdp2"] and run["masters"] == ["torch.float32"], how

@@ -1,6 +1,7 @@
 """Run by test_distributed.py under torchrun (2 processes, CPU): SRLoRA under DeepSpeed ZeRO-3,
-driven by hand around the engine, each rank on its half of every global batch; also without
-torchrun, as the single-process reference on the full batches.
+attached to the engine's optimizer (``--order after``: built after ``deepspeed.initialize``)
+or driven by hand around the engine (``--order before``), each rank on its half of every
+global batch; also without torchrun, as the single-process reference on the full batches.
 
     torchrun --nproc_per_node 2 zero3_worker.py OUT [--order before|after]
     python zero3_worker.py OUT --reference
@@ -82,22 +83,21 @@ def main() -> None:
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
     if args.order == "after":
         ctl = SRLoRA(model, CONFIG)  # on the partitioned model: gathered per layer
-        try:
-            ctl.attach(optimizer)
-        except RuntimeError as exc:
-            refused = str(exc)
+        ctl.attach(optimizer)  # around the ZeRO optimizer's step: the engine loop needs nothing else
     share = GLOBAL_BATCH // world
     for step in range(STEPS):
         b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
         loss = engine(**b).loss
         engine.backward(loss)
-        ctl.update_importance()
+        if args.order == "before":  # by hand, the same
+            ctl.update_importance()
         engine.step()
-        ctl.step(optimizer)
+        if args.order == "before":
+            ctl.step(optimizer)
     result = {
         "weights": effective_weights(ctl, model),
         "history": [e.to_dict() for e in ctl.history],
-        "refused": refused if args.order == "after" else None,
+        "attached": ctl.attached,
     }
     torch.save(result, args.out / f"{args.order}-rank{rank}.pt")
 

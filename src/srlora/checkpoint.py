@@ -30,19 +30,19 @@ from .atomic import atomic_torch_save
 from .checkpoint_io import read_payload, restore_rng_states, rng_states
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .layer_batch import refuse
-from .layers import fingerprint, is_sharded_model, same_fingerprint
+from .layers import fingerprint, is_sharded_model, same_fingerprint, shard_of, write_shard_
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
 
 FORMAT_VERSION = 2
+STATE_FILE = "srlora_state.pt"
 
 
 def _model_state(
     model: nn.Module, controller: SRLoRA, trainable: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Tensors to save: the switched frozen weights (and, with ``trainable``, every
-    trainable parameter and buffer); fingerprints of the frozen weights not saved."""
-    refuse(controller.layers.values(), "save_checkpoint")
+    trainable parameter and buffer); fingerprints of the frozen weights not saved. Of a
+    sharded model, what this process holds of each (:func:`~srlora.layers.shard_of`)."""
     names = {id(p): name for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     if trainable:
@@ -55,9 +55,9 @@ def _model_state(
     for layer in controller.layers.values():
         pname = names[id(layer.target.base_param)]
         if layer.has_switched and layer.target.writes_base_weight:  # e.g. a quantized base is never written
-            state[pname] = layer.target.base_param.detach().cpu().clone()
+            state[pname] = shard_of(layer.target.base_param).detach().cpu().clone()
         else:
-            prints[pname] = fingerprint(layer.target.base_param)
+            prints[pname] = fingerprint(shard_of(layer.target.base_param))
     return state, prints
 
 
@@ -170,10 +170,21 @@ def load_checkpoint(
     return int(payload["step"])
 
 
+def method_state_file(controller: SRLoRA) -> str:
+    """The name of the file :func:`method_state` goes to in a framework's checkpoint folder:
+    one for the model, or one per rank of a sharded model (every rank writes its own)."""
+    if not _sharded(controller):
+        return STATE_FILE
+    import torch.distributed as dist
+
+    return f"srlora_state.rank{dist.get_rank():05d}.pt"
+
+
 def method_state(model: nn.Module, controller: SRLoRA) -> dict[str, Any]:
     """What SRLoRA adds to a framework's own checkpoint (which saves the adapter, the
     optimizer and the scheduler): the controller's state and the frozen weights it
-    changed. Used by the Trainer and Lightning callbacks."""
+    changed (this rank's shards of them, for a sharded model). Used by the Trainer and
+    Lightning callbacks."""
     model_state, prints = _model_state(model, controller, trainable=False)
     return {
         "format": FORMAT_VERSION,
@@ -202,13 +213,13 @@ def check_method_state(payload: dict[str, Any], model: nn.Module, controller: SR
     if unknown:
         raise CheckpointError(f"{path}: it has tensors this model lacks: {unknown[:4]}; build the model the same way.")
     for name, value in payload["model"].items():
-        if tuple(own[name].shape) != tuple(value.shape):
+        if tuple(shard_of(own[name]).shape) != tuple(value.shape):
             raise CheckpointError(
-                f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}; build the model "
-                f"(and its LoRA config) the same way as the run that saved it."
+                f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(shard_of(own[name]).shape)}; build "
+                f"the model (and its LoRA config and sharding) the same way as the run that saved it."
             )
     for name, saved in payload["frozen_fingerprints"].items():
-        if name not in own or not same_fingerprint(saved, fingerprint(own[name])):
+        if name not in own or not same_fingerprint(saved, fingerprint(shard_of(own[name]))):
             raise CheckpointError(
                 f"{path}: the frozen weight {name!r} differs from the one the checkpoint was saved against; "
                 f"build the model from the same pretrained weights, LoRA config and SRLoRA config."
@@ -223,9 +234,8 @@ def _load_method_state(payload: dict[str, Any], model: nn.Module, controller: SR
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     controller.load_state_dict(payload["controller"])
-    with torch.no_grad():
-        for name, value in payload["model"].items():
-            own[name].copy_(value)
+    for name, value in payload["model"].items():
+        write_shard_(own[name], value)
 
 
 def _check_optimizer_state(saved: Any, optimizer: torch.optim.Optimizer, path: str) -> None:

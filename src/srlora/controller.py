@@ -121,9 +121,8 @@ class SRLoRA:
         logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Give ``N_all`` to a controller built with ``total_steps='auto'`` (the integrations
-        call this when training starts). With a fixed ``total_steps`` it only checks that
-        the two agree (a warning if not: the configured schedule is kept)."""
+        """Give ``N_all`` to a controller built with ``total_steps='auto'`` (the integrations do);
+        with a fixed ``total_steps``, warn if the two differ (the configured schedule is kept)."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}.")
         if self.config.total_steps == "auto":
@@ -158,9 +157,7 @@ class SRLoRA:
         """``{layer name: LayerState}``, read-only."""
         return MappingProxyType(self._layers)
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
+    layer_names = property(lambda self: list(self._layers), doc="The adapted layers' names, in order.")
 
     def schedule(self, layer: str | None = None) -> SwitchSchedule:
         """The switch schedule of ``layer`` (default: the first layer)."""
@@ -200,15 +197,13 @@ class SRLoRA:
         """
         if self._hooks:
             raise RuntimeError("SRLoRA is already attached to an optimizer; call detach() first.")
-        try:
-            refuse(self._layers.values(), "attach")
-        except NotImplementedError as exc:
-            raise RuntimeError(str(exc)) from None
-        optimizer = unwrap_optimizer(optimizer)
-        self._bind(optimizer)
-        self._hooks = [
-            optimizer.register_step_pre_hook(self._pre_step_hook),
-            optimizer.register_step_post_hook(self._post_step_hook),
+        inner = unwrap_optimizer(optimizer)
+        self._bind(inner)
+        kind = type(next(iter(self._layers.values())).target)
+        custom = kind.step_hooks(optimizer, self._update_importance, self._after_applied_step)  # e.g. ZeRO-3
+        self._hooks = custom or [
+            inner.register_step_pre_hook(self._pre_step_hook),
+            inner.register_step_post_hook(self._post_step_hook),
         ]
         return self
 
@@ -277,7 +272,7 @@ class SRLoRA:
     def _check_kinds(self) -> None:
         """Follow (or refuse) layers whose kind changed since SRLoRA was built; a group
         whose layers changed kind switches them one by one from then on."""
-        check_build_order(self._layers.values())
+        check_build_order(self._layers.values(), pristine=self.global_step == 0 and not self.history)
         self._group_of = {n: g for n, g in self._group_of.items() if g.kind is type(self._layers[n].target)}
 
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -305,6 +300,10 @@ class SRLoRA:
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._after_step(optimizer)
+
+    def _after_applied_step(self, skipped: bool) -> None:
+        if not skipped:  # a step the loss scaler skipped changed nothing: not counted
+            self._after_step(self._optimizer)
 
     def _refuse_if_attached(self, name: str) -> None:
         if self._hooks:

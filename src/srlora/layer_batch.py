@@ -11,7 +11,7 @@ import torch
 
 from .layer_group import LayerGroup
 from .layer_state import LayerState
-from .layers import current_kind
+from .layers import LoraTarget, current_kind
 
 
 def pair_scores(layers: Sequence[LayerState], groups: Mapping[str, LayerGroup], reduce: bool = True) -> torch.Tensor:
@@ -100,15 +100,26 @@ def mark_exhausted(layers: Iterable[LayerState]) -> list[LayerState]:
     return out
 
 
-def check_build_order(layers: Iterable[LayerState]) -> None:
-    """Follow layers whose kind changed since SRLoRA was built, where SRLoRA's state still
-    fits (:func:`~srlora.layers.current_kind`); refuse the others (``fully_shard`` applied
-    afterwards splits what SRLoRA's state holds whole) before anything changes."""
+def check_build_order(layers: Iterable[LayerState], pristine: bool = False) -> None:
+    """Follow layers whose kind changed since SRLoRA was built where SRLoRA's state can
+    follow (:func:`~srlora.layers.current_kind`; ``pristine``: nothing trained or switched
+    yet); refuse the others before anything changes."""
     layers = list(layers)
     moved = {layer.name: new for layer in layers if (new := current_kind(layer.target)) is not None}
+    split = [name for layer in layers if (new := moved.get(name := layer.name)) and layer.layout != _layout(new)]
+    if split and not pristine:
+        raise RuntimeError(
+            f"{len(split)} adapted layer(s) (e.g. {split[0]!r}) were sharded by fully_shard after SRLoRA had trained "
+            f"or switched on them whole. Build it after sharding: get_peft_model -> fully_shard (each block, then "
+            f"the root) -> SRLoRA(model, config) -> optimizer -> attach (or before it, attached before the first step)."
+        )
     for layer in layers:
         if layer.name in moved:
             layer.retarget(moved[layer.name])
+
+
+def _layout(target: LoraTarget) -> tuple[tuple[int, int], tuple[int, int]]:
+    return target.row_span, target.pair_span
 
 
 def refuse(layers: Iterable[LayerState], what: str) -> None:

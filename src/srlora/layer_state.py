@@ -94,6 +94,7 @@ class LayerState:
         beta1: float,
         beta2: float,
         fingerprint: list[float] | None = None,
+        full_rows: bool = False,
     ) -> None:
         if cache.rank != budget.directions:
             raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
@@ -114,6 +115,8 @@ class LayerState:
         self._used: list[bool] = [k < budget.r for k in range(budget.directions)]
         self.pointer = budget.r
         self.record: FusedRecord = target.new_record(budget.directions - budget.r)
+        self.full_rows = full_rows  # the cache keeps every row of U (the gradient policy needs them)
+        self.layout = (target.row_span, target.pair_span)  # the rows of W / B and of A the state holds
         self.exhausted = False
         target.bind(self.record, budget.directions)  # a quantized base sets up its side factors here
         self.schedule: SwitchSchedule | None = None
@@ -135,11 +138,12 @@ class LayerState:
             if cache is None:
                 cache = distributed_top_triplets(w_eff, budget.directions, config)
             del w_eff
-            cache = target.prepare_cache(cache, full_rows=config.direction_policy == "gradient")
+            full_rows = config.direction_policy == "gradient"
+            cache = target.prepare_cache(cache, full_rows=full_rows)
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
             target.pissa_init_(cache)
-        return cls(target, cache, budget, config.beta1, config.beta2, print_)
+        return cls(target, cache, budget, config.beta1, config.beta2, print_, full_rows)
 
     @property
     def side_factor_bytes(self) -> int:
@@ -206,10 +210,23 @@ class LayerState:
         self.cache = cache
 
     def retarget(self, target: LoraTarget) -> None:
-        """Drive the same layer through another kind whose state layout is the same (see
-        :func:`~srlora.layers.current_kind`)."""
-        if target.module is not self.target.module or target.row_span != self.target.row_span:
+        """Drive the same layer through another kind (see :func:`~srlora.layers.current_kind`):
+        the state stays as it is when its layout is the same; before the first switch and the
+        first importance update it is laid out again for the rows the new kind holds."""
+        if target.module is not self.target.module:
             raise ValueError(f"layer {self.name!r}: cannot retarget to {target!r}.")
+        if (target.row_span, target.pair_span) != self.layout:
+            if self.has_switched:
+                raise ValueError(f"layer {self.name!r} has switched: its state cannot be laid out again.")
+            m, n = target.shape
+            w0, w1 = target.row_span
+            old = self.importance
+            self.importance = PairImportance(
+                self.r, m, n, old.beta1, old.beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
+            )
+            self.cache = target.prepare_cache(self.cache, full_rows=self.full_rows)
+            self.record = target.new_record(self.budget.directions - self.budget.r)
+            self.layout = (target.row_span, target.pair_span)
         self.target = target
 
     def set_schedule(self, schedule: SwitchSchedule, trigger: AdaptiveTrigger | None = None) -> None:

@@ -20,7 +20,8 @@ from .kinds.base import LoraTarget
 from .kinds.dense import DenseTarget
 from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded, local
 from .kinds.quantized import QuantizedTarget, is_bnb_linear
-from .kinds.zero3 import Zero3Target, gathered, is_partitioned
+from .kinds.zero3 import Zero3Target, gathered, is_partitioned, write_partition_
+from .kinds.zero12 import Zero12Target, is_linked
 
 __all__ = [
     "LoraTarget",
@@ -48,28 +49,23 @@ def kind_of(module: nn.Module, adapter: str) -> type[LoraTarget]:
         return ShardedTarget
     if _is_quantized_lora(module):
         return QuantizedTarget
+    if is_linked(A) or is_linked(B):
+        return Zero12Target
     return DenseTarget
 
 
 def current_kind(target: LoraTarget) -> LoraTarget | None:
-    """A target of the layer's kind now, when it differs from ``target``'s (``None``: same).
-
-    A kind may change after SRLoRA was built without changing what SRLoRA holds, e.g.
-    ``deepspeed.initialize`` partitions a dense layer whose state every rank keeps whole:
-    the new target takes over. A change that splits the layer among processes
-    (``fully_shard`` afterwards), or leaves state of the old kind behind, raises
-    ``RuntimeError`` with the order to follow."""
+    """A target of the layer's kind now, when it differs from ``target``'s (``None``: same);
+    whether SRLoRA's state can follow is :meth:`~srlora.layer_state.LayerState.retarget`'s
+    call. A kind that keeps state of its own (a quantized base) cannot change."""
     kind = kind_of(target.module, target.adapter)
     if kind is type(target):
         return None
-    new = kind(target.name, target.module, target.adapter)
-    if new.row_span != target.row_span or new.pair_span != target.pair_span or target.state_dict():
-        raise RuntimeError(
-            f"adapted layer {target.name!r} was sharded (it is now {new.kind}, SRLoRA was built on it as "
-            f"{target.kind}). Build it after sharding: get_peft_model -> fully_shard (each block, then the root) -> "
-            f"SRLoRA(model, config) -> optimizer -> attach."
-        )
-    return new
+    if target.state_dict():
+        raise RuntimeError(f"adapted layer {target.name!r} ({target.kind}) cannot become {kind.kind}.")
+    if kind is ShardedTarget:
+        _check_sharded(target.name, target.module, target.adapter)
+    return kind(target.name, target.module, target.adapter)
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -88,9 +84,9 @@ def gathered_trainable(model: nn.Module) -> Iterator[None]:
 
 
 def is_sharded_model(targets: list[LoraTarget]) -> bool:
-    """The model is split among processes (FSDP2 shards or ZeRO-3 partitions): its checkpoint
-    is a folder with one file per rank."""
-    return any(t.collective or isinstance(t, Zero3Target) for t in targets)
+    """The model (or its optimizer) is split among processes (FSDP2 shards, ZeRO-3 partitions,
+    ZeRO-1/2 optimizer partitions): its checkpoint is a folder with one file per rank."""
+    return any(t.collective or isinstance(t, (Zero3Target, Zero12Target)) for t in targets)
 
 
 def shard_of(t: torch.Tensor) -> torch.Tensor:
@@ -102,9 +98,13 @@ def shard_of(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_shard_(t: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy ``value`` (saved by :func:`shard_of`) into what this process holds of ``t``."""
+    """Copy ``value`` (saved by :func:`shard_of`) into what this process holds of ``t`` (for
+    a ZeRO-3 parameter a collective: :func:`~srlora.kinds.zero3.write_partition_`)."""
+    if is_partitioned(t):
+        write_partition_(t, value)
+        return
     with torch.no_grad():
-        shard_of(t.data if not is_partitioned(t) else t).copy_(value)
+        shard_of(t.data).copy_(value)
 
 
 def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -40,20 +40,24 @@ if TYPE_CHECKING:
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 SGD_MOMENTS = ("momentum_buffer",)
+_DS_ADAMS = ("FusedAdam", "DeepSpeedCPUAdam")  # the same moments, by the same names
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The innermost ``torch.optim.Optimizer`` of accelerate's (``AcceleratedOptimizer``),
-    Lightning's or DeepSpeed's wrappers: the one whose ``step`` really runs and whose
-    ``state`` holds the moments."""
+    Lightning's or DeepSpeed's wrappers (through a ZeRO optimizer, which is not one): the
+    one whose ``step`` really runs and whose ``state`` holds the moments."""
+    found = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
+    current = optimizer
     for _ in range(8):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
+        current = getattr(current, "optimizer", None)
+        if current is None:
             break
-        optimizer = inner
-    if not isinstance(optimizer, torch.optim.Optimizer):
+        if isinstance(current, torch.optim.Optimizer):
+            found = current
+    if found is None:
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}.")
-    return optimizer
+    return found
 
 
 def require_params(optimizer: torch.optim.Optimizer, params: Mapping[str, tuple[torch.Tensor, ...]]) -> None:
@@ -96,8 +100,8 @@ def run_before_step(update: Callable[[], Any], args: tuple, kwargs: dict) -> Any
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """``"adam"`` (Adam, AdamW), ``"sgd"`` or ``"other"``."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    """``"adam"`` (Adam, AdamW, DeepSpeed's Adams), ``"sgd"`` or ``"other"``."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or type(optimizer).__name__ in _DS_ADAMS:
         return "adam"
     if isinstance(optimizer, torch.optim.SGD):
         return "sgd"

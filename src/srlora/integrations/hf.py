@@ -14,8 +14,10 @@ restores it when the Trainer resumes. At every logging step it adds SRLoRA's fig
 logs (``srlora/switches``, ``srlora/directions_used``, ``srlora/skipped_steps``, and after a
 switch ``srlora/evicted_score``), so they reach the Trainer's reporting integrations.
 
-With TRL, which builds the PEFT model itself from a ``peft_config``, give the callback the
-config instead of a controller::
+With TRL, which builds the PEFT model itself from a ``peft_config``, or under DeepSpeed or
+FSDP, give the callback the config instead of a controller: SRLoRA is then built when the
+Trainer is (``on_init_end``), before it shards the model or loads a checkpoint, and follows
+the sharding when training starts::
 
     trainer = SFTTrainer(model=base, peft_config=LoraConfig(...), train_dataset=ds, args=args,
                          callbacks=[SRLoRACallback(SRLoRAConfig(r_target=64, total_steps="auto"))])
@@ -30,7 +32,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..atomic import atomic_torch_save
-from ..checkpoint import method_state, restore_method_state
+from ..checkpoint import STATE_FILE, method_state, method_state_file, restore_method_state
 from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
@@ -38,7 +40,6 @@ from .figures import figures
 
 __all__ = ["STATE_FILE", "SRLoRACallback", "unwrap_optimizer"]
 
-STATE_FILE = "srlora_state.pt"
 
 
 class SRLoRACallback(TrainerCallback):
@@ -63,6 +64,14 @@ class SRLoRACallback(TrainerCallback):
             )
         self._logged_events = 0
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        """Built from a config: SRLoRA is built here, on the PEFT model the Trainer was given (TRL
+        builds it from a ``peft_config`` in its constructor), before the Trainer shards it, hands it
+        to DeepSpeed or loads a checkpoint into it: the SVD is of the pretrained weights."""
+        if self.controller is None and self.config is not None and model is not None:
+            self.controller = SRLoRA(_peft_model(model), self.config)
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
         if optimizer is None:
             raise RuntimeError("the Trainer passed no optimizer to on_train_begin; SRLoRA cannot attach.")
@@ -70,15 +79,20 @@ class SRLoRACallback(TrainerCallback):
             assert self.config is not None
             if model is None:
                 raise RuntimeError("the Trainer passed no model to on_train_begin; SRLoRA cannot be built.")
+            if state.global_step > 0:
+                raise RuntimeError(
+                    "SRLoRACallback(config) must be built with the Trainer (Trainer(..., callbacks=[...])), not added "
+                    "later: on a resume SRLoRA must decompose the pretrained weights before the checkpoint is loaded."
+                )
             # The optimizer already holds the LoRA parameters; SRLoRA rewrites them in place.
             self.controller = SRLoRA(_peft_model(model), self.config)
         ctl = self.controller
         ctl.set_total_steps(int(state.max_steps))
         if ctl.attached:
             ctl.detach()
-        ctl.attach(unwrap_optimizer(optimizer))
+        ctl.attach(optimizer)  # through accelerate's wrappers (and, under ZeRO-3, DeepSpeed's optimizer)
         if state.global_step > 0 and ctl.global_step != state.global_step:
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / method_state_file(ctl)
             if not path.is_file():
                 raise FileNotFoundError(
                     f"The Trainer resumed at step {state.global_step}, but {path} is missing: the frozen weights "
@@ -98,9 +112,13 @@ class SRLoRACallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if state.is_world_process_zero and self.controller is not None:
+        ctl = self.controller
+        if ctl is None:
+            return control
+        name = method_state_file(ctl)  # one file, or one per rank of a sharded model
+        if name != STATE_FILE or state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            atomic_torch_save(method_state(self.controller.model, self.controller), folder / STATE_FILE)
+            atomic_torch_save(method_state(ctl.model, ctl), folder / name)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]

@@ -23,7 +23,6 @@ from typing import Any
 from lightning.pytorch import Callback
 
 from ..controller import SRLoRA
-from ..optim_state import unwrap_optimizer
 from .figures import figures
 
 
@@ -49,7 +48,7 @@ class SRLoRALightningCallback(Callback):
             ctl.set_total_steps(int(steps))
         if ctl.attached:
             ctl.detach()
-        ctl.attach(unwrap_optimizer(trainer.optimizers[0]))
+        ctl.attach(trainer.optimizers[0])  # attach finds the optimizer that steps (DeepSpeed: its ZeRO one)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self.controller.detach()

@@ -6,6 +6,7 @@ kind               the layer's tensors
 ``dense``          a float weight in this process (``nn.Linear``, transformers' ``Conv1D``)
 ``fsdp2``          FSDP2 (``fully_shard``) row shards: each rank holds rows of ``W``, ``B``, ``A``
 ``zero3``          DeepSpeed ZeRO-3 partitions, whole only inside DeepSpeed's gathers
+``zero12``         DeepSpeed ZeRO-1/2: whole weights, partitioned masters, moments (and gradients)
 ``bnb``            a bitsandbytes 4/8-bit base, never written; side factors carry the changes
 =================  ===========================================================================
 
@@ -17,5 +18,6 @@ from .dense import DenseTarget
 from .fsdp import ShardedTarget
 from .quantized import QuantizedTarget
 from .zero3 import Zero3Target
+from .zero12 import Zero12Target
 
-__all__ = ["DenseTarget", "LoraTarget", "QuantizedTarget", "ShardedTarget", "Zero3Target"]
+__all__ = ["DenseTarget", "LoraTarget", "QuantizedTarget", "ShardedTarget", "Zero3Target", "Zero12Target"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -211,6 +211,16 @@ class LoraTarget:
     def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         """Seed Adam's second moment of the recycled slices from their gradient (:mod:`srlora.optim_state`)."""
         raise NotImplementedError
+
+    @classmethod
+    def step_hooks(
+        cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]
+    ) -> list[Any] | None:
+        """Run ``before()`` ahead of each optimizer step that applies gradients and
+        ``after(skipped)`` behind it, where this kind's optimizer steps differently from a
+        ``torch.optim.Optimizer``; returns handles with ``remove()``, or ``None``: the torch
+        optimizer's own step hooks do it."""
+        return None
 
     # ------------------------------------------------------------------ export, merge, checkpoint
     def refusal(self, what: str) -> str | None:

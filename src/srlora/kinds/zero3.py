@@ -15,18 +15,21 @@ SRLoRA reaches them through DeepSpeed's public accessors:
   ``optimizer_reset="seed"`` acts as ``"zero"`` here: seeding needs the per-tensor step
   count, which DeepSpeed's flat partitions do not expose per parameter.
 
-Under ZeRO-3 SRLoRA is driven by hand around the engine, whose ``step`` calls the inner
-optimizer once per sub-group (so optimizer hooks could fire several times a step)::
+``ctl.attach(engine.optimizer)`` (or the optimizer the Trainer / accelerate hand over) hooks
+the step of DeepSpeed's ZeRO optimizer, which runs once per applied step of the engine (its
+inner torch optimizer runs once per sub-group, so the torch optimizer's hooks are not
+used): the importance before it, from the whole gradients, the switch after it, none on a
+step the fp16 loss scaler skips. By hand, the same::
 
-    engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step()
+    engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(engine.optimizer)
 
-The scores then see the gradients before DeepSpeed's clipping and loss-scale unscaling.
+The scores see the gradients before DeepSpeed's clipping and loss-scale unscaling.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +38,39 @@ from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
 from ..record import FusedRecord
 from ..svd import SVDCache
 from .dense import DenseTarget
+
+
+def zero_optimizer(optimizer: Any) -> Any:
+    """DeepSpeed's ZeRO optimizer inside ``optimizer``'s wrappers (accelerate's, the engine's
+    own), or ``None``."""
+    current = optimizer
+    for _ in range(8):
+        if current is None:
+            return None
+        if any(c.__name__ == "ZeROOptimizer" for c in type(current).__mro__):
+            return current
+        current = getattr(current, "optimizer", None)
+    return None
+
+
+class StepWrap:
+    """``before()``, the ZeRO optimizer's own ``step``, ``after(skipped)``, installed on that
+    one object (its class is untouched); :meth:`remove` restores it."""
+
+    def __init__(self, zero: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> None:
+        self.zero = zero
+        original = zero.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            before()
+            out = original(*args, **kwargs)
+            after(bool(getattr(zero, "overflow", False)))
+            return out
+
+        zero.step = step
+
+    def remove(self) -> None:
+        vars(self.zero).pop("step", None)
 
 
 def is_partitioned(t: Any) -> bool:
@@ -55,6 +91,25 @@ def gathered(params: Iterable[Any], modify: bool) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+
+
+@torch.no_grad()
+def write_partition_(param: Any, value: torch.Tensor) -> None:
+    """Put back this rank's flat partition ``value`` (as ``param.ds_tensor`` held it) of a
+    ZeRO-3 parameter, so that the whole parameter is right however DeepSpeed keeps it (a
+    small "persistent" parameter stays whole in ``param.data`` and would ignore a write to
+    its partition): the partitions are all-gathered and rank 0 writes the whole inside a
+    gather (a collective; every rank calls it for the same parameters in the same order)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    mine = value.to(param.ds_tensor.device, param.ds_tensor.dtype).flatten()
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    whole = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+    with gathered([param], modify=True):
+        if dist.get_rank() == 0:
+            param.data.copy_(whole)
 
 
 def full_grad(param: Any) -> torch.Tensor | None:
@@ -158,13 +213,21 @@ class Zero3Target(DenseTarget):
     def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         pass
 
-    def refusal(self, what: str) -> str | None:
-        if what == "attach":
-            return (
-                "Under DeepSpeed ZeRO-3 drive SRLoRA by hand around the engine (its step runs the optimizer once "
-                "per sub-group): engine.backward(loss); ctl.update_importance(); engine.step(); ctl.step(optimizer)."
+    @classmethod
+    def step_hooks(
+        cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]
+    ) -> list[Any] | None:
+        """Around the step of DeepSpeed's ZeRO optimizer (one call per applied step of the
+        engine, at the gradient-accumulation boundary; its inner torch optimizer runs once per
+        sub-group): the whole gradients exist before it, and ``optimizer.overflow`` says
+        whether the loss scaler skipped it."""
+        zero = zero_optimizer(optimizer)
+        if zero is None:
+            raise ValueError(
+                f"Under DeepSpeed ZeRO-3 attach SRLoRA to the engine's optimizer (engine.optimizer, or what the "
+                f"Trainer / accelerate hand you); got a {type(optimizer).__name__} with no ZeRO optimizer inside."
             )
-        return None
+        return [StepWrap(zero, before, after)]
 
     @torch.no_grad()
     def merge_adapter_(self) -> None:

@@ -1,0 +1,74 @@
+"""The Hugging Face Trainer and TRL's SFTTrainer under DeepSpeed ZeRO (stages 3, 2 and 1) on 2
+CPU processes (torchrun, DS_ACCELERATOR=cpu), SRLoRA from its callback: the same switches and
+weights as one process on the same global batches, and an exact resume after a kill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_sharded import _python, _structure, _torchrun
+
+pytest.importorskip("deepspeed")
+HERE = Path(__file__).parent
+WORKER = HERE / "trainer_zero3_worker.py"
+ENV = {"DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trainer")
+    ref = _python(WORKER, str(out), "--reference")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    for args in (["--tag", "s3"], ["--stage", "2", "--tag", "s2"], ["--stage", "1", "--tag", "s1"]):
+        proc = _torchrun(WORKER, str(out), *args, env=ENV)
+        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    return out
+
+
+@pytest.mark.parametrize("stage", [3, 2, 1])
+def test_trainer_under_deepspeed_zero_matches_one_process(runs, stage):
+    one = torch.load(runs / "trainer-reference.pt", weights_only=False)
+    ranks = [torch.load(runs / f"trainer-s{stage}-rank{k}.pt", weights_only=False) for k in (0, 1)]
+    for rank in ranks:
+        assert rank["kinds"] == (["zero3"] if stage == 3 else ["zero12"])
+        assert _structure(rank["history"]) == _structure(one["history"]) and len(one["history"]) == 2 * 12
+        for name, w in one["weights"].items():
+            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, (stage, name)
+
+
+def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
+    """Killed after step 33 (its last checkpoint: step 30, with SRLoRA's state per rank), then
+    trainer.train(resume_from_checkpoint=True): bit-equal to the uninterrupted run."""
+    killed = _torchrun(WORKER, str(runs), "--stop-at", "33", "--tag", "killed", env=ENV)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    folder = runs / "trainer-killed"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-30"]
+    assert {"srlora_state.rank00000.pt", "srlora_state.rank00001.pt"} <= {
+        p.name for p in (folder / "checkpoint-30").iterdir()
+    }
+    resumed = _torchrun(WORKER, str(runs), "--resume", "--tag", "killed", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for k in (0, 1):
+        straight = torch.load(runs / f"trainer-s3-rank{k}.pt", weights_only=False)
+        again = torch.load(runs / f"trainer-killed-rank{k}.pt", weights_only=False)
+        assert again["history"] == straight["history"]
+        for name, w in straight["weights"].items():
+            assert torch.equal(again["weights"][name], w), name
+
+
+def test_trl_sft_trainer_under_zero3_matches_one_process(tmp_path):
+    pytest.importorskip("trl")
+    worker = HERE / "trl_zero3_worker.py"
+    proc = _torchrun(worker, str(tmp_path), env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = _python(worker, str(tmp_path), "--single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = torch.load(tmp_path / "trl-single.pt", weights_only=False)
+    assert one["kinds"] == ["dense"] and len(one["history"]) == 2 * 6
+    for k in (0, 1):
+        rank = torch.load(tmp_path / f"trl-zero3-rank{k}.pt", weights_only=False)
+        assert rank["kinds"] == ["zero3"] and _structure(rank["history"]) == _structure(one["history"])
+        for name, w in one["weights"].items():
+            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, name

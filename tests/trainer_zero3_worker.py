@@ -1,0 +1,134 @@
+"""Run by test_trainer_sharded.py: the Hugging Face Trainer with DeepSpeed ZeRO (stage 3, 2 or 1)
+on 2 CPU processes (torchrun, ``DS_ACCELERATOR=cpu``), SRLoRA from its callback (built from
+a config when training starts), each rank on half of every global batch; ``--reference``:
+one process, no Trainer, SRLoRA on the full batches in the same order.
+
+    torchrun --nproc_per_node 2 trainer_zero3_worker.py OUT [--stage 3] [--stop-at N] [--resume]
+    python trainer_zero3_worker.py OUT --reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+
+from srlora import SRLoRA, SRLoRAConfig
+
+STEPS, PER_RANK, WORLD, LR = 45, 4, 2, 1e-2
+CONFIG = dict(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+
+
+def examples() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    n = STEPS * PER_RANK * WORLD
+    ids = torch.randint(0, 100, (n, 12), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from srlora.kinds.zero3 import gathered
+
+    out = {}
+    with gathered(list(model.parameters()), modify=False):
+        for name, layer in ctl.layers.items():
+            t = layer.target
+            out[name] = t.base_param.detach().float() + t.scaling * (t.lora_B.detach().float() @ t.lora_A.float())
+    return out
+
+
+def reference(out: Path) -> None:
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    ctl = SRLoRA(model, SRLoRAConfig(total_steps=STEPS, **{k: v for k, v in CONFIG.items()}))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    ctl.attach(opt)
+    data = examples()
+    for step in range(STEPS):
+        chunk = data[step * PER_RANK * WORLD : (step + 1) * PER_RANK * WORLD]
+        batch = {k: torch.stack([e[k] for e in chunk]) for k in chunk[0]}
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(
+        {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history]},
+        out / "trainer-reference.pt",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--stage", type=int, default=3)
+    ap.add_argument("--stop-at", type=int, default=0, help="exit every rank after this optimizer step")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--tag", default="run")
+    args = ap.parse_args()
+    if args.reference:
+        reference(args.out)
+        return
+    from torch.utils.data import DistributedSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from srlora.integrations import SRLoRACallback
+
+    class InOrder(Trainer):  # the data in file order, interleaved over the ranks: step t's
+        # global batch is examples 8t .. 8t + 7 on every run, as the reference sees them.
+        def _get_train_sampler(self, *a, **k):  # type: ignore[no-untyped-def]
+            return DistributedSampler(self.train_dataset, shuffle=False)
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if args.stop_at and state.global_step == args.stop_at:
+                os._exit(0)  # killed: no clean shutdown, the checkpoint before is all that is left
+
+    ds = {
+        "zero_optimization": {"stage": args.stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
+        },
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+    targs = TrainingArguments(
+        output_dir=str(args.out / f"trainer-{args.tag}"),
+        per_device_train_batch_size=PER_RANK,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        save_strategy="steps",
+        save_steps=30,
+        logging_steps=1000,
+        report_to=[],
+        deepspeed=ds,
+        dataloader_drop_last=True,
+        seed=0,
+    )
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    callback = SRLoRACallback(SRLoRAConfig(total_steps="auto", **CONFIG))
+    trainer = InOrder(model=model, args=targs, train_dataset=examples(), callbacks=[callback, Stop()])
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    ctl = callback.controller
+    rank = torch.distributed.get_rank()
+    kinds = sorted({layer.target.kind for layer in ctl.layers.values()})
+    result = {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history], "kinds": kinds}
+    torch.save(result, args.out / f"trainer-{args.tag}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

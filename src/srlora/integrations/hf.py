@@ -41,7 +41,6 @@ from .figures import figures
 __all__ = ["STATE_FILE", "SRLoRACallback", "unwrap_optimizer"]
 
 
-
 class SRLoRACallback(TrainerCallback):
     """Drives an :class:`~srlora.SRLoRA` controller from a ``transformers.Trainer`` (or TRL's
     ``SFTTrainer``, which subclasses it).

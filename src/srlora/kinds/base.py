@@ -213,9 +213,7 @@ class LoraTarget:
         raise NotImplementedError
 
     @classmethod
-    def step_hooks(
-        cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]
-    ) -> list[Any] | None:
+    def step_hooks(cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> list[Any] | None:
         """Run ``before()`` ahead of each optimizer step that applies gradients and
         ``after(skipped)`` behind it, where this kind's optimizer steps differently from a
         ``torch.optim.Optimizer``; returns handles with ``remove()``, or ``None``: the torch

@@ -105,9 +105,7 @@ class Zero12Target(DenseTarget):
         pass
 
     @classmethod
-    def step_hooks(
-        cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]
-    ) -> list[Any] | None:
+    def step_hooks(cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> list[Any] | None:
         zero = zero_optimizer(optimizer)
         if zero is None:
             raise ValueError(

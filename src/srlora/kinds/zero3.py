@@ -214,9 +214,7 @@ class Zero3Target(DenseTarget):
         pass
 
     @classmethod
-    def step_hooks(
-        cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]
-    ) -> list[Any] | None:
+    def step_hooks(cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> list[Any] | None:
         """Around the step of DeepSpeed's ZeRO optimizer (one call per applied step of the
         engine, at the gradient-accumulation boundary; its inner torch optimizer runs once per
         sub-group): the whole gradients exist before it, and ``optimizer.overflow`` says

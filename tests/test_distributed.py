@@ -98,15 +98,15 @@ def test_srlora_that_switched_before_fully_shard_is_refused_with_the_order(tmp_p
 ZERO3_WORKER = Path(__file__).parent / "zero3_worker.py"
 
 
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, order):
+@pytest.mark.parametrize("order,stage", [("before", 3), ("after", 3), ("after", 2), ("after", 1)])
+def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, order, stage):
     """ZeRO-3 (partitioned parameters, DeepSpeed's AdamW), SRLoRA built before deepspeed.initialize
     and driven by hand around the engine, or after it and attached to the engine's optimizer,
     each rank on half of every global batch: the same switches and effective weights as one
     process on the full batches."""
     pytest.importorskip("deepspeed")
     env = {"DS_ACCELERATOR": "cpu"}
-    proc = _torchrun(ZERO3_WORKER, str(tmp_path), "--order", order, env=env)
+    proc = _torchrun(ZERO3_WORKER, str(tmp_path), "--order", order, "--stage", str(stage), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = subprocess.run(
         [sys.executable, str(ZERO3_WORKER), str(tmp_path), "--reference"],
@@ -116,7 +116,7 @@ def test_deepspeed_zero3_two_ranks_match_one_process(tmp_path, order):
         timeout=600,
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"{order}-rank{k}.pt", weights_only=False) for k in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"{order}-stage{stage}-rank{k}.pt", weights_only=False) for k in (0, 1))
     one = torch.load(tmp_path / "reference.pt", weights_only=False)
     assert r0["history"] == r1["history"] and _structure(r0["history"]) == _structure(one["history"])
     assert len(one["history"]) == 2 * 12

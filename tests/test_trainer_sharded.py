@@ -21,21 +21,28 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trainer")
     ref = _python(WORKER, str(out), "--reference")
     assert ref.returncode == 0, ref.stderr[-3000:]
-    for args in (["--tag", "s3"], ["--stage", "2", "--tag", "s2"], ["--stage", "1", "--tag", "s1"]):
+    stages = (
+        ["--tag", "s3"],
+        ["--stage", "2", "--tag", "s2"],
+        ["--stage", "1", "--tag", "s1"],
+        ["--stage", "0", "--tag", "s0"],
+    )
+    for args in stages:
         proc = _torchrun(WORKER, str(out), *args, env=ENV)
         assert proc.returncode == 0, (args, proc.stderr[-3000:])
     return out
 
 
-@pytest.mark.parametrize("stage", [3, 2, 1])
+@pytest.mark.parametrize("stage", [3, 2, 1, 0])
 def test_trainer_under_deepspeed_zero_matches_one_process(runs, stage):
+    """Stage 0: no DeepSpeed, the Trainer's own DDP."""
     one = torch.load(runs / "trainer-reference.pt", weights_only=False)
     ranks = [torch.load(runs / f"trainer-s{stage}-rank{k}.pt", weights_only=False) for k in (0, 1)]
     for rank in ranks:
-        assert rank["kinds"] == (["zero3"] if stage == 3 else ["zero12"])
+        assert rank["kinds"] == {3: ["zero3"], 2: ["zero12"], 1: ["zero12"], 0: ["dense"]}[stage]
         assert _structure(rank["history"]) == _structure(one["history"]) and len(one["history"]) == 2 * 12
         for name, w in one["weights"].items():
-            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, (stage, name)
+            assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, (stage, name)
 
 
 def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
@@ -58,17 +65,34 @@ def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
             assert torch.equal(again["weights"][name], w), name
 
 
-def test_trl_sft_trainer_under_zero3_matches_one_process(tmp_path):
+def test_trl_sft_trainer_under_zero3_and_ddp_matches_one_process(tmp_path):
     pytest.importorskip("trl")
     worker = HERE / "trl_zero3_worker.py"
-    proc = _torchrun(worker, str(tmp_path), env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for extra in ([], ["--ddp"]):
+        proc = _torchrun(worker, str(tmp_path), *extra, env=ENV)
+        assert proc.returncode == 0, (extra, proc.stderr[-3000:])
     single = _python(worker, str(tmp_path), "--single")
     assert single.returncode == 0, single.stderr[-3000:]
     one = torch.load(tmp_path / "trl-single.pt", weights_only=False)
     assert one["kinds"] == ["dense"] and len(one["history"]) == 2 * 6
-    for k in (0, 1):
-        rank = torch.load(tmp_path / f"trl-zero3-rank{k}.pt", weights_only=False)
-        assert rank["kinds"] == ["zero3"] and _structure(rank["history"]) == _structure(one["history"])
+    for tag, kind in (("trl-zero3", "zero3"), ("trl-ddp", "dense")):
+        for k in (0, 1):
+            rank = torch.load(tmp_path / f"{tag}-rank{k}.pt", weights_only=False)
+            assert rank["kinds"] == [kind] and _structure(rank["history"]) == _structure(one["history"])
         for name, w in one["weights"].items():
-            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, name
+            assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, name
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_an_accelerate_loop_under_zero3_or_ddp_matches_one_process(runs, ddp):
+    """A user's loop (accelerator.backward, optimizer.step) with SRLoRA built before prepare and
+    attached to the optimizer prepare returns: DeepSpeed ZeRO-3 (its plugin), or DDP."""
+    proc = _torchrun(HERE / "accelerate_zero3_worker.py", str(runs), *(["--ddp"] if ddp else []), env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = torch.load(runs / "trainer-reference.pt", weights_only=False)
+    for k in (0, 1):
+        rank = torch.load(runs / f"accelerate{'-ddp' if ddp else ''}-rank{k}.pt", weights_only=False)
+        assert rank["kinds"] == (["dense"] if ddp else ["zero3"])
+        assert _structure(rank["history"]) == _structure(one["history"])
+        for name, w in one["weights"].items():
+            assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, name

@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--reference", action="store_true")
-    ap.add_argument("--stage", type=int, default=3)
+    ap.add_argument("--stage", type=int, default=3, help="DeepSpeed ZeRO stage; 0: no DeepSpeed (DDP)")
     ap.add_argument("--stop-at", type=int, default=0, help="exit every rank after this optimizer step")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tag", default="run")
@@ -75,15 +75,18 @@ def main() -> None:
     if args.reference:
         reference(args.out)
         return
-    from torch.utils.data import DistributedSampler
+    from torch.utils.data import DistributedSampler, SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from srlora.integrations import SRLoRACallback
 
-    class InOrder(Trainer):  # the data in file order, interleaved over the ranks: step t's
-        # global batch is examples 8t .. 8t + 7 on every run, as the reference sees them.
+    class InOrder(Trainer):  # the data in file order: step t's global batch is examples 8t .. 8t + 7
+        # on every run, as the reference sees them. Under DeepSpeed accelerate leaves a custom
+        # sampler's dataloader whole on every rank, so it is split here; under DDP it splits it.
         def _get_train_sampler(self, *a, **k):  # type: ignore[no-untyped-def]
-            return DistributedSampler(self.train_dataset, shuffle=False)
+            if args.stage:
+                return DistributedSampler(self.train_dataset, shuffle=False)
+            return SequentialSampler(self.train_dataset)
 
     class Stop(TrainerCallback):
         def on_step_end(self, args_, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -110,9 +113,12 @@ def main() -> None:
         max_grad_norm=0.0,
         save_strategy="steps",
         save_steps=30,
-        logging_steps=1000,
+        logging_steps=int(os.environ.get("LOG_STEPS", "1000")),
         report_to=[],
-        deepspeed=ds,
+        deepspeed=ds if args.stage else None,  # stage 0: plain DDP
+        ddp_backend="gloo",
+        use_cpu=not args.stage,  # on the CPU: without both the Trainer runs each process on its own
+        average_tokens_across_devices=False,  # BERT ignores num_items_in_batch: the loss would be doubled
         dataloader_drop_last=True,
         seed=0,
     )
@@ -122,10 +128,14 @@ def main() -> None:
     trainer = InOrder(model=model, args=targs, train_dataset=examples(), callbacks=[callback, Stop()])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     ctl = callback.controller
-    rank = torch.distributed.get_rank()
+    rank = torch.distributed.get_rank()  # the Trainer started the process group
     kinds = sorted({layer.target.kind for layer in ctl.layers.values()})
     result = {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history], "kinds": kinds}
+    result["log"] = trainer.state.log_history
     torch.save(result, args.out / f"trainer-{args.tag}-rank{rank}.pt")
+    if torch.distributed.is_initialized():  # a clean teardown: gloo aborts at exit otherwise, now and then
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

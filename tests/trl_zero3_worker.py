@@ -45,6 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--single", action="store_true")
+    ap.add_argument("--ddp", action="store_true", help="2 processes without DeepSpeed")
     args = ap.parse_args()
     import peft
     from datasets import Dataset
@@ -54,9 +55,10 @@ def main() -> None:
 
     from srlora.integrations import SRLoRACallback
 
-    class InOrder(SFTTrainer):  # step t's global batch is texts 8t .. 8t + 7 on every run
+    class InOrder(SFTTrainer):  # step t's global batch is texts 8t .. 8t + 7 on every run (under
+        # DeepSpeed accelerate leaves a custom sampler's dataloader whole on every rank: split it here)
         def _get_train_sampler(self, *a, **k):  # type: ignore[no-untyped-def]
-            if torch.distributed.is_initialized():
+            if torch.distributed.is_initialized() and not args.ddp:
                 return DistributedSampler(self.train_dataset, shuffle=False)
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
@@ -82,7 +84,7 @@ def main() -> None:
         "gradient_clipping": "auto",
     }
     sft = SFTConfig(
-        output_dir=str(args.out / ("trl-single" if args.single else "trl-zero3")),
+        output_dir=str(args.out / ("trl-single" if args.single else "trl-ddp" if args.ddp else "trl-zero3")),
         per_device_train_batch_size=GLOBAL if args.single else GLOBAL // 2,
         max_steps=STEPS,
         learning_rate=5e-3,
@@ -92,7 +94,9 @@ def main() -> None:
         save_strategy="no",
         logging_steps=1000,
         report_to=[],
-        deepspeed=None if args.single else ds,
+        deepspeed=None if args.single or args.ddp else ds,
+        use_cpu=args.ddp,  # on the CPU, DDP needs both, or the Trainer runs each process on its own
+        ddp_backend="gloo" if args.ddp else None,
         max_length=32,
         bf16=False,
         packing=False,
@@ -127,7 +131,11 @@ def main() -> None:
         "history": [e.to_dict() for e in ctl.history],
         "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
     }
-    torch.save(result, args.out / ("trl-single.pt" if args.single else f"trl-zero3-rank{rank}.pt"))
+    tag = "trl-ddp" if args.ddp else "trl-zero3"
+    torch.save(result, args.out / ("trl-single.pt" if args.single else f"{tag}-rank{rank}.pt"))
+    if torch.distributed.is_initialized():  # a clean teardown: gloo aborts at exit otherwise, now and then
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--order", default="after", choices=["before", "after"])
+    ap.add_argument("--stage", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
@@ -76,7 +77,7 @@ def main() -> None:
     config = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": args.stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
     }
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +100,7 @@ def main() -> None:
         "history": [e.to_dict() for e in ctl.history],
         "attached": ctl.attached,
     }
-    torch.save(result, args.out / f"{args.order}-rank{rank}.pt")
+    torch.save(result, args.out / f"{args.order}-stage{args.stage}-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ step under ``accumulate_grad_batches``. ``total_steps="auto"`` takes
 ``srlora/evicted_score``) with ``pl_module.log``. The controller's state is this callback's state
 in Lightning checkpoints (Lightning's own checkpoint holds the whole module, frozen
 weights included), so ``trainer.fit(module, ckpt_path=...)`` resumes it.
+
+Under DDP, give the callback the controller or the config. Given an :class:`~srlora.SRLoRAConfig`
+instead of a controller, the callback builds SRLoRA in its ``setup`` hook, on the PEFT model
+inside the LightningModule: after the process group exists (the SVD is computed on rank 0
+and broadcast), before ``configure_model``, before the strategy wraps or shards the model and
+before a checkpoint is restored into it, so the SVD is of the pretrained weights::
+
+    trainer = lightning.pytorch.Trainer(strategy="ddp", callbacks=[SRLoRALightningCallback(SRLoRAConfig(...))])
 """
 
 from __future__ import annotations
@@ -22,19 +30,47 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
+from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from .figures import figures
 
 
 class SRLoRALightningCallback(Callback):
-    """Drives an :class:`~srlora.SRLoRA` controller from a Lightning ``Trainer``."""
+    """Drives an :class:`~srlora.SRLoRA` controller from a Lightning ``Trainer``.
 
-    def __init__(self, controller: SRLoRA) -> None:
-        if not isinstance(controller, SRLoRA):
-            raise TypeError(f"SRLoRALightningCallback needs an SRLoRA controller, got {type(controller).__name__}.")
-        self.controller = controller
-        self._pending: dict[str, Any] | None = None
+    Args:
+        controller: a controller built on the PEFT model the LightningModule trains, or an
+            :class:`~srlora.SRLoRAConfig`: the controller is then built in ``setup``, on the
+            PEFT model found inside the LightningModule.
+    """
+
+    def __init__(self, controller: SRLoRA | SRLoRAConfig) -> None:
+        if isinstance(controller, SRLoRAConfig):
+            self.config: SRLoRAConfig | None = controller
+            self._controller: SRLoRA | None = None
+        elif isinstance(controller, SRLoRA):
+            self.config, self._controller = None, controller
+        else:
+            raise TypeError(
+                "SRLoRALightningCallback needs an SRLoRA controller or an SRLoRAConfig, "
+                f"got {type(controller).__name__}."
+            )
         self._logged_events = 0
+
+    @property
+    def controller(self) -> SRLoRA:
+        if self._controller is None:
+            raise RuntimeError(
+                "SRLoRALightningCallback(config) builds SRLoRA when fitting starts (its setup hook); "
+                "there is no controller before trainer.fit."
+            )
+        return self._controller
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Built from a config: SRLoRA is built here, before the strategy wraps or shards the
+        model and before a checkpoint is restored into it."""
+        if self._controller is None and self.config is not None and stage == "fit":
+            self._controller = SRLoRA(_peft_model(pl_module), self.config)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
@@ -65,3 +101,15 @@ class SRLoRALightningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.controller.load_state_dict(state_dict["controller"])
+
+
+def _peft_model(pl_module: Any) -> Any:
+    """The PEFT model the LightningModule trains: itself, or its first submodule that is one."""
+    for module in pl_module.modules():
+        if hasattr(module, "peft_config"):
+            return module
+    raise TypeError(
+        f"SRLoRALightningCallback built from a config needs a PEFT model inside the LightningModule; "
+        f"{type(pl_module).__name__} holds none. Wrap the model with peft.get_peft_model in the module's __init__, "
+        f"or build SRLoRA yourself and pass the controller."
+    )

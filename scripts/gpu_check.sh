@@ -2,7 +2,8 @@
 # On a CUDA machine (torch, transformers, peft and pytest installed; nothing fetched, random
 # weights only): the CUDA tests, SRLoRA's step overhead against PEFT LoRA in one process (bf16,
 # BERT-base and 1B-decoder shapes), a whole paper-scale run against PEFT LoRA (MiniLM shapes, init and
-# every switch included), and the device-sync counts per step and per switch, all written to one file.
+# every switch included), the device-sync counts per step and per switch, and the Trainer's FSDP2
+# (fsdp_config={"fsdp_version": 2}, one rank per GPU) against one process, all written to one file.
 #
 #   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 4 minutes on an H100
 set -uo pipefail
@@ -42,6 +43,26 @@ PY=${PYTHON:-python3}
   echo '```'
   timeout 150 $PY benchmarks/step_overhead.py --decoder-1b --device cuda --dtype bfloat16 --batch-size 8 \
     --seq-len 512 --steps 20 --r-target 64 --skip-full-init --json "${OUT%.md}_decoder_1b.json" 2>&1 | grep -v -i warn
+  echo '```'
+  echo
+  echo "## The Trainer's FSDP2 against one process (tests/trainer_zero3_worker.py --fsdp2)"
+  echo '```'
+  TMP=$(mktemp -d)
+  NGPU=$(nvidia-smi -L | wc -l)
+  timeout 120 $PY tests/trainer_zero3_worker.py "$TMP" --reference 2>&1 | tail -3
+  DS_ACCELERATOR=cuda timeout 240 $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" \
+    tests/trainer_zero3_worker.py "$TMP" --fsdp2 --tag fsdp2 2>&1 | grep -i -E "error|exception" | tail -5
+  timeout 60 $PY - "$TMP" "$NGPU" <<'EOF'
+import sys, torch
+out, n = sys.argv[1], int(sys.argv[2])
+one = torch.load(f"{out}/trainer-reference.pt", weights_only=False)
+key = lambda h: [(e["step"], e["layer"], e["slots"], e["directions"], e["evicted"]) for e in h]
+for k in range(n):
+    rank = torch.load(f"{out}/trainer-fsdp2-rank{k}.pt", weights_only=False)
+    err = max(float((rank["weights"][name] - w).norm() / w.norm()) for name, w in one["weights"].items())
+    print(f"rank {k}: kinds {rank['kinds']}, same switches {key(rank['history']) == key(one['history'])} "
+          f"({len(one['history'])} layer switches), largest relative weight error {err:.2e} (goal < 1e-5)")
+EOF
   echo '```'
 } > "$OUT" 2>&1
 cat "$OUT"

@@ -34,13 +34,25 @@ def examples() -> list[dict[str, torch.Tensor]]:
 
 
 def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    from srlora.kinds.zero3 import gathered
+    """``W + s B A`` of every layer, whole, on the CPU (ZeRO-3: gathered; FSDP2: full tensors)."""
+    import contextlib
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu()
 
     out = {}
-    with gathered(list(model.parameters()), modify=False):
+    kinds = {layer.target.kind for layer in ctl.layers.values()}
+    if "zero3" in kinds:
+        from srlora.kinds.zero3 import gathered
+
+        context = gathered(list(model.parameters()), modify=False)
+    else:
+        context = contextlib.nullcontext()
+    with context:
         for name, layer in ctl.layers.items():
             t = layer.target
-            out[name] = t.base_param.detach().float() + t.scaling * (t.lora_B.detach().float() @ t.lora_A.float())
+            out[name] = whole(t.base_param) + t.scaling * (whole(t.lora_B) @ whole(t.lora_A))
     return out
 
 
@@ -71,7 +83,12 @@ def main() -> None:
     ap.add_argument("--stop-at", type=int, default=0, help="exit every rank after this optimizer step")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--tag", default="run")
+    ap.add_argument(
+        "--fsdp2", action="store_true", help="the Trainer's FSDP2 (needs CUDA: transformers refuses FSDP on a CPU)"
+    )
     args = ap.parse_args()
+    if args.fsdp2:
+        args.stage = 0
     if args.reference:
         reference(args.out)
         return
@@ -84,7 +101,7 @@ def main() -> None:
         # on every run, as the reference sees them. Under DeepSpeed accelerate leaves a custom
         # sampler's dataloader whole on every rank, so it is split here; under DDP it splits it.
         def _get_train_sampler(self, *a, **k):  # type: ignore[no-untyped-def]
-            if args.stage:
+            if args.stage and not args.fsdp2:
                 return DistributedSampler(self.train_dataset, shuffle=False)
             return SequentialSampler(self.train_dataset)
 
@@ -105,7 +122,7 @@ def main() -> None:
     }
     targs = TrainingArguments(
         output_dir=str(args.out / f"trainer-{args.tag}"),
-        per_device_train_batch_size=PER_RANK,
+        per_device_train_batch_size=PER_RANK * WORLD // int(os.environ.get("WORLD_SIZE", WORLD)),
         max_steps=STEPS,
         learning_rate=LR,
         lr_scheduler_type="constant",
@@ -116,8 +133,10 @@ def main() -> None:
         logging_steps=int(os.environ.get("LOG_STEPS", "1000")),
         report_to=[],
         deepspeed=ds if args.stage else None,  # stage 0: plain DDP
-        ddp_backend="gloo",
-        use_cpu=not args.stage,  # on the CPU: without both the Trainer runs each process on its own
+        fsdp="full_shard" if args.fsdp2 else "",
+        fsdp_config={"fsdp_version": 2} if args.fsdp2 else None,
+        ddp_backend=None if args.fsdp2 else "gloo",
+        use_cpu=not (args.stage or args.fsdp2),  # on the CPU: without both the Trainer runs each process alone
         average_tokens_across_devices=False,  # BERT ignores num_items_in_batch: the loss would be doubled
         dataloader_drop_last=True,
         seed=0,

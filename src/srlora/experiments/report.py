@@ -402,12 +402,12 @@ def render(seeds: list[int], root: Path) -> Path:
     long = long_study_jobs(seeds, root)
     md += section_long(root, seeds, old)
     from .report_evidence import refresh_absorb, refresh_known_rank, section_absorb, section_known_rank
-    from .report_more import section_gpu, section_llm_init, section_qlora
+    from .report_more import section_gpu, section_llm_init, section_qlora, section_switch_cost
 
     refresh_known_rank(root)
     refresh_absorb(root)
     md += section_known_rank(root) + section_absorb(root)
-    md += section_llm_init(root) + section_qlora(root) + section_gpu(root)
+    md += section_llm_init(root) + section_qlora(root) + section_switch_cost(root) + section_gpu(root)
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")

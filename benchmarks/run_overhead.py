@@ -126,7 +126,7 @@ def switch_cost(base, args, batches, device: torch.device, batched: bool, reps: 
         times.append(time.perf_counter() - t0)
     return {
         "layers": len(ctl.layers),
-        "groups": len({id(g) for g in ctl._group_of.values()}),
+        "groups": len(ctl.switch_groups()),
         "switch_s": statistics.median(times) if times else float("nan"),
         "aten_ops": sum(ops.n.values()),
     }

@@ -183,3 +183,12 @@ def test_a_group_switches_the_layers_due_and_skips_the_others():
     assert {e.layer for e in events} == set(ctl.layer_names) - {name}
     assert torch.equal(bad.target.weight, frozen) and bad.pointer == bad.r
     assert all(ctl.layers[n].pointer == ctl.layers[n].r + ctl.layers[n].r_prime for n in ctl.layer_names if n != name)
+
+
+def test_switch_groups_name_the_layers_that_switch_together():
+    _, ctl, _ = _build(12)
+    groups = ctl.switch_groups()
+    assert sorted(len(g) for g in groups) == [4, 4, 4]
+    assert sorted(n for g in groups for n in g) == sorted(ctl.layer_names)
+    for group in groups:  # one shape per group
+        assert len({tuple(ctl.layers[n].target.shape) for n in group}) == 1

@@ -159,6 +159,15 @@ class SRLoRA:
 
     layer_names = property(lambda self: list(self._layers), doc="The adapted layers' names, in order.")
 
+    def switch_groups(self) -> list[list[str]]:
+        """The layers that switch together, as one batched operation (same kind and shape), by
+        name; a layer that switches on its own (FSDP2, ZeRO, quantized) is a group of one."""
+        groups: dict[int, list[str]] = {}
+        for name in self._layers:
+            group = self._group_of.get(name)
+            groups.setdefault(id(group) if group is not None else id(name), []).append(name)
+        return list(groups.values())
+
     def schedule(self, layer: str | None = None) -> SwitchSchedule:
         """The switch schedule of ``layer`` (default: the first layer)."""
         schedule = self._layers[layer or next(iter(self._layers))].schedule

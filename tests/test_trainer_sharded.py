@@ -1,4 +1,4 @@
-"""The Hugging Face Trainer and TRL's SFTTrainer under DeepSpeed ZeRO (stages 3, 2 and 1) on 2
+"""The Hugging Face Trainer and TRL's SFTTrainer under DeepSpeed ZeRO (stages 3 and 2) and DDP on 2
 CPU processes (torchrun, DS_ACCELERATOR=cpu), SRLoRA from its callback: the same switches and
 weights as one process on the same global batches, and an exact resume after a kill."""
 
@@ -23,8 +23,7 @@ def runs(tmp_path_factory) -> Path:
     assert ref.returncode == 0, ref.stderr[-3000:]
     stages = (
         ["--tag", "s3"],
-        ["--stage", "2", "--tag", "s2"],
-        ["--stage", "1", "--tag", "s1"],
+        ["--stage", "2", "--tag", "s2"],  # stage 1: the same kind (test_distributed runs it in an engine loop)
         ["--stage", "0", "--tag", "s0"],
     )
     for args in stages:
@@ -33,13 +32,13 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stage", [3, 2, 1, 0])
+@pytest.mark.parametrize("stage", [3, 2, 0])
 def test_trainer_under_deepspeed_zero_matches_one_process(runs, stage):
     """Stage 0: no DeepSpeed, the Trainer's own DDP."""
     one = torch.load(runs / "trainer-reference.pt", weights_only=False)
     ranks = [torch.load(runs / f"trainer-s{stage}-rank{k}.pt", weights_only=False) for k in (0, 1)]
     for rank in ranks:
-        assert rank["kinds"] == {3: ["zero3"], 2: ["zero12"], 1: ["zero12"], 0: ["dense"]}[stage]
+        assert rank["kinds"] == {3: ["zero3"], 2: ["zero12"], 0: ["dense"]}[stage]
         assert _structure(rank["history"]) == _structure(one["history"]) and len(one["history"]) == 2 * 12
         for name, w in one["weights"].items():
             assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, (stage, name)

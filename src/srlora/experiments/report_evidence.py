@@ -163,7 +163,7 @@ def section_known_rank(root: Path) -> list[str]:
         (doc or "").split("\n\n", 1)[1].split("    python")[0].strip(),
         "",
         "Adapters at rank r = 2 (s = 1), AdamW at 2e-3 with a cosine decay, batch 64, width 128; SRLoRA's "
-        "r_target is set so that it switches every T steps until the end (r' = 1).",
+        "r_target is set so that it switches every T steps until the end (r' = 1 at gamma 0.5, r' = 2 at gamma 1).",
         "",
         "| cell | best rank-2 error | LoRA r=2 | LoRA r=8 (4r) | LoRA r=16 (8r) | PiSSA r=2 | SRLoRA r=2 by "
         "interval T (mean) | best SRLoRA | best − LoRA r=2 (95% CI) | best − LoRA r=8 |",

@@ -190,10 +190,11 @@ def section_switch_cost(root: Path) -> list[str]:
     sw = d["switch_of_all_layers"]
     batched, single = sw["batched"], sw["layer_by_layer"]
     lbl = d.get("ratio_layer_by_layer_to_lora")
+    source = "MiniLM (all-MiniLM-L6-v2, the cached asset)" if d["source"].endswith("/minilm") else d["source"]
     md = [
         "## A whole run against PEFT LoRA: the batched switch",
         "",
-        f"`{cmd}` on {d['machine']}, {d['threads']} threads, torch {d['torch']} ({d['device']}), {d['source']},",
+        f"`{cmd}` on {d['machine']}, {d['threads']} threads, torch {d['torch']} ({d['device']}), {source},",
         f"{a['steps']} steps of {a['batch_size']} x {a['seq_len']}, r = {a['r']}, r_target = {a['r_target']}. Each run",
         "builds its adapter on a fresh copy of the base (SRLoRA: the SVD and PiSSA init included) and trains the",
         "same batches; an identical second LoRA run is the A/A control; rounds alternate the order. Before: every",
@@ -222,7 +223,7 @@ def section_switch_cost(root: Path) -> list[str]:
         "groups dispatches the same number of ATen ops and no syncing op. The GPU goals (a whole MiniLM run at",
         "paper scale within 1.05 of LoRA, BERT-base shapes within 1.03) were not measured: no GPU was lent;",
         "`scripts/gpu_check.sh` runs this benchmark at paper scale where one is. Before the batched switch, on",
-        "an H200: 69 ms per switch of 72 BERT-base-shaped layers, 104 ms for 112 1B-decoder layers (above).",
+        "an H200: 69 ms per switch of 72 BERT-base-shaped layers, 104 ms for 112 1B-decoder layers (next section).",
         "",
         "The initialisation was not batched: on this CPU a batched `torch.linalg.svd` over the stacked weights",
         "of one shape was bit-identical to the per-layer SVDs and no faster, and the randomized SVD of a wide",

@@ -5,9 +5,7 @@ Usage, plain PyTorch loop::
     model = peft.get_peft_model(base, LoraConfig(r=8, lora_alpha=8, target_modules=[...]))
     ctl = SRLoRA(model, SRLoRAConfig(r_target=64, total_steps=1000))   # SVD + PiSSA init
     opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
-    ctl.attach(opt)               # importance before each step, scheduled switch after it
-    for batch in data:
-        model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+    ctl.attach(opt)  # importance before each step, scheduled switch after it; nothing else to call
 
 Without ``attach``: ``loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt)``.
 
@@ -35,7 +33,7 @@ from .directions import GradientDirections
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
 from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
-from .layer_group import apply_switches, build_groups
+from .layer_group import apply_switches, build_groups, switch_groups
 from .layer_state import LayerState, SwitchEvent
 from .layers import find_lora_targets
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
@@ -60,16 +58,13 @@ class SRLoRA:
     ``B, A <- top-r factors``, ``W <- W0 - s B A``. The model's output is unchanged.
 
     Args:
-        model: a ``peft.PeftModel`` (or its ``LoraModel``) with LoRA on ``nn.Linear`` or
-            transformers' ``Conv1D`` layers.
+        model: a ``peft.PeftModel`` (or its ``LoraModel``); layer kinds: :mod:`srlora.kinds`.
         config: the SRLoRA hyper-parameters.
         svd_caches: precomputed SVDs by layer name (to reuse a decomposition); computed
             here when ``None``, on rank 0 and broadcast under ``torch.distributed``.
     """
 
-    def __init__(
-        self, model: nn.Module, config: SRLoRAConfig, svd_caches: Mapping[str, SVDCache] | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: Mapping[str, SVDCache] | None = None):
         if not isinstance(config, SRLoRAConfig):
             raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}.")
         self.model = model
@@ -160,13 +155,9 @@ class SRLoRA:
     layer_names = property(lambda self: list(self._layers), doc="The adapted layers' names, in order.")
 
     def switch_groups(self) -> list[list[str]]:
-        """The layers that switch together, as one batched operation (same kind and shape), by
-        name; a layer that switches on its own (FSDP2, ZeRO, quantized) is a group of one."""
-        groups: dict[int, list[str]] = {}
-        for name in self._layers:
-            group = self._group_of.get(name)
-            groups.setdefault(id(group) if group is not None else id(name), []).append(name)
-        return list(groups.values())
+        """The layers that switch together (one batched operation: same kind and shape), by name;
+        a layer that switches on its own (FSDP2, ZeRO, quantized) is a group of one."""
+        return switch_groups(list(self._layers), self._group_of)
 
     def schedule(self, layer: str | None = None) -> SwitchSchedule:
         """The switch schedule of ``layer`` (default: the first layer)."""

@@ -143,6 +143,16 @@ class LayerGroup:
             )
 
 
+def switch_groups(names: Sequence[str], group_of: Mapping[str, LayerGroup]) -> list[list[str]]:
+    """The layer names by switch operation, in the controller's order: the layers of one group
+    together, a layer without a group alone."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        group = group_of.get(name)
+        groups.setdefault(id(group) if group is not None else id(name), []).append(name)
+    return list(groups.values())
+
+
 def build_groups(layers: Sequence[LayerState]) -> tuple[list[LayerGroup], dict[str, LayerGroup]]:
     """Group the layers whose kind can batch them (:meth:`~srlora.kinds.base.LoraTarget.batch_key`),
     keeping the controller's order; returns the groups and each grouped layer's group."""

@@ -162,3 +162,23 @@ def test_render_shows_each_rank_task_with_runs_beyond_its_pilot(tmp_path):
     assert "`srlora study --part rank --rank-task mr`" in text
     assert "Gap between LoRA at r = 8 and at r = 2: +0.053 [" in text  # seed 1: the pilot run, 0.70
     assert "--r 8 --alpha 8 --out runs/study/rank-mr-r8/lora/seed3" in text  # its commands are listed
+
+
+def test_absorption_gap_closed_names_every_rank_2_method():
+    """Each rank-2 method (SRLoRA's names carry their schedule) gets its share of the LoRA
+    r = 2 -> r = 32 gap; LoRA r = 2 itself and the wider LoRA do not."""
+    from srlora.experiments.report_evidence import METRICS, gap_closed
+
+    def run(value: float) -> dict:
+        return {"train_loss_tail": value, "evals": [{key: value for key, _ in METRICS if key != "train_loss_tail"}]}
+
+    by_name = {
+        "lora-r2": {1: run(3.0)},
+        "lora-r32": {1: run(2.0)},
+        "pissa-r2": {1: run(2.5)},
+        "srlora-r2-T40-g1": {1: run(2.25)},
+    }
+    lines = gap_closed(by_name)
+    assert any(line.startswith("- pissa-r2:") and "50%" in line for line in lines)
+    assert any(line.startswith("- srlora-r2-T40-g1:") and "75%" in line for line in lines)
+    assert not any(line.startswith(("- lora-r2:", "- lora-r32:")) for line in lines)

@@ -313,7 +313,7 @@ def gap_closed(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
         return []
     out = ["Share of the LoRA r = 2 → r = 32 gap closed (seed 1's pilot gap; means over seeds):", ""]
     for name, runs in by_name.items():
-        if not name.endswith("-r2") or name == "lora-r2":
+        if "-r2" not in name or name == "lora-r2":  # the rank-2 methods (srlora-r2-T40-g1 too)
             continue
         parts = []
         for key, label in METRICS[:3]:

@@ -73,6 +73,7 @@ def reference(out: Path) -> None:
         {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history]},
         out / "trainer-reference.pt",
     )
+    ctl.export_lora(out / "adapter-reference")
 
 
 def main() -> None:
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, default=3, help="DeepSpeed ZeRO stage; 0: no DeepSpeed (DDP)")
     ap.add_argument("--stop-at", type=int, default=0, help="exit every rank after this optimizer step")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--export", action="store_true", help="every rank calls export_lora into OUT/adapter-TAG")
     ap.add_argument("--tag", default="run")
     ap.add_argument(
         "--fsdp2", action="store_true", help="the Trainer's FSDP2 (needs CUDA: transformers refuses FSDP on a CPU)"
@@ -146,6 +148,8 @@ def main() -> None:
     callback = SRLoRACallback(SRLoRAConfig(total_steps="auto", **CONFIG))
     trainer = InOrder(model=model, args=targs, train_dataset=examples(), callbacks=[callback, Stop()])
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if args.export:  # a collective: every rank calls it, rank 0 writes
+        callback.controller.export_lora(args.out / f"adapter-{args.tag}")
     ctl = callback.controller
     rank = torch.distributed.get_rank()  # the Trainer started the process group
     kinds = sorted({layer.target.kind for layer in ctl.layers.values()})

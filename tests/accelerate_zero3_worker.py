@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
-from trainer_zero3_worker import CONFIG, LR, PER_RANK, STEPS, WORLD, effective_weights, examples
+from trainer_zero3_worker import CONFIG, LR, PER_RANK, STEPS, WORLD, examples, save_result
 
 from srlora import SRLoRA, SRLoRAConfig
 
@@ -55,15 +55,7 @@ def main() -> None:
         accelerator.backward(engine(**batch).loss)
         optimizer.step()
         optimizer.zero_grad()
-    result = {
-        "weights": effective_weights(ctl, model),
-        "history": [e.to_dict() for e in ctl.history],
-        "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
-    }
-    torch.save(result, out / f"accelerate{'-ddp' if ddp else ''}-rank{rank}.pt")
-    if torch.distributed.is_initialized():  # a clean teardown: gloo aborts at exit otherwise, now and then
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    save_result(ctl, model, out / f"accelerate{'-ddp' if ddp else ''}-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,21 @@ def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Te
     return out
 
 
+def save_result(ctl: SRLoRA, model: torch.nn.Module, path: Path, **extra: object) -> None:
+    """Write this process's effective weights, switch history and layer kinds (and ``extra``) to
+    ``path``, then leave the process group cleanly (gloo aborts at exit otherwise, now and then)."""
+    result = {
+        "weights": effective_weights(ctl, model),
+        "history": [e.to_dict() for e in ctl.history],
+        "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
+        **extra,
+    }
+    torch.save(result, path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def reference(out: Path) -> None:
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
@@ -152,13 +167,7 @@ def main() -> None:
         callback.controller.export_lora(args.out / f"adapter-{args.tag}")
     ctl = callback.controller
     rank = torch.distributed.get_rank()  # the Trainer started the process group
-    kinds = sorted({layer.target.kind for layer in ctl.layers.values()})
-    result = {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history], "kinds": kinds}
-    result["log"] = trainer.state.log_history
-    torch.save(result, args.out / f"trainer-{args.tag}-rank{rank}.pt")
-    if torch.distributed.is_initialized():  # a clean teardown: gloo aborts at exit otherwise, now and then
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    save_result(ctl, model, args.out / f"trainer-{args.tag}-rank{rank}.pt", log=trainer.state.log_history)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_zero3_worker import effective_weights
+from trainer_zero3_worker import save_result
 
 from srlora import SRLoRAConfig
 
@@ -126,16 +126,8 @@ def main() -> None:
     trainer.train()
     ctl = callback.controller
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    result = {
-        "weights": effective_weights(ctl, trainer.model),
-        "history": [e.to_dict() for e in ctl.history],
-        "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
-    }
     tag = "trl-ddp" if args.ddp else "trl-zero3"
-    torch.save(result, args.out / ("trl-single.pt" if args.single else f"{tag}-rank{rank}.pt"))
-    if torch.distributed.is_initialized():  # a clean teardown: gloo aborts at exit otherwise, now and then
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    save_result(ctl, trainer.model, args.out / ("trl-single.pt" if args.single else f"{tag}-rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 # weights only): the CUDA tests, SRLoRA's step overhead against PEFT LoRA in one process (bf16,
 # BERT-base and 1B-decoder shapes), a whole paper-scale run against PEFT LoRA (MiniLM shapes, init and
 # every switch included), the device-sync counts per step and per switch, and the Trainer's FSDP2
-# (fsdp_config={"fsdp_version": 2}, one rank per GPU) against one process, all written to one file.
+# (fsdp_config={"fsdp_version": 2}, one rank per GPU), Accelerate's FSDP2 plugin and Lightning's
+# DeepSpeedStrategy (ZeRO-3) against one process, all written to one file.
 #
 #   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 4 minutes on an H100
 set -uo pipefail
@@ -78,6 +79,31 @@ for tag in ("reference", "fsdp2"):
         logits[tag] = model(input_ids=probe["input_ids"]).logits
 err = float((logits["fsdp2"] - logits["reference"]).abs().max())
 print(f"the adapter exported from the FSDP2 run, loaded in plain PEFT: logits within {err:.2e} of the one-process export (goal < 1e-4)")
+EOF
+  echo '```'
+  echo
+  echo "## Accelerate's FSDP2 plugin and Lightning's DeepSpeedStrategy (ZeRO-3) against one process"
+  echo '```'
+  DS_ACCELERATOR=cuda timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" \
+    tests/accelerate_zero3_worker.py "$TMP" --fsdp2 2>&1 | grep -i -E "error|exception" | tail -5
+  timeout 120 $PY tests/lightning_ddp_worker.py "$TMP" --reference --config 2>&1 | grep -i -E "error|exception" | tail -3
+  DS_ACCELERATOR=cuda timeout 200 $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" \
+    tests/lightning_ddp_worker.py "$TMP" --config --deepspeed 3 2>&1 | grep -i -E "error|exception" | tail -5
+  timeout 60 $PY - "$TMP" "$NGPU" <<'EOF'
+import sys, torch
+out, n = sys.argv[1], int(sys.argv[2])
+key = lambda h: [(e["step"], e["layer"], e["slots"], e["directions"], e["evicted"]) for e in h]
+as_dicts = lambda h: [e if isinstance(e, dict) else e.to_dict() for e in h]
+runs = (("Accelerate FSDP2 plugin", "trainer-reference.pt", "accelerate-fsdp2-rank{}.pt", 1e-5),
+        ("Lightning DeepSpeed ZeRO-3", "lightning-reference-rank0.pt", "lightning-config-zero3-rank{}.pt", 1e-3))
+for what, ref, name, goal in runs:
+    one = torch.load(f"{out}/{ref}", weights_only=False)
+    for k in range(n):
+        rank = torch.load(f"{out}/{name.format(k)}", weights_only=False)
+        same = key(as_dicts(rank["history"])) == key(as_dicts(one["history"]))
+        err = max(float((rank["weights"][m] - w).norm() / w.norm()) for m, w in one["weights"].items())
+        print(f"{what}, rank {k}: kinds {rank.get('kinds')}, same switches {same} "
+              f"({len(one['history'])} layer switches), largest relative weight error {err:.2e} (goal < {goal:g})")
 EOF
   echo '```'
 } > "$OUT" 2>&1

@@ -1,8 +1,9 @@
 """Run by test_integration_lightning.py: a Lightning Trainer with SRLoRALightningCallback under
 DDP (torchrun, 2 CPU processes, gloo), each rank on half of every global batch, or (``--reference``)
 one process on the full batches. ``--config`` gives the callback an SRLoRAConfig (built in its
-setup hook) instead of a controller built beforehand. Writes this process's final weights and
-switch history."""
+setup hook) instead of a controller built beforehand. ``--deepspeed 3`` (GPU only: Lightning's
+DeepSpeedStrategy refuses a CPU; scripts/gpu_check.sh runs it) trains under DeepSpeed ZeRO at that
+stage instead of DDP, one rank per GPU. Writes this process's effective weights and switch history."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 from conftest import CASES, make_peft
+from trainer_zero3_worker import effective_weights
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.integrations.lightning import SRLoRALightningCallback
@@ -41,8 +43,9 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--config", action="store_true")
+    ap.add_argument("--deepspeed", type=int, default=0, help="DeepSpeedStrategy at this ZeRO stage (GPU only)")
     args = ap.parse_args()
-    world = 1 if args.reference else 2
+    world = 1 if args.reference else int(os.environ.get("WORLD_SIZE", 2))
     torch.manual_seed(0)
     model = make_peft(CASES["gpt2"], r=4, alpha=8)
     config = SRLoRAConfig(r_target=16, gamma=0.5, total_steps="auto", switch_interval=10)
@@ -62,15 +65,17 @@ def main() -> None:
             data, int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), shuffle=False
         )
     )
-    loader = torch.utils.data.DataLoader(data, batch_size=PER_RANK * (2 // world), sampler=sampler)
+    loader = torch.utils.data.DataLoader(data, batch_size=PER_RANK * 2 // world, sampler=sampler)
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
     trainer = pl.Trainer(
         max_steps=STEPS,
         callbacks=[callback],
         gradient_clip_val=1.0,
-        accelerator="cpu",
+        accelerator="gpu" if args.deepspeed else "cpu",
         devices=world,
         num_nodes=1,
-        strategy="ddp" if world > 1 else "auto",
+        strategy=DeepSpeedStrategy(stage=args.deepspeed) if args.deepspeed else "ddp" if world > 1 else "auto",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -82,11 +87,13 @@ def main() -> None:
     trainer.fit(Module(model), loader)
     ctl = callback.controller
     tag = "reference" if args.reference else ("config" if args.config else "controller")
+    tag += f"-zero{args.deepspeed}" if args.deepspeed else ""
     rank = trainer.global_rank
     torch.save(
         {
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "weights": effective_weights(ctl, model),  # gathered under ZeRO-3 (every rank calls it)
             "history": ctl.history,
+            "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
             "steps": ctl.global_step,
         },
         Path(args.out) / f"lightning-{tag}-rank{rank}.pt",

@@ -193,3 +193,25 @@ def test_ddp_under_lightning_makes_the_switches_one_process_makes(tmp_path):
             for name, w in one["weights"].items():
                 err = float((rank["weights"][name] - w).norm() / w.norm().clamp_min(1e-12))
                 assert err < 1e-3, (mode, name, err)
+
+
+def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_path):
+    """torchrun, 2 CPU processes: Lightning's ModelParallelStrategy with the module's
+    configure_model applying fully_shard (blocks, then the root, over the data-parallel mesh);
+    SRLoRA from the callback's config, built in its setup hook before the shard. Against one
+    process on the full batches: the same switches, and effective weights within 1e-5."""
+    from test_sharded import _python, _structure, _torchrun
+
+    worker = Path(__file__).parent / "lightning_fsdp2_worker.py"
+    ref = _python(worker, str(tmp_path), "--reference")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = _torchrun(worker, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = torch.load(tmp_path / "lightning-fsdp2-reference.pt", weights_only=False)
+    assert one["steps"] == 45 and len(one["history"]) == 2 * 12  # switches at steps 20, 40; 12 layers
+    for k in (0, 1):
+        rank = torch.load(tmp_path / f"lightning-fsdp2-rank{k}.pt", weights_only=False)
+        assert rank["kinds"] == ["fsdp2"] and rank["steps"] == 45
+        assert _structure(rank["history"]) == _structure(one["history"])
+        for name, w in one["weights"].items():
+            assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, name

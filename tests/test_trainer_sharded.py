@@ -1,6 +1,7 @@
-"""The Hugging Face Trainer and TRL's SFTTrainer under DeepSpeed ZeRO (stages 3 and 2) and DDP on 2
-CPU processes (torchrun, DS_ACCELERATOR=cpu), SRLoRA from its callback: the same switches and
-weights as one process on the same global batches, and an exact resume after a kill."""
+"""The Hugging Face Trainer, TRL's SFTTrainer and an Accelerate loop under DeepSpeed ZeRO (stages
+3 and 2) and DDP on 2 CPU processes (torchrun, DS_ACCELERATOR=cpu), SRLoRA from its callback (or,
+in the Accelerate loop, attached to the optimizer): the same switches and weights as one process
+on the same global batches, and an exact resume after a kill."""
 
 from __future__ import annotations
 
@@ -64,34 +65,35 @@ def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
             assert torch.equal(again["weights"][name], w), name
 
 
-def test_trl_sft_trainer_under_zero3_and_ddp_matches_one_process(tmp_path):
+def test_trl_sft_trainer_under_zero3_zero2_and_ddp_matches_one_process(tmp_path):
     pytest.importorskip("trl")
     worker = HERE / "trl_zero3_worker.py"
-    for extra in ([], ["--ddp"]):
+    for extra in ([], ["--stage", "2"], ["--ddp"]):
         proc = _torchrun(worker, str(tmp_path), *extra, env=ENV)
         assert proc.returncode == 0, (extra, proc.stderr[-3000:])
     single = _python(worker, str(tmp_path), "--single")
     assert single.returncode == 0, single.stderr[-3000:]
     one = torch.load(tmp_path / "trl-single.pt", weights_only=False)
     assert one["kinds"] == ["dense"] and len(one["history"]) == 2 * 6
-    for tag, kind in (("trl-zero3", "zero3"), ("trl-ddp", "dense")):
+    for tag, kind in (("trl-zero3", "zero3"), ("trl-zero2", "zero12"), ("trl-ddp", "dense")):
         for k in (0, 1):
             rank = torch.load(tmp_path / f"{tag}-rank{k}.pt", weights_only=False)
-            assert rank["kinds"] == [kind] and _structure(rank["history"]) == _structure(one["history"])
-        for name, w in one["weights"].items():
-            assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, name
+            assert rank["kinds"] == [kind] and _structure(rank["history"]) == _structure(one["history"]), tag
+            for name, w in one["weights"].items():
+                assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, (tag, name)
 
 
-@pytest.mark.parametrize("ddp", [False, True])
-def test_an_accelerate_loop_under_zero3_or_ddp_matches_one_process(runs, ddp):
+@pytest.mark.parametrize("how", ["zero3", "zero2", "ddp"])
+def test_an_accelerate_loop_under_zero3_zero2_or_ddp_matches_one_process(runs, how):
     """A user's loop (accelerator.backward, optimizer.step) with SRLoRA built before prepare and
-    attached to the optimizer prepare returns: DeepSpeed ZeRO-3 (its plugin), or DDP."""
-    proc = _torchrun(HERE / "accelerate_zero3_worker.py", str(runs), *(["--ddp"] if ddp else []), env=ENV)
+    attached to the optimizer prepare returns: DeepSpeed ZeRO-3 or ZeRO-2 (its plugin), or DDP."""
+    args = {"zero3": [], "zero2": ["--stage", "2"], "ddp": ["--ddp"]}[how]
+    proc = _torchrun(HERE / "accelerate_zero3_worker.py", str(runs), *args, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(runs / "trainer-reference.pt", weights_only=False)
     for k in (0, 1):
-        rank = torch.load(runs / f"accelerate{'-ddp' if ddp else ''}-rank{k}.pt", weights_only=False)
-        assert rank["kinds"] == (["dense"] if ddp else ["zero3"])
+        rank = torch.load(runs / f"accelerate-{how}-rank{k}.pt", weights_only=False)
+        assert rank["kinds"] == [{"zero3": "zero3", "zero2": "zero12", "ddp": "dense"}[how]]
         assert _structure(rank["history"]) == _structure(one["history"])
         for name, w in one["weights"].items():
             assert float((rank["weights"][name] - w).detach().norm() / w.norm()) < 1e-5, name

@@ -52,7 +52,8 @@ def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Te
     with context:
         for name, layer in ctl.layers.items():
             t = layer.target
-            out[name] = whole(t.base_param) + t.scaling * (whole(t.lora_B) @ whole(t.lora_A))
+            W = whole(t.base_param)
+            out[name] = (W.T if t.fan_in_fan_out else W) + t.scaling * (whole(t.lora_B) @ whole(t.lora_A))
     return out
 
 

@@ -46,7 +46,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--single", action="store_true")
     ap.add_argument("--ddp", action="store_true", help="2 processes without DeepSpeed")
+    ap.add_argument("--stage", type=int, default=3, help="DeepSpeed ZeRO stage (3, 2 or 1)")
     args = ap.parse_args()
+    tag = "trl-ddp" if args.ddp else f"trl-zero{args.stage}"
     import peft
     from datasets import Dataset
     from torch.utils.data import DistributedSampler
@@ -74,7 +76,7 @@ def main() -> None:
     )
     base = LlamaForCausalLM(cfg)
     ds = {
-        "zero_optimization": {"stage": 3},
+        "zero_optimization": {"stage": args.stage},
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto", "torch_adam": True},
@@ -84,7 +86,7 @@ def main() -> None:
         "gradient_clipping": "auto",
     }
     sft = SFTConfig(
-        output_dir=str(args.out / ("trl-single" if args.single else "trl-ddp" if args.ddp else "trl-zero3")),
+        output_dir=str(args.out / ("trl-single" if args.single else tag)),
         per_device_train_batch_size=GLOBAL if args.single else GLOBAL // 2,
         max_steps=STEPS,
         learning_rate=5e-3,
@@ -126,7 +128,6 @@ def main() -> None:
     trainer.train()
     ctl = callback.controller
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    tag = "trl-ddp" if args.ddp else "trl-zero3"
     save_result(ctl, trainer.model, args.out / ("trl-single.pt" if args.single else f"{tag}-rank{rank}.pt"))
 
 

@@ -1,0 +1,108 @@
+"""Run by test_integration_lightning.py: a Lightning Trainer with ``ModelParallelStrategy``
+(FSDP2: the module's ``configure_model`` applies ``fully_shard`` to each transformer block and
+the root over the strategy's data-parallel mesh) under torchrun, 2 CPU processes (gloo), each
+rank on half of every global batch; or (``--reference``) one process on the full batches.
+SRLoRA comes from ``SRLoRALightningCallback(SRLoRAConfig(...))``, built in its ``setup`` hook
+(before ``configure_model`` shards the model). Writes the effective weights ``W + s B A`` and
+the switch history.
+
+    torchrun --nproc_per_node 2 lightning_fsdp2_worker.py OUT
+    python lightning_fsdp2_worker.py OUT --reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lightning.pytorch as pl
+from conftest import CASES, make_peft
+from fsdp_wraps_worker import GLOBAL_BATCH, STEPS, batch, effective_weights
+
+from srlora import SRLoRAConfig
+from srlora.integrations.lightning import SRLoRALightningCallback
+
+
+class Batches(torch.utils.data.Dataset):
+    """Step ``i``'s global batch, this rank's share of it (the fully_shard tests' data)."""
+
+    def __init__(self, world: int, rank: int) -> None:
+        self.share, self.rank = GLOBAL_BATCH // world, rank
+
+    def __len__(self) -> int:
+        return STEPS
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[self.rank * self.share : (self.rank + 1) * self.share] for k, v in batch(i).items()}
+
+
+class Module(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, shard: bool) -> None:
+        super().__init__()
+        self.model, self.shard = model, shard
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.base_model.model.bert.encoder.layer:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, b, batch_idx):  # type: ignore[no-untyped-def]
+        return CASES["bert"].loss(self.model, {k: v[0] for k, v in b.items()})
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def main() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--reference", action="store_true")
+    args = ap.parse_args()
+    world = 1 if args.reference else 2
+    rank = int(os.environ.get("RANK", 0))
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    callback = SRLoRALightningCallback(SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, total_steps="auto"))
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if world > 1 else "auto"
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        callbacks=[callback],
+        accelerator="cpu",
+        devices=world,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=args.out,
+        use_distributed_sampler=False,
+    )
+    loader = torch.utils.data.DataLoader(Batches(world, rank), batch_size=1, shuffle=False)
+    trainer.fit(Module(model, shard=world > 1), loader)
+    ctl = callback.controller
+    torch.save(
+        {
+            "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
+            "weights": effective_weights(ctl),  # gathered: a collective, every rank calls it
+            "history": [e.to_dict() for e in ctl.history],
+            "steps": ctl.global_step,
+        },
+        args.out / f"lightning-fsdp2-{'reference' if args.reference else f'rank{rank}'}.pt",
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

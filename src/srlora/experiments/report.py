@@ -27,10 +27,47 @@ NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "
 VARIANTS = [("lora", "LoRA"), ("pissa", "PiSSA"), ("srlora", "SRLoRA")]
 
 
-def variant_runs(root: Path, task: str) -> dict[str, list[dict[str, Any]]]:
-    out = {label: load_runs(root, task, method) for method, label in VARIANTS}
-    out["SRLoRA adaptive"] = load_runs(root, f"{task}-adaptive", "srlora")
+ABLATIONS_TITLE = "## Ablations on mr (SRLoRA, against its default)"
+
+
+def main_variants(task: str) -> dict[str, tuple[str, str]]:
+    """A main-table row label -> the (cell, method) of its runs."""
+    return {**{label: (task, method) for method, label in VARIANTS}, "SRLoRA adaptive": (f"{task}-adaptive", "srlora")}
+
+
+def ablation_variants() -> dict[str, tuple[str, str]]:
+    """An ablation-table row label -> the (cell, method) of its runs."""
+    rows = {
+        "LoRA (reference)": ("mr", "lora"),
+        "SRLoRA default (seed reset, gamma 0.5, r_target 32, recycled)": ("mr", "srlora"),
+    }
+    return rows | {desc: (cell, "srlora") for cell, (desc, _) in ABLATIONS.items()}
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """Where every row of docs/RESULTS.md's run tables (those with a ``seeds`` column, built
+    from ``srlora train`` runs) takes its runs: (section title, subsection title or None) ->
+    {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries."""
+    from .report_long import PAPER_TITLE, PAPER_VARIANTS, RANK_TITLE, RANK_VARIANTS
+    from .study import RANK_CANDIDATES
+
+    out: dict[tuple[str, str | None], dict[str, tuple[str, str]]] = {}
+    for task in TASKS:
+        out["Main table", task] = main_variants(task)
+    out[ABLATIONS_TITLE.removeprefix("## "), None] = ablation_variants()
+    for task in ("mr", "mr-reg"):
+        out[PAPER_TITLE.removeprefix("## "), task] = {
+            label: (cell.format(task=task), method) for label, (cell, method) in PAPER_VARIANTS.items()
+        }
+    for task, (prefix, _) in RANK_CANDIDATES.items():
+        out[RANK_TITLE.format(task=task).removeprefix("## "), None] = {
+            label: (cell.format(task=prefix), method) for label, (cell, method) in RANK_VARIANTS.items()
+        }
     return out
+
+
+def variant_runs(root: Path, task: str) -> dict[str, list[dict[str, Any]]]:
+    return {label: load_runs(root, cell, method) for label, (cell, method) in main_variants(task).items()}
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -182,14 +219,15 @@ def section_verdicts(verdict_lines: list[str]) -> list[str]:
 def section_ablations(root: Path) -> list[str]:
     from . import plots
 
-    md = ["## Ablations on mr (SRLoRA, against its default)", ""]
+    md = [ABLATIONS_TITLE, ""]
     base = load_runs(root, "mr", "srlora")
-    lora = load_runs(root, "mr", "lora")
     head = ["variant", "seeds", "accuracy", "early loss ↓", "final dev loss ↓"]
     head += ["accuracy vs default", "early vs default"]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [("LoRA (reference)", lora), ("SRLoRA default (seed reset, gamma 0.5, r_target 32, recycled)", base)]
-    rows += [(desc, load_runs(root, cell, "srlora")) for cell, (desc, _) in ABLATIONS.items()]
+    rows = [
+        (desc, base if (cell, method) == ("mr", "srlora") else load_runs(root, cell, method))
+        for desc, (cell, method) in ablation_variants().items()
+    ]
     b_acc = mean_std([r["final"]["accuracy"] for r in base])
     b_early = mean_std([r["early_train_loss"] for r in base])
     for desc, rs in rows:
@@ -416,9 +454,10 @@ def render(seeds: list[int], root: Path) -> Path:
 
 def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
     """The finished runs of the 600-step study."""
-    from .study import long_jobs, rank_jobs, rank_pilot_jobs
+    from .study import RANK_CANDIDATES, long_jobs, rank_jobs, rank_pilot_jobs
 
-    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank_jobs(seeds) if is_finished(j, root)]
+    rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
+    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank if is_finished(j, root)]
     return list({j.out: j for j in done}.values())
 
 

@@ -317,13 +317,20 @@ def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
 
 
 def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
-    """The 600-step study's sections; a section with no run here keeps its text from ``old``."""
+    """The 600-step study's sections; a section with no run here keeps its text from ``old``
+    (looked up by its whole title: the rank-bound sections of two tasks share their first words)."""
     md: list[str] = []
+    with_runs = rank_tasks(root)
     for title, fresh in (
         (PAPER_TITLE, section_paper(root)),
-        *((RANK_TITLE.format(task=task), section_rank(root, task)) for task in rank_tasks(root)),
+        *(
+            (RANK_TITLE.format(task=task), section_rank(root, task) if task in with_runs else [])
+            for task in RANK_CANDIDATES
+        ),
         (DECISION_TITLE, section_decision(root)),
     ):
-        md += fresh or old.get(section_key(title), [])
+        whole = title.removeprefix("## ")
+        kept = old.get(whole, [] if title.startswith(RANK_TITLE[:20]) else old.get(section_key(title), []))
+        md += fresh or kept
     md += section_long_commands(root, seeds)
     return md

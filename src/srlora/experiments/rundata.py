@@ -60,15 +60,20 @@ def dynamics_row(label: str, runs: list[dict[str, Any]]) -> str | None:
 
 
 def previous_sections(root: Path) -> dict[str, list[str]]:
-    """The ``## `` sections of the current docs/RESULTS.md, by the first words of their title."""
+    """The ``## `` sections of the current docs/RESULTS.md, by the first words of their title
+    (:func:`section_key`; sections sharing them are kept together) and by their whole title
+    (one section each: "600 steps, rank-bound regime: mr-reg" apart from its fashion-mnist twin)."""
     path = root / "docs/RESULTS.md"
     sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
+    current: list[list[str]] = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         if line.startswith("## "):
-            current = sections.setdefault(section_key(line), [])
-        if current is not None:
-            current.append(line)
+            current = [sections.setdefault(section_key(line), [])]
+            title = line.removeprefix("## ").strip()
+            if title != section_key(line):
+                current.append(sections.setdefault(title, []))
+        for lines in current:
+            lines.append(line)
     return sections
 
 

@@ -3,8 +3,8 @@
 the root over the strategy's data-parallel mesh) under torchrun, 2 CPU processes (gloo), each
 rank on half of every global batch; or (``--reference``) one process on the full batches.
 SRLoRA comes from ``SRLoRALightningCallback(SRLoRAConfig(...))``, built in its ``setup`` hook
-(before ``configure_model`` shards the model). Writes the effective weights ``W + s B A`` and
-the switch history.
+(before ``configure_model`` shards the model). Writes the effective weights ``W + s B A``, the
+switch history and the PEFT adapter ``export_lora`` makes (every rank calls it).
 
     torchrun --nproc_per_node 2 lightning_fsdp2_worker.py OUT
     python lightning_fsdp2_worker.py OUT --reference
@@ -92,6 +92,8 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(Batches(world, rank), batch_size=1, shuffle=False)
     trainer.fit(Module(model, shard=world > 1), loader)
     ctl = callback.controller
+    tag = "reference" if args.reference else "fsdp2"
+    ctl.export_lora(args.out / f"adapter-lightning-{tag}")  # a collective: rank 0 writes, one layer at a time
     torch.save(
         {
             "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),

@@ -199,7 +199,8 @@ def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_p
     """torchrun, 2 CPU processes: Lightning's ModelParallelStrategy with the module's
     configure_model applying fully_shard (blocks, then the root, over the data-parallel mesh);
     SRLoRA from the callback's config, built in its setup hook before the shard. Against one
-    process on the full batches: the same switches, and effective weights within 1e-5."""
+    process on the full batches: the same switches, effective weights within 1e-5, and the PEFT
+    adapter exported from the sharded run equal (in plain PEFT) to the one-process export."""
     from test_sharded import _python, _structure, _torchrun
 
     worker = Path(__file__).parent / "lightning_fsdp2_worker.py"
@@ -215,3 +216,12 @@ def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_p
         assert _structure(rank["history"]) == _structure(one["history"])
         for name, w in one["weights"].items():
             assert float((rank["weights"][name] - w).norm() / w.norm()) < 1e-5, name
+    # The adapter exported from the sharded run, loaded by plain PEFT on one process on the
+    # untouched base, computes what the one-process run's export computes.
+    probe = CASES["bert"].batch(torch.Generator().manual_seed(5))
+    logits = {}
+    for tag in ("reference", "fsdp2"):
+        loaded = peft.PeftModel.from_pretrained(make_base(CASES["bert"]), tmp_path / f"adapter-lightning-{tag}")
+        with torch.no_grad():
+            logits[tag] = loaded.eval()(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits["fsdp2"], logits["reference"], rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@
 # (fsdp_config={"fsdp_version": 2}, one rank per GPU), Accelerate's FSDP2 plugin and Lightning's
 # DeepSpeedStrategy (ZeRO-3) against one process, all written to one file.
 #
-#   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 4 minutes on an H100
+#   bash scripts/gpu_check.sh [OUT_FILE]        # default gpu_check.md; about 6 minutes on an H100 (estimated: the last two sections have not run yet)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check.md}

@@ -4,7 +4,9 @@ the root over the strategy's data-parallel mesh) under torchrun, 2 CPU processes
 rank on half of every global batch; or (``--reference``) one process on the full batches.
 SRLoRA comes from ``SRLoRALightningCallback(SRLoRAConfig(...))``, built in its ``setup`` hook
 (before ``configure_model`` shards the model). Writes the effective weights ``W + s B A``, the
-switch history and the PEFT adapter ``export_lora`` makes (every rank calls it).
+switch history and the PEFT adapter ``export_lora`` makes (every rank calls it). Three epochs
+of 15 steps; ``--stop-after-epoch 2`` ends a run there and saves Lightning's checkpoint, which
+``--resume`` continues.
 
     torchrun --nproc_per_node 2 lightning_fsdp2_worker.py OUT
     python lightning_fsdp2_worker.py OUT --reference
@@ -27,6 +29,19 @@ from fsdp_wraps_worker import GLOBAL_BATCH, STEPS, batch, effective_weights
 from srlora import SRLoRAConfig
 from srlora.integrations.lightning import SRLoRALightningCallback
 
+EPOCH = STEPS // 3  # three epochs of 15 steps: a run stopped after an epoch resumes exactly
+
+
+class StopAfterEpoch(pl.Callback):
+    """Ends the run after epoch ``epoch`` as a crash would, then the worker saves a checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            trainer.should_stop = True
+
 
 class Batches(torch.utils.data.Dataset):
     """Step ``i``'s global batch, this rank's share of it (the fully_shard tests' data)."""
@@ -35,7 +50,7 @@ class Batches(torch.utils.data.Dataset):
         self.share, self.rank = GLOBAL_BATCH // world, rank
 
     def __len__(self) -> int:
-        return STEPS
+        return EPOCH
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[self.rank * self.share : (self.rank + 1) * self.share] for k, v in batch(i).items()}
@@ -69,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--stop-after-epoch", type=int, default=None, help="stop there and save a Lightning checkpoint")
+    ap.add_argument("--resume", action="store_true", help="resume from that checkpoint")
     args = ap.parse_args()
     world = 1 if args.reference else 2
     rank = int(os.environ.get("RANK", 0))
@@ -76,9 +93,10 @@ def main() -> None:
     model = make_peft(CASES["bert"], r=4, alpha=8)
     callback = SRLoRALightningCallback(SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, total_steps="auto"))
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if world > 1 else "auto"
+    stop = [StopAfterEpoch(args.stop_after_epoch)] if args.stop_after_epoch else []
     trainer = pl.Trainer(
-        max_steps=STEPS,
-        callbacks=[callback],
+        max_epochs=STEPS // EPOCH,
+        callbacks=[callback, *stop],
         accelerator="cpu",
         devices=world,
         strategy=strategy,
@@ -90,9 +108,13 @@ def main() -> None:
         use_distributed_sampler=False,
     )
     loader = torch.utils.data.DataLoader(Batches(world, rank), batch_size=1, shuffle=False)
-    trainer.fit(Module(model, shard=world > 1), loader)
+    ckpt = args.out / "lightning-fsdp2-ckpt"  # Lightning's distributed checkpoint (a folder)
+    trainer.fit(Module(model, shard=world > 1), loader, ckpt_path=ckpt if args.resume else None)
     ctl = callback.controller
-    tag = "reference" if args.reference else "fsdp2"
+    if args.stop_after_epoch:
+        trainer.save_checkpoint(ckpt)  # every rank: model and optimizer shards, SRLoRA's per-rank states
+        return
+    tag = "reference" if args.reference else "resumed" if args.resume else "fsdp2"
     ctl.export_lora(args.out / f"adapter-lightning-{tag}")  # a collective: rank 0 writes, one layer at a time
     torch.save(
         {
@@ -101,7 +123,7 @@ def main() -> None:
             "history": [e.to_dict() for e in ctl.history],
             "steps": ctl.global_step,
         },
-        args.out / f"lightning-fsdp2-{'reference' if args.reference else f'rank{rank}'}.pt",
+        args.out / f"lightning-{tag}-rank{rank}.pt",
     )
 
 

@@ -208,7 +208,7 @@ def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_p
     assert ref.returncode == 0, ref.stderr[-3000:]
     proc = _torchrun(worker, str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = torch.load(tmp_path / "lightning-fsdp2-reference.pt", weights_only=False)
+    one = torch.load(tmp_path / "lightning-reference-rank0.pt", weights_only=False)
     assert one["steps"] == 45 and len(one["history"]) == 2 * 12  # switches at steps 20, 40; 12 layers
     for k in (0, 1):
         rank = torch.load(tmp_path / f"lightning-fsdp2-rank{k}.pt", weights_only=False)
@@ -225,3 +225,23 @@ def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_p
         with torch.no_grad():
             logits[tag] = loaded.eval()(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits["fsdp2"], logits["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp2_under_lightning_resumes_from_its_checkpoint_exactly(tmp_path):
+    """ModelParallelStrategy on 2 CPU ranks, stopped after epoch 2 (step 30, past the first
+    switch) and saved with trainer.save_checkpoint (a distributed checkpoint whose callback
+    states Lightning writes from rank 0 alone), then trainer.fit(ckpt_path=...): each rank gets
+    its own SRLoRA state back (the fused records are row shards) and the run ends where the
+    uninterrupted one ends, bit for bit."""
+    from test_sharded import _torchrun
+
+    worker = Path(__file__).parent / "lightning_fsdp2_worker.py"
+    for args in ([], ["--stop-after-epoch", "2"], ["--resume"]):
+        proc = _torchrun(worker, str(tmp_path), *args)
+        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+    for k in (0, 1):
+        whole = torch.load(tmp_path / f"lightning-fsdp2-rank{k}.pt", weights_only=False)
+        again = torch.load(tmp_path / f"lightning-resumed-rank{k}.pt", weights_only=False)
+        assert again["steps"] == whole["steps"] == 45 and again["history"] == whole["history"]
+        for name, w in whole["weights"].items():
+            assert torch.equal(again["weights"][name], w), name

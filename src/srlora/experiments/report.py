@@ -18,52 +18,13 @@ from typing import Any
 from ..atomic import atomic_write_json, atomic_write_text
 from ..schedule import SwitchSchedule
 from .config import PRESETS, RunConfig
+from .report_rows import ABLATIONS_TITLE, ablation_variants, main_variants
 from .rundata import dynamics_row, load_runs, previous_sections, section_key
 from .runs import train_losses
 from .stats import fmt, mean_std, verdict
 from .study import ABLATIONS, PAPER, PERF, TASKS, Job, ablation_jobs, is_finished, main_jobs
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "<!-- end of notes -->"
-VARIANTS = [("lora", "LoRA"), ("pissa", "PiSSA"), ("srlora", "SRLoRA")]
-
-
-ABLATIONS_TITLE = "## Ablations on mr (SRLoRA, against its default)"
-
-
-def main_variants(task: str) -> dict[str, tuple[str, str]]:
-    """A main-table row label -> the (cell, method) of its runs."""
-    return {**{label: (task, method) for method, label in VARIANTS}, "SRLoRA adaptive": (f"{task}-adaptive", "srlora")}
-
-
-def ablation_variants() -> dict[str, tuple[str, str]]:
-    """An ablation-table row label -> the (cell, method) of its runs."""
-    rows = {
-        "LoRA (reference)": ("mr", "lora"),
-        "SRLoRA default (seed reset, gamma 0.5, r_target 32, recycled)": ("mr", "srlora"),
-    }
-    return rows | {desc: (cell, "srlora") for cell, (desc, _) in ABLATIONS.items()}
-
-
-def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
-    """Where every row of docs/RESULTS.md's run tables (those with a ``seeds`` column, built
-    from ``srlora train`` runs) takes its runs: (section title, subsection title or None) ->
-    {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries."""
-    from .report_long import PAPER_TITLE, PAPER_VARIANTS, RANK_TITLE, RANK_VARIANTS
-    from .study import RANK_CANDIDATES
-
-    out: dict[tuple[str, str | None], dict[str, tuple[str, str]]] = {}
-    for task in TASKS:
-        out["Main table", task] = main_variants(task)
-    out[ABLATIONS_TITLE.removeprefix("## "), None] = ablation_variants()
-    for task in ("mr", "mr-reg"):
-        out[PAPER_TITLE.removeprefix("## "), task] = {
-            label: (cell.format(task=task), method) for label, (cell, method) in PAPER_VARIANTS.items()
-        }
-    for task, (prefix, _) in RANK_CANDIDATES.items():
-        out[RANK_TITLE.format(task=task).removeprefix("## "), None] = {
-            label: (cell.format(task=prefix), method) for label, (cell, method) in RANK_VARIANTS.items()
-        }
-    return out
 
 
 def variant_runs(root: Path, task: str) -> dict[str, list[dict[str, Any]]]:

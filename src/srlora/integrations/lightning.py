@@ -13,7 +13,8 @@ step under ``accumulate_grad_batches``. ``total_steps="auto"`` takes
 (``srlora/switches``, ``srlora/directions_used``, ``srlora/skipped_steps``, after a switch
 ``srlora/evicted_score``) with ``pl_module.log``. The controller's state is this callback's state
 in Lightning checkpoints (Lightning's own checkpoint holds the whole module, frozen
-weights included), so ``trainer.fit(module, ckpt_path=...)`` resumes it.
+weights included), so ``trainer.fit(module, ckpt_path=...)`` resumes it; under a sharded
+strategy (``ModelParallelStrategy``, DeepSpeed) each rank's state is kept and given back to it.
 
 Under DDP, give the callback the controller or the config. Given an :class:`~srlora.SRLoRAConfig`
 instead of a controller, the callback builds SRLoRA in its ``setup`` hook, on the PEFT model
@@ -32,6 +33,8 @@ from lightning.pytorch import Callback
 
 from ..config import SRLoRAConfig
 from ..controller import SRLoRA
+from ..errors import CheckpointError
+from ..layers import is_sharded_model
 from .figures import figures
 
 
@@ -97,10 +100,45 @@ class SRLoRALightningCallback(Callback):
             pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=False, logger=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"controller": self.controller.state_dict()}
+        """The controller's state. Under a sharded model (FSDP2, ZeRO) it differs from rank to
+        rank (each holds its rows of the fused records) while Lightning writes the callbacks'
+        states from rank 0 alone: every rank's state is gathered to rank 0 (a collective;
+        Lightning calls this on every rank when it saves) and each rank reloads its own."""
+        state = self.controller.state_dict()
+        world = _world_if_sharded(self.controller)
+        if world is None:
+            return {"controller": state}
+        import torch.distributed as dist
+
+        states: list[Any] | None = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(state, states, dst=0)
+        return {"controller_per_rank": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state_dict["controller"])
+        if "controller_per_rank" not in state_dict:
+            self.controller.load_state_dict(state_dict["controller"])
+            return
+        import torch.distributed as dist
+
+        states = state_dict["controller_per_rank"]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if states is None or len(states) != world:
+            saved = "no" if states is None else len(states)
+            raise CheckpointError(
+                f"this Lightning checkpoint holds SRLoRA's state of a sharded model for {saved} ranks; this run has "
+                f"{world}. Resume with the world size that saved it."
+            )
+        self.controller.load_state_dict(states[dist.get_rank() if world > 1 else 0])
+
+
+def _world_if_sharded(controller: SRLoRA) -> int | None:
+    """The world size when the controller's state is per rank (a sharded model in a process
+    group of several ranks), else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_world_size() if is_sharded_model([layer.target for layer in controller.layers.values()]) else None
 
 
 def _peft_model(pl_module: Any) -> Any:

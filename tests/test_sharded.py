@@ -150,3 +150,13 @@ def test_a_rank_that_skips_a_collective_call_is_a_clear_error_not_a_hang(tmp_pat
     proc = _torchrun(HERE / "missing_rank_worker.py", str(tmp_path), env={"SRLORA_COLLECTIVE_TIMEOUT": "5"})
     message = (tmp_path / "rank0-error.txt").read_text()
     assert "export_lora is a collective call" in message and "every rank must call it" in message, proc.stderr[-2000:]
+
+
+def test_a_sharded_state_given_to_another_rank_is_refused(tmp_path):
+    """Each FSDP2 rank holds its own rows of SRLoRA's fused records: rank 0's state loaded on
+    rank 1 (one process's state saved for all) is a CheckpointError naming the way out."""
+    proc = _torchrun(HERE / "wrong_rank_state_worker.py", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text() == "loaded"
+    message = (tmp_path / "rank1.txt").read_text()
+    assert "saved by rank 0 of 2; this is rank 1 of 2" in message and "srlora.save_checkpoint" in message

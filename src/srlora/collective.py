@@ -60,3 +60,26 @@ def barrier(what: str = "this call") -> None:
             f"{what} is a collective call of a sharded run: every rank must call it, and not every rank did within "
             f"{timeout:.0f} s (SRLORA_COLLECTIVE_TIMEOUT). {str(exc).splitlines()[0][:300]}"
         ) from exc
+
+
+def rank_stamp(sharded: bool) -> dict[str, int] | None:
+    """Which rank of how many a sharded model's per-rank SRLoRA state belongs to (None when
+    the state is the same on every rank)."""
+    import torch.distributed as dist
+
+    return {"rank": dist.get_rank(), "world": dist.get_world_size()} if sharded and distributed() else None
+
+
+def check_rank_stamp(saved: dict[str, int] | None, sharded: bool) -> None:
+    """Refuse a per-rank state given to another rank (a framework that saves one process's
+    state for all, e.g. Accelerate's ``register_for_checkpointing``): each rank of a sharded
+    model holds its own rows of the fused records."""
+    here = rank_stamp(sharded)
+    if saved is not None and here is not None and saved != here:
+        from .errors import CheckpointError
+
+        raise CheckpointError(
+            f"this SRLoRA state was saved by rank {saved['rank']} of {saved['world']}; this is rank {here['rank']} "
+            f"of {here['world']}. A sharded model's state is per rank: save it with srlora.save_checkpoint (or the "
+            f"Trainer / Lightning callbacks, which keep every rank's), and resume with the same number of ranks."
+        )

@@ -35,7 +35,7 @@ from .importance import update_importance_from_targets_
 from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
 from .layer_group import apply_switches, build_groups, switch_groups
 from .layer_state import LayerState, SwitchEvent
-from .layers import find_lora_targets
+from .layers import find_lora_targets, is_sharded_model
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
 from .svd import SVDCache
@@ -67,8 +67,7 @@ class SRLoRA:
     def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: Mapping[str, SVDCache] | None = None):
         if not isinstance(config, SRLoRAConfig):
             raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}.")
-        self.model = model
-        self.config = config
+        self.model, self.config = model, config
         self.global_step = 0
         self.skipped_steps = 0
         self.skipped_switches = 0
@@ -407,6 +406,7 @@ class SRLoRA:
             "optimizer_reset": self.optimizer_reset.state_dict(),
             "directions": None if self.directions is None else self.directions.state_dict(),
             "warned": sorted(self._warned),
+            "rank": collective.rank_stamp(is_sharded_model([la.target for la in self._layers.values()])),
         }
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
@@ -431,6 +431,7 @@ class SRLoRA:
                 f"SRLoRA state was saved with another config: {', '.join(differ)}; build SRLoRA with the config "
                 f"of the run that saved it."
             )
+        collective.check_rank_stamp(state.get("rank"), is_sharded_model([la.target for la in self._layers.values()]))
         for name, layer in self._layers.items():
             layer.check_state(state["layers"][name])
 

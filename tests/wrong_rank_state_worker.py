@@ -1,0 +1,49 @@
+"""Run by test_sharded.py under torchrun (2 processes, gloo): a sharded model's SRLoRA state
+saved by one process for all (as Accelerate's ``register_for_checkpointing`` does) and loaded
+on rank 1 must be refused; rank 0 reloads its own state.
+
+    torchrun --nproc_per_node 2 wrong_rank_state_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import CASES, make_peft
+from sharded_worker import CONFIG
+
+from srlora import SRLoRA
+from srlora.errors import CheckpointError
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    fully_shard(model)
+    ctl = SRLoRA(model, CONFIG)
+    shared = [ctl.state_dict() if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)  # rank 0's state, given to every rank
+    try:
+        ctl.load_state_dict(shared[0])
+        message = "loaded"
+    except CheckpointError as exc:
+        message = str(exc)
+    (out / f"rank{rank}.txt").write_text(message)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

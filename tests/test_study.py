@@ -182,3 +182,29 @@ def test_absorption_gap_closed_names_every_rank_2_method():
     assert any(line.startswith("- pissa-r2:") and "50%" in line for line in lines)
     assert any(line.startswith("- srlora-r2-T40-g1:") and "75%" in line for line in lines)
     assert not any(line.startswith(("- lora-r2:", "- lora-r32:")) for line in lines)
+
+
+def test_render_keeps_each_rank_task_section_whole_when_only_another_tasks_runs_are_here(tmp_path):
+    """Both rank-bound sections rendered, the runs gone (runs/ is not committed), then only
+    mr-reg's runs back (its pilot run among them): fashion-mnist's section keeps its whole text
+    (not a pilot table alone), mr-reg's is rendered afresh, and neither appears twice."""
+    import shutil
+
+    (tmp_path / "docs").mkdir()
+    jobs = study.rank_pilot_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3], "mr-reg")
+    for job in {j.out: j for j in jobs}.values():
+        _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
+    first = report.render([1, 2, 3], tmp_path).read_text()
+    fm_title, mr_title = "## 600 steps, rank-bound regime: fashion-mnist", "## 600 steps, rank-bound regime: mr-reg"
+
+    def section(text: str, title: str) -> str:
+        start = text.index(title + "\n")
+        return text[start : text.index("\n## ", start + 1)]
+
+    shutil.rmtree(tmp_path / "runs")
+    for job in {j.out: j for j in study.rank_jobs([1, 2, 3], "mr-reg")}.values():
+        _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
+    again = report.render([1, 2, 3], tmp_path).read_text()
+    assert again.count(fm_title + "\n") == 1 and again.count(mr_title + "\n") == 1
+    assert section(again, fm_title) == section(first, fm_title)
+    assert section(again, mr_title) == section(first, mr_title)

@@ -318,15 +318,13 @@ def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
 
 def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
     """The 600-step study's sections; a section with no run here keeps its text from ``old``
-    (looked up by its whole title: the rank-bound sections of two tasks share their first words)."""
+    (looked up by its whole title: the rank-bound sections of two tasks share their first words;
+    a rank-bound section whose variant runs are not here keeps its text even if pilot runs are)."""
     md: list[str] = []
     with_runs = rank_tasks(root)
     for title, fresh in (
         (PAPER_TITLE, section_paper(root)),
-        *(
-            (RANK_TITLE.format(task=task), section_rank(root, task) if task in with_runs else [])
-            for task in RANK_CANDIDATES
-        ),
+        *((RANK_TITLE.format(task=task), _rank_fresh(root, task, task in with_runs, old)) for task in RANK_CANDIDATES),
         (DECISION_TITLE, section_decision(root)),
     ):
         whole = title.removeprefix("## ")
@@ -334,3 +332,14 @@ def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list
         md += fresh or kept
     md += section_long_commands(root, seeds)
     return md
+
+
+def _rank_fresh(root: Path, task: str, reported: bool, old: dict[str, list[str]]) -> list[str]:
+    """The rank-bound section of ``task`` from the runs here, or [] to keep the old text: its
+    variant runs are not here, and it has one (a pilot table alone would replace it)."""
+    if not reported:
+        return []
+    has_variants = bool(_runs(root, RANK_VARIANTS, RANK_CANDIDATES[task][0]))
+    if not has_variants and RANK_TITLE.format(task=task).removeprefix("## ") in old:
+        return []
+    return section_rank(root, task)

@@ -208,3 +208,7 @@ def test_render_keeps_each_rank_task_section_whole_when_only_another_tasks_runs_
     assert again.count(fm_title + "\n") == 1 and again.count(mr_title + "\n") == 1
     assert section(again, fm_title) == section(first, fm_title)
     assert section(again, mr_title) == section(first, mr_title)
+    # The commands of every run are listed once: those here and those in runs.json.
+    n = len({j.out for j in jobs})
+    assert first.count("### Commands of the 600-step runs") == again.count("### Commands of the 600-step runs") == 1
+    assert f"\n{n} runs, " in first and f"\n{n} runs, " in again

@@ -30,6 +30,7 @@ from .study import (
 PAPER_TITLE = "## 600 steps, paper regime: MiniLM, r = 8, r_target = 64"
 RANK_TITLE = "## 600 steps, rank-bound regime: {task}"
 DECISION_TITLE = "## 600 steps, the default direction policy"
+COMMANDS_TITLE = "### Commands of the 600-step runs"
 
 # variant label -> (cell, method), per regime
 PAPER_VARIANTS = {
@@ -298,19 +299,26 @@ def section_decision(root: Path) -> list[str]:
 
 
 def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
+    """Every 600-step run's command: those finished here and those in the committed
+    ``docs/results/runs.json`` (``runs/`` is not committed), in the study's order."""
     rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
-    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank if is_finished(j, root)]
-    done = list({j.out: j for j in done}.values())
+    jobs = list({j.out: j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank}.values())
+    index = root / "docs/results/runs.json"
+    wall = {e["command"]: e["wall_s"] for e in (json.loads(index.read_text()) if index.is_file() else [])}
+    for j in jobs:
+        if is_finished(j, root):
+            wall[j.command()] = json.loads((root / j.out / "results.json").read_text())["wall_s"]
+    done = [j.command() for j in jobs if j.command() in wall]
     if not done:
         return []
-    total = sum(json.loads((root / j.out / "results.json").read_text())["wall_s"] for j in done)
+    total = sum(wall[c] for c in done)
     return [
-        "### Commands of the 600-step runs",
+        COMMANDS_TITLE,
         "",
         f"{len(done)} runs, {total / 3600:.1f} h of run time in all (two at a time, one thread each):",
         "",
         "```",
-        *[j.command() for j in done],
+        *done,
         "```",
         "",
     ]
@@ -329,6 +337,8 @@ def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list
     ):
         whole = title.removeprefix("## ")
         kept = old.get(whole, [] if title.startswith(RANK_TITLE[:20]) else old.get(section_key(title), []))
+        if COMMANDS_TITLE in kept:  # the commands are listed afresh below, from every run known
+            kept = kept[: kept.index(COMMANDS_TITLE)]
         md += fresh or kept
     md += section_long_commands(root, seeds)
     return md

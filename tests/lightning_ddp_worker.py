@@ -98,6 +98,9 @@ def main() -> None:
         },
         Path(args.out) / f"lightning-{tag}-rank{rank}.pt",
     )
+    if torch.distributed.is_initialized():  # leave cleanly: gloo aborts at exit otherwise, now and then
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def main() -> None:
     ctl = callback.controller
     if args.stop_after_epoch:
         trainer.save_checkpoint(ckpt)  # every rank: model and optimizer shards, SRLoRA's per-rank states
-        return
+        return _leave()
     tag = "reference" if args.reference else "resumed" if args.resume else "fsdp2"
     ctl.export_lora(args.out / f"adapter-lightning-{tag}")  # a collective: rank 0 writes, one layer at a time
     torch.save(
@@ -125,6 +125,14 @@ def main() -> None:
         },
         args.out / f"lightning-{tag}-rank{rank}.pt",
     )
+    _leave()
+
+
+def _leave() -> None:
+    """Leave the process group cleanly (gloo aborts at exit otherwise, now and then)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

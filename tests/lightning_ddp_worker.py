@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 from conftest import CASES, make_peft
-from trainer_zero3_worker import effective_weights
+from trainer_zero3_worker import effective_weights, leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.integrations.lightning import SRLoRALightningCallback
@@ -98,9 +98,7 @@ def main() -> None:
         },
         Path(args.out) / f"lightning-{tag}-rank{rank}.pt",
     )
-    if torch.distributed.is_initialized():  # leave cleanly: gloo aborts at exit otherwise, now and then
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

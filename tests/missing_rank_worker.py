@@ -11,26 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CASES, make_peft
-from sharded_worker import CONFIG
-
-from srlora import SRLoRA
+from sharded_worker import root_sharded_controller
 
 
 def main() -> None:
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = make_peft(CASES["bert"], r=4, alpha=8)
-    fully_shard(model)
-    ctl = SRLoRA(model, CONFIG)
+    ctl, rank = root_sharded_controller()
     if rank == 1:
         time.sleep(30)  # busy elsewhere: it never calls export_lora
         return

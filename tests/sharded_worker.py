@@ -26,6 +26,19 @@ STEPS, GLOBAL_BATCH = 45, 8
 CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
 
 
+def root_sharded_controller() -> tuple[SRLoRA, int]:
+    """Join the process group (gloo), shard the tiny BERT at its root with ``fully_shard`` and
+    build SRLoRA on it; returns the controller and this process's rank."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    fully_shard(model)
+    return SRLoRA(model, CONFIG), dist.get_rank()
+
+
 def batch(step: int) -> dict:
     g = torch.Generator().manual_seed(1000 + step)
     return {

@@ -67,6 +67,11 @@ def save_result(ctl: SRLoRA, model: torch.nn.Module, path: Path, **extra: object
         **extra,
     }
     torch.save(result, path)
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Leave the process group cleanly (gloo aborts at exit otherwise, now and then)."""
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -11,27 +11,18 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CASES, make_peft
-from sharded_worker import CONFIG
+from sharded_worker import root_sharded_controller
+from trainer_zero3_worker import leave_process_group
 
-from srlora import SRLoRA
 from srlora.errors import CheckpointError
 
 
 def main() -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = make_peft(CASES["bert"], r=4, alpha=8)
-    fully_shard(model)
-    ctl = SRLoRA(model, CONFIG)
+    ctl, rank = root_sharded_controller()
     shared = [ctl.state_dict() if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0)  # rank 0's state, given to every rank
     try:
@@ -40,8 +31,7 @@ def main() -> None:
     except CheckpointError as exc:
         message = str(exc)
     (out / f"rank{rank}.txt").write_text(message)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -415,11 +415,9 @@ def render(seeds: list[int], root: Path) -> Path:
 
 def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
     """The finished runs of the 600-step study."""
-    from .study import RANK_CANDIDATES, long_jobs, rank_jobs, rank_pilot_jobs
+    from .report_long import long_study_all_jobs
 
-    rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
-    done = [j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank if is_finished(j, root)]
-    return list({j.out: j for j in done}.values())
+    return [j for j in long_study_all_jobs(seeds) if is_finished(j, root)]
 
 
 def section_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:

@@ -21,6 +21,7 @@ from .study import (
     RANK_CANDIDATES,
     RANK_CHOSEN,
     RANK_PILOT,
+    Job,
     is_finished,
     long_jobs,
     rank_jobs,
@@ -298,11 +299,17 @@ def section_decision(root: Path) -> list[str]:
     return md
 
 
+def long_study_all_jobs(seeds: list[int]) -> list[Job]:
+    """Every run of the 600-step study (paper regime, rank pilot, rank-bound regime of every
+    candidate task), each once, in the study's order."""
+    rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
+    return list({j.out: j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank}.values())
+
+
 def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
     """Every 600-step run's command: those finished here and those in the committed
     ``docs/results/runs.json`` (``runs/`` is not committed), in the study's order."""
-    rank = [j for task in RANK_CANDIDATES for j in rank_jobs(seeds, task)]
-    jobs = list({j.out: j for j in long_jobs(seeds) + rank_pilot_jobs(seeds) + rank}.values())
+    jobs = long_study_all_jobs(seeds)
     index = root / "docs/results/runs.json"
     wall = {e["command"]: e["wall_s"] for e in (json.loads(index.read_text()) if index.is_file() else [])}
     for j in jobs:

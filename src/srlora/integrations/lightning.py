@@ -34,7 +34,6 @@ from lightning.pytorch import Callback
 from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from ..errors import CheckpointError
-from ..layers import is_sharded_model
 from .figures import figures
 
 
@@ -105,12 +104,12 @@ class SRLoRALightningCallback(Callback):
         states from rank 0 alone: every rank's state is gathered to rank 0 (a collective;
         Lightning calls this on every rank when it saves) and each rank reloads its own."""
         state = self.controller.state_dict()
-        world = _world_if_sharded(self.controller)
-        if world is None:
+        stamp = state["rank"]  # set only where the state is per rank (sharded, several ranks)
+        if stamp is None:
             return {"controller": state}
         import torch.distributed as dist
 
-        states: list[Any] | None = [None] * world if dist.get_rank() == 0 else None
+        states: list[Any] | None = [None] * stamp["world"] if stamp["rank"] == 0 else None
         dist.gather_object(state, states, dst=0)
         return {"controller_per_rank": states}
 
@@ -129,16 +128,6 @@ class SRLoRALightningCallback(Callback):
                 f"{world}. Resume with the world size that saved it."
             )
         self.controller.load_state_dict(states[dist.get_rank() if world > 1 else 0])
-
-
-def _world_if_sharded(controller: SRLoRA) -> int | None:
-    """The world size when the controller's state is per rank (a sharded model in a process
-    group of several ranks), else None."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.get_world_size() if is_sharded_model([layer.target for layer in controller.layers.values()]) else None
 
 
 def _peft_model(pl_module: Any) -> Any:

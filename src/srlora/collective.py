@@ -5,15 +5,22 @@ A collective call must be made by every rank. Where one rank does not come (it s
 call, or crashed), the others would wait forever in the next collective; the barrier here
 waits at most ``SRLORA_COLLECTIVE_TIMEOUT`` seconds (default 600) and then raises, naming
 the call, on a gloo group made for it (NCCL has no monitored barrier).
+
+That group is held by a *weak* reference: torch.distributed owns it and frees it in
+``destroy_process_group()``. A strong one would keep the group's gloo threads running into
+interpreter shutdown, where a thread that finishes a piece of work and needs the GIL to
+free its tensors is killed mid-destructor: ``terminate called without an active
+exception``, SIGABRT at exit, about one run in ten (issue 25).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import weakref
 from typing import Any
 
-_GROUP: dict[str, Any] = {}
+_GROUP: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def distributed() -> bool:
@@ -40,9 +47,11 @@ def _gloo_group() -> Any:
     """A gloo group over every rank (made once, by every rank together: :func:`prepare`)."""
     import torch.distributed as dist
 
-    if "gloo" not in _GROUP:
-        _GROUP["gloo"] = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return _GROUP["gloo"]
+    group = _GROUP.get("gloo")
+    if group is None:
+        group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _GROUP["gloo"] = group
+    return group
 
 
 def barrier(what: str = "this call") -> None:

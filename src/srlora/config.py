@@ -13,16 +13,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 OptimizerReset = Literal["seed", "zero", "none"]
 ScoreReset = Literal["recycled", "all"]
 SVDMethod = Literal["full", "randomized"]
-DirectionPolicy = Literal["spectrum", "gradient"]
+DirectionPolicy = Literal["spectrum", "gradient", "gradient_subspace"]
 SideFactorDType = Literal["bfloat16", "float16", "float32"]
 
 _OPTIMIZER_RESET = ("seed", "zero", "none")
 _SCORE_RESET = ("recycled", "all")
 _SVD_METHODS = ("full", "randomized")
-_DIRECTION_POLICIES = ("spectrum", "gradient")
+_DIRECTION_POLICIES = ("spectrum", "gradient", "gradient_subspace")
 _SIDE_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -115,7 +117,24 @@ class SRLoRAConfig:
             "help": "Which unused singular directions of W0 a switch brings in. 'spectrum' (the paper's): the next "
             "ones in singular-value order. 'gradient': the r' unused ones i (among the top r_target) with the largest "
             "|u_i^T G v_i|, G the layer's full-weight gradient averaged (EMA, beta1) over the 19 steps (at beta1 "
-            "0.85) before each switch, captured by hooks only in that window."
+            "0.85) before each switch, captured by hooks only in that window. 'gradient_subspace': not W0's "
+            "directions: the top r' singular vectors of G summed over that window (LoRA-GA's initialisation at every "
+            "switch), from a randomized sketch of G built by the same hooks (docs/METHOD.md section 7)."
+        },
+    )
+    entry_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Singular value sigma a new pair enters with (s B_new A_new = sigma u v^T). None: the paper's, the "
+            "singular value of its W0 direction, smaller at every switch on a decaying spectrum ('gradient_subspace': "
+            "as 1.0). A number c: c times the mean of the layer's top r singular values, the scale of its first pairs."
+        },
+    )
+    sketch_oversample: int = field(
+        default=8,
+        metadata={
+            "help": "'gradient_subspace': columns the gradient's range sketch keeps beyond r' (k = r' + this; the "
+            "co-range sketch has 2k + 1 rows)."
         },
     )
     reset_scores: ScoreReset = field(
@@ -186,6 +205,15 @@ class SRLoRAConfig:
         _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
         _check_choice("svd_method", self.svd_method, _SVD_METHODS)
         _check_choice("direction_policy", self.direction_policy, _DIRECTION_POLICIES)
+        if self.entry_scale is not None:
+            if isinstance(self.entry_scale, bool) or not isinstance(self.entry_scale, (int, float)):
+                raise TypeError(f"entry_scale must be a positive number or None, got {self.entry_scale!r}.")
+            if not (0.0 < self.entry_scale < math.inf):
+                raise ValueError(
+                    f"entry_scale must be a positive finite number (a multiple of the first pairs' singular value), "
+                    f"got {self.entry_scale}; None keeps the paper's scale."
+                )
+        _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
         _check_choice("side_factor_dtype", self.side_factor_dtype, _SIDE_DTYPES)
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
@@ -195,6 +223,25 @@ class SRLoRAConfig:
         _check_int("seed", self.seed, minimum=None)
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string, got {self.adapter_name!r}.")
+
+    @property
+    def entries_from_w0(self) -> bool:
+        """New pairs are singular directions of ``W0`` (the SVD cache keeps ``r_target`` of them);
+        ``False`` under ``direction_policy="gradient_subspace"`` (it keeps the top ``r`` only)."""
+        return self.direction_policy != "gradient_subspace"
+
+    @property
+    def records_entries(self) -> bool:
+        """What entered the slots is not ``U_J diag(S_J) V_J^T`` of the cache, so each layer keeps a
+        record of it (the total update subtracts it)."""
+        return self.entry_scale is not None or not self.entries_from_w0
+
+    def entry_sigma(self, top: torch.Tensor) -> float | None:
+        """The singular value every new pair enters with, from the layer's top ``r`` singular values
+        ``top``; ``None``: each pair's own (the paper's)."""
+        if self.entry_scale is None and self.entries_from_w0:
+            return None
+        return (1.0 if self.entry_scale is None else float(self.entry_scale)) * float(top.float().mean())
 
     def recycled_per_switch(self, r: int) -> int:
         """``r' = gamma * r``, the number of pairs fused and re-initialised per switch.

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import collective
 from .config import SRLoRAConfig, SwitchBudget
-from .directions import GradientDirections
+from .directions import capture_for
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
 from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
@@ -82,7 +82,7 @@ class SRLoRA:
         budgets = {t.name: config.budget(t.r, min(t.shape)) for t in targets}
         for target in targets:
             cache = (svd_caches or {}).get(target.name)
-            k, (m, n) = budgets[target.name].directions, target.shape
+            k, (m, n) = budgets[target.name].directions if config.entries_from_w0 else target.r, target.shape
             if cache is not None and (cache.U.shape != (m, k) or cache.V.shape != (n, k)):
                 raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
         scheduled = config.total_steps != "auto" or config.switch_interval is not None
@@ -105,11 +105,7 @@ class SRLoRA:
                 ScheduleWarning,
                 stacklevel=2,
             )
-        self.directions = (
-            GradientDirections(self._layers, config.beta1, config.adaptive_switch)
-            if config.direction_policy == "gradient"
-            else None
-        )
+        self.directions = capture_for(self._layers, config)  # the gradient policies' hooks
         if schedules is not None:
             self._install_schedules(schedules, stacklevel=3)
         logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
@@ -170,7 +166,8 @@ class SRLoRA:
         return {name: layer.pair_scores() for name, layer in self._layers.items()}
 
     def directions_used(self) -> dict[str, int]:
-        """``{layer: p}``: how many of ``W0``'s singular directions have entered so far."""
+        """``{layer: p}``: how many directions have entered so far (``W0``'s singular directions,
+        or the gradient's under ``direction_policy="gradient_subspace"``)."""
         return {name: layer.pointer for name, layer in self._layers.items()}
 
     def slot_directions(self) -> dict[str, list[int]]:
@@ -384,7 +381,8 @@ class SRLoRA:
                 continue
             directions = None if self.directions is None else self.directions.choose(layer.name, ema).tolist()
             planned.append((layer, layer.plan(self.global_step, layer_scores, directions)))
-        apply_switches(planned, self._group_of, reset_all, self.optimizer_reset)
+        vectors = None if self.directions is None else self.directions.vectors([layer for layer, _ in planned])
+        apply_switches(planned, self._group_of, reset_all, self.optimizer_reset, vectors)
         for layer, event in planned:
             layer.commit(event)
             if self.directions is not None:

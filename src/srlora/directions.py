@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .config import SRLoRAConfig
 from .devices import to_device
 from .layer_state import LayerState
 from .schedule import ema_warmup_steps
@@ -138,6 +139,17 @@ class GradientProbe:
             self.disarm()
 
 
+def capture_for(layers: Mapping[str, LayerState], config: SRLoRAConfig) -> Any:
+    """The gradient capture ``config.direction_policy`` needs (``None`` for the spectrum)."""
+    if config.direction_policy == "gradient":
+        return GradientDirections(layers, config.beta1, config.adaptive_switch)
+    if config.direction_policy == "gradient_subspace":
+        from .subspace import GradientSubspace
+
+        return GradientSubspace(layers, config)
+    return None
+
+
 class GradientDirections:
     """``direction_policy="gradient"`` for a controller's layers: when each layer captures,
     and which directions it brings in."""
@@ -150,18 +162,15 @@ class GradientDirections:
     def update_windows(self, next_step: int) -> None:
         """Arm the layers whose window covers optimizer step ``next_step``; disarm the others."""
         for probe in self.probes.values():
-            layer = probe.layer
-            capture = False
-            if layer.schedule is not None and layer.can_switch:
-                if self.adaptive:
-                    capture = layer.schedule.allows(next_step, layer.switches_done)
-                else:
-                    nxt = layer.schedule.next_switch(next_step - 1)
-                    capture = nxt is not None and nxt - next_step < self.window
+            capture = probe.layer.in_capture_window(next_step, self.window, self.adaptive)
             if capture and not probe.armed:
                 probe.arm(reset=True)
             elif not capture and probe.armed:
                 probe.disarm()
+
+    def vectors(self, layers: list[LayerState]) -> None:
+        """The new pairs are ``W0``'s directions (from the cache), not vectors of their own."""
+        return None
 
     def fold(self) -> None:
         """Once per optimizer step, before it: the step's alignment into each EMA (summed

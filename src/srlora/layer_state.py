@@ -8,10 +8,15 @@ A :class:`LayerState` owns, for one PEFT LoRA layer (``y = x W^T + s x A^T B^T``
 * which singular direction of ``W0`` each of the ``r`` slots holds, and the pointer
   ``p`` to the next unused one;
 * the record of the fused pairs ``F_B (m, p - r)``, ``F_A (p - r, n)``
-  (:class:`~srlora.record.FusedRecord`), with which the total update relative to ``W0``
-  is exactly::
+  (:class:`~srlora.record.FusedRecord`) and that of the ``p`` pairs that entered the slots
+  ``E_B (m, p)``, ``E_A (p, n)``, with which the total update relative to ``W0`` is exactly::
 
-      W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T     (rank <= 2p)
+      W_t + s B A - W0 = s F_B F_A + s B A - s E_B E_A                          (rank <= 2p)
+
+  Under the paper's entries ``s E_B E_A = U[:, :p] diag(S[:p]) V[:, :p]^T`` (the directions
+  used), read from the SVD cache, and ``E`` is not kept; it is kept where the entries are
+  not the cache's (``entry_scale``, ``direction_policy="gradient_subspace"``) or where the
+  kind needs it (a quantized base's side factors);
 
 * its switch schedule (and, under ``adaptive_switch``, its trigger).
 
@@ -24,7 +29,6 @@ initialisation and of the switch, and the side state a quantized base needs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ import torch
 from .config import SRLoRAConfig, SwitchBudget
 from .devices import to_device
 from .errors import CheckpointError
+from .events import SwitchEvent
 from .importance import PairImportance
 from .layers import LoraTarget, fingerprint, same_fingerprint
 from .record import FusedRecord
@@ -39,49 +44,15 @@ from .schedule import AdaptiveTrigger, SwitchSchedule
 from .svd import SVDCache, distributed_top_triplets
 
 
-@dataclass(frozen=True)
-class SwitchEvent:
-    """One layer's switch.
-
-    Attributes:
-        step: optimizer step after which it happened (0: forced before training).
-        layer: module name.
-        slots: pair indices recycled, ascending.
-        directions: singular directions of ``W0`` that entered those slots (same order).
-        evicted: singular directions that were fused into ``W`` (same order).
-        scores: their pair scores ``S_k`` at the switch (same order).
-    """
-
-    step: int
-    layer: str
-    slots: tuple[int, ...]
-    directions: tuple[int, ...]
-    evicted: tuple[int, ...]
-    scores: tuple[float, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SwitchEvent:
-        return cls(
-            step=int(d["step"]),
-            layer=str(d["layer"]),
-            slots=tuple(int(x) for x in d["slots"]),
-            directions=tuple(int(x) for x in d["directions"]),
-            evicted=tuple(int(x) for x in d["evicted"]),
-            scores=tuple(float(x) for x in d["scores"]),
-        )
-
-
 class LayerState:
     """SRLoRA's state of one adapted layer, and the switch that changes it.
 
     Args:
         target: the PEFT LoRA layer (already PiSSA-initialised from ``cache``).
-        cache: the top ``budget.directions`` singular triplets of its ``W0``.
+        cache: the top ``budget.directions`` singular triplets of its ``W0`` (the top ``r``
+            where new pairs do not come from ``W0``: ``config.entries_from_w0`` is False).
         budget: ``r``, ``r'`` and how many directions the layer may use.
-        beta1, beta2: the importance EMA coefficients.
+        config: the run's config (EMA coefficients, where new pairs come from, their scale).
         fingerprint: :func:`~srlora.layers.fingerprint` of the layer's weight ``W0`` (and bias)
             before the PiSSA initialisation: a checkpoint of another base model is refused.
     """
@@ -91,13 +62,13 @@ class LayerState:
         target: LoraTarget,
         cache: SVDCache,
         budget: SwitchBudget,
-        beta1: float,
-        beta2: float,
+        config: SRLoRAConfig,
         fingerprint: list[float] | None = None,
         full_rows: bool = False,
     ) -> None:
-        if cache.rank != budget.directions:
-            raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, budget {budget.directions}.")
+        expected = budget.directions if config.entries_from_w0 else budget.r
+        if cache.rank != expected:
+            raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, expected {expected}.")
         self.target = target
         self.fingerprint = fingerprint
         self.cache = cache
@@ -105,8 +76,11 @@ class LayerState:
         m, n = target.shape
         w0, w1 = target.row_span
         self.importance = PairImportance(
-            budget.r, m, n, beta1, beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
+            budget.r, m, n, config.beta1, config.beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
         )
+        # The singular value every new pair enters with (None: its own W0 direction's).
+        self.entry_sigma = config.entry_sigma(cache.S[: budget.r])
+        self.keeps_entries = config.records_entries or target.records_entries
         # Host bookkeeping in plain Python (a switch's decisions cost no tensor op): the
         # direction each slot holds, which of the layer's directions have entered so far (a
         # prefix under the paper's policy; any set under direction_policy="gradient"), and
@@ -115,10 +89,11 @@ class LayerState:
         self._used: list[bool] = [k < budget.r for k in range(budget.directions)]
         self.pointer = budget.r
         self.record: FusedRecord = target.new_record(budget.directions - budget.r)
+        self.entered = self._new_entered() if self.keeps_entries else None
         self.full_rows = full_rows  # the cache keeps every row of U (the gradient policy needs them)
         self.layout = (target.row_span, target.pair_span)  # the rows of W / B and of A the state holds
         self.exhausted = False
-        target.bind(self.record, budget.directions)  # a quantized base sets up its side factors here
+        target.bind(self.record, self.entered)  # a quantized base sets up its side factors here
         self.schedule: SwitchSchedule | None = None
         self.trigger: AdaptiveTrigger | None = None
         # A trigger state restored before the trigger exists (total_steps="auto": a
@@ -136,14 +111,22 @@ class LayerState:
             w_eff = target.effective_weight()
             print_ = fingerprint(w_eff, target.bias)
             if cache is None:
-                cache = distributed_top_triplets(w_eff, budget.directions, config)
+                k = budget.directions if config.entries_from_w0 else budget.r
+                cache = distributed_top_triplets(w_eff, k, config)
             del w_eff
             full_rows = config.direction_policy == "gradient"
             cache = target.prepare_cache(cache, full_rows=full_rows)
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
             target.pissa_init_(cache)
-        return cls(target, cache, budget, config.beta1, config.beta2, print_, full_rows)
+        return cls(target, cache, budget, config, print_, full_rows)
+
+    def _new_entered(self) -> FusedRecord:
+        """The record of the pairs that entered the slots, starting with the first ``r``."""
+        entered = self.target.new_record(self.budget.directions)
+        with self.target.whole(modify=False):
+            entered.append_(*self.target.slot_factors(torch.arange(self.r)))
+        return entered
 
     @property
     def side_factor_bytes(self) -> int:
@@ -226,8 +209,21 @@ class LayerState:
             )
             self.cache = target.prepare_cache(self.cache, full_rows=self.full_rows)
             self.record = target.new_record(self.budget.directions - self.budget.r)
+            self.target = target
+            self.entered = self._new_entered() if self.keeps_entries else None
+            target.bind(self.record, self.entered)
             self.layout = (target.row_span, target.pair_span)
         self.target = target
+
+    def in_capture_window(self, next_step: int, window: int, adaptive: bool) -> bool:
+        """Optimizer step ``next_step`` lies in the ``window`` steps before this layer's next
+        switch, and a switch is left (:meth:`~srlora.schedule.SwitchSchedule.in_window`)."""
+        schedule = self.schedule
+        return (
+            schedule is not None
+            and self.can_switch
+            and schedule.in_window(next_step, self.switches_done, window, adaptive)
+        )
 
     def set_schedule(self, schedule: SwitchSchedule, trigger: AdaptiveTrigger | None = None) -> None:
         self.schedule = schedule
@@ -246,10 +242,6 @@ class LayerState:
         order = sorted(range(self.r), key=lambda k: scores[k])  # a stable sort
         return sorted(order[: self.r_prime])
 
-    def next_directions(self) -> torch.Tensor:
-        """The paper's choice: the next ``r'`` unused directions in singular-value order."""
-        return self.unused_directions()[: self.r_prime]
-
     def unused_directions(self) -> torch.Tensor:
         """Indices of the directions that have not entered yet, ascending."""
         return torch.tensor([k for k, u in enumerate(self._used) if not u], dtype=torch.long)
@@ -262,12 +254,13 @@ class LayerState:
         reset_all_scores: bool = False,
         directions: torch.Tensor | Sequence[int] | None = None,
         scores: torch.Tensor | Sequence[float] | None = None,
+        vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SwitchEvent:
         """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
-        ``directions`` (default: the next unused ones in singular-value order); reset the
-        importance of those slots (of every slot with ``reset_all_scores``). ``scores``: the
-        pair scores already on the host (:func:`~srlora.layer_batch.switch_inputs`), to save
-        a device sync.
+        ``directions`` (default: the next unused ones in singular-value order) or from
+        ``vectors`` (:meth:`new_pairs`); reset the importance of those slots (of every slot
+        with ``reset_all_scores``). ``scores``: the pair scores already on the host
+        (:func:`~srlora.layer_batch.switch_inputs`), to save a device sync.
 
         The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
         when no direction is left (check :attr:`can_switch`) and ``ValueError`` for
@@ -276,7 +269,7 @@ class LayerState:
         if scores is None:
             scores = self.pair_scores().cpu()
         event = self.plan(step, _as_list(scores), None if directions is None else _as_list(directions))
-        self.apply(event, reset_all_scores)
+        self.apply(event, reset_all_scores, vectors)
         self.commit(event)
         return event
 
@@ -305,14 +298,43 @@ class LayerState:
             scores=tuple(float(scores[k]) for k in slots),
         )
 
+    def new_pairs(
+        self, event: SwitchEvent, vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What enters the slots of ``event``: ``(U (rows held, r'), S (r',), V (n, r'))`` in
+        float32, unit columns, so that the slots receive ``s B_new A_new = U diag(S) V^T``.
+
+        The directions are ``W0``'s ``event.directions`` from the cache, or ``vectors =
+        (U (m, r'), V (n, r'))`` (``direction_policy="gradient_subspace"``); the singular
+        values are the directions' own (the paper's) or :attr:`entry_sigma`."""
+        device = self.target.device
+        if vectors is not None:
+            w0, w1 = self.target.row_span
+            U, V = to_device(vectors[0][w0:w1].float(), device), to_device(vectors[1].float(), device)
+            S = torch.ones(U.shape[1], dtype=torch.float32, device=device)
+        elif max(event.directions) < self.cache.rank:
+            U, S, V = self.cache.directions(torch.tensor(event.directions), device, rows=self.target.row_span)
+        else:
+            raise ValueError(
+                f"layer {self.name!r}: directions {list(event.directions)} are not in the SVD cache; under "
+                f"direction_policy='gradient_subspace' the new pairs' vectors come from the controller's sketch."
+            )
+        if self.entry_sigma is not None:
+            S = torch.full_like(S, self.entry_sigma)
+        return U, S, V
+
     @torch.no_grad()
-    def apply(self, event: SwitchEvent, reset_all_scores: bool) -> None:
-        """The tensor side of ``event``, for this layer alone: the kind's writes, the record
-        of the fused pairs, the importance reset."""
+    def apply(
+        self, event: SwitchEvent, reset_all_scores: bool, vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """The tensor side of ``event``, for this layer alone: the kind's writes, the records
+        of the fused and the entered pairs, the importance reset."""
         slots = torch.tensor(event.slots, dtype=torch.long)
-        directions = torch.tensor(event.directions, dtype=torch.long)
         with self.target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
-            self.record.append_(*self.target.switch_pairs_(self.cache, slots, directions))
+            B_old, A_old, B_new, A_new = self.target.switch_pairs_(slots, *self.new_pairs(event, vectors))
+        self.record.append_(B_old, A_old)
+        if self.entered is not None:
+            self.entered.append_(B_new, A_new)
         self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
 
     def commit(self, event: SwitchEvent) -> None:
@@ -327,8 +349,8 @@ class LayerState:
     @torch.no_grad()
     def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` (float32, ``k <= 2p``), from
-        the record of fused pairs and the SVD cache; ``W0`` itself is never kept."""
-        return self.target.total_update_factors(self.cache, self.used, self.record)
+        the records of fused and entered pairs (or the SVD cache); ``W0`` itself is never kept."""
+        return self.target.total_update_factors(self.cache, self.used, self.record, self.entered)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -337,6 +359,7 @@ class LayerState:
             "slot_direction": self.slot_direction,
             "used": self.used,
             **self.record.state_dict(),
+            **({} if self.entered is None else self.entered.state_dict("entered")),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
             "trigger": None if self.trigger is None else self.trigger.state_dict(),
@@ -371,6 +394,8 @@ class LayerState:
                 f"layer {name!r}: the saved set of used directions does not fit {self.limit} of them."
             )
         self.record.check_state(state, used, f"layer {name!r}")
+        if self.entered is not None:
+            self.entered.check_state(state, pointer, f"layer {name!r}", prefix="entered")
         self.target.check_state(state, pointer)
         for key, own in zip(("ibar_A", "ubar_A", "ibar_B", "ubar_B"), self.importance.tensors(), strict=True):
             saved = state["importance"][key]
@@ -386,6 +411,8 @@ class LayerState:
         self._slots = [int(x) for x in state["slot_direction"].tolist()]
         self._used = [bool(x) for x in state["used"].tolist()]
         self.record.load_state_dict(state)
+        if self.entered is not None:
+            self.entered.load_state_dict(state, prefix="entered")
         self.exhausted = bool(state["exhausted"])
         self.importance.load_state_dict(state["importance"])
         self.target.load_state_dict(state, pointer)

@@ -96,23 +96,25 @@ class FusedRecord:
         """``(F_B, F_A)`` in float32."""
         return self.B.float(), self.A.float()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"fused_B": self.B.contiguous().clone(), "fused_A": self.A.clone()}
+    def state_dict(self, prefix: str = "fused") -> dict[str, torch.Tensor]:
+        """``{prefix_B: F_B, prefix_A: F_A}`` (copies)."""
+        return {f"{prefix}_B": self.B.contiguous().clone(), f"{prefix}_A": self.A.clone()}
 
-    def check_state(self, state: dict[str, Any], count: int, where: str) -> None:
+    def check_state(self, state: dict[str, Any], count: int, where: str, prefix: str = "fused") -> None:
         """Raise :class:`CheckpointError` unless ``state`` holds ``count`` pairs of this shape."""
-        expected = {"fused_B": (self.rows, count), "fused_A": (count, self.n)}
+        expected = {f"{prefix}_B": (self.rows, count), f"{prefix}_A": (count, self.n)}
         for key, shape in expected.items():
             value = state.get(key)
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
                 found = tuple(value.shape) if isinstance(value, torch.Tensor) else value
                 raise CheckpointError(f"{where}: {key} has shape {found}, expected {shape}.")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        count = int(state["fused_A"].shape[0])
+    def load_state_dict(self, state: dict[str, Any], prefix: str = "fused") -> None:
+        B, A = state[f"{prefix}_B"], state[f"{prefix}_A"]
+        count = int(A.shape[0])
         self._reserve(count)
         self._Bt.zero_()
         self._A.zero_()
-        self._Bt[:count] = state["fused_B"].T
-        self._A[:count] = state["fused_A"]
+        self._Bt[:count] = B.T
+        self._A[:count] = A
         self.count = count

@@ -85,6 +85,14 @@ class SwitchSchedule:
         step = (after // self.interval + 1) * self.interval
         return step if self.is_switch_step(step) else None
 
+    def in_window(self, next_step: int, switches_done: int, window: int, adaptive: bool) -> bool:
+        """Optimizer step ``next_step`` lies in the ``window`` steps before the next switch (where
+        the gradient policies capture); under ``adaptive``: at any step a switch is allowed."""
+        if adaptive:
+            return self.allows(next_step, switches_done)
+        nxt = self.next_switch(next_step - 1)
+        return nxt is not None and nxt - next_step < window
+
     def steps(self, limit: int | None = None) -> list[int]:
         """All switch steps (up to ``limit`` when the schedule has no end of its own)."""
         end = self.num_switches * self.interval + 1

@@ -54,10 +54,13 @@ class LoraTarget:
             for messages and figures.
         writes_base_weight: switches change the frozen weight itself (a checkpoint must then
             hold it); ``False`` for a base that is never written.
+        records_entries: the kind needs the record of every pair that entered the slots even
+            under the paper's entries (a quantized base's side factors subtract it).
     """
 
     kind: ClassVar[str] = "abstract"
     writes_base_weight: ClassVar[bool] = True
+    records_entries: ClassVar[bool] = False
 
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         self.name = name
@@ -157,9 +160,10 @@ class LoraTarget:
         """The part of the layer's SVD this process keeps (``full_rows``: all rows of ``U``)."""
         return cache
 
-    def bind(self, record: FusedRecord, directions: int) -> None:
-        """Called once with the layer's fused-pair record and direction budget, before the
-        initialisation (a kind that keeps more state sets it up here)."""
+    def bind(self, record: FusedRecord, entered: FusedRecord | None) -> None:
+        """Called once with the layer's records of fused pairs and of the pairs that entered
+        the slots (``None`` where the SVD cache gives them), after the initialisation (a kind
+        that keeps more state sets it up here)."""
 
     def new_record(self, capacity: int) -> FusedRecord:
         """An empty record of fused pairs shaped for the rows this process holds, with room
@@ -173,12 +177,20 @@ class LoraTarget:
         raise NotImplementedError
 
     def switch_pairs_(
-        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fuse pairs ``slots`` into ``W`` and re-initialise them from ``directions`` (PiSSA
-        factors, slot ``slots[i]`` receives ``directions[i]``), keeping the layer's function.
-        Returns the fused pairs as they were: ``(B[rows, slots], A[slots])`` in float32."""
+        self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fuse pairs ``slots`` into ``W`` and re-initialise them as the PiSSA factors of the
+        new pairs ``U (rows held, r')``, ``S (r',)``, ``V (n, r')`` (slot ``slots[i]`` receives
+        column ``i``), keeping the layer's function. Returns, in float32, the fused pairs as
+        they were and the new ones as the slots now hold them: ``(B_old (rows held, r'),
+        A_old (r', n), B_new, A_new)``."""
         raise NotImplementedError
+
+    def slot_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B[rows held, slots], A[slots])`` in float32, ``A`` whole (inside :meth:`whole`
+        for a kind whose tensors are partitioned)."""
+        A, B = self.local_factors()
+        return B.detach()[:, slots].float(), A.detach()[slots].float()
 
     def batch_key(self) -> object | None:
         """Layers with equal keys switch as one batch (:mod:`srlora.layer_group`, through the
@@ -227,9 +239,11 @@ class LoraTarget:
         return None
 
     def total_update_factors(
-        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord, entered: FusedRecord | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` in float32."""
+        """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` in float32: ``s F_B F_A +
+        s B A - s E_B E_A``, the entered pairs ``E`` from ``entered`` or, where it is ``None``,
+        from the cache (``U_p diag(S_p) V_p^T`` of the directions ``used``)."""
         raise NotImplementedError
 
     def merge_adapter_(self) -> None:

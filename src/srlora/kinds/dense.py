@@ -50,19 +50,18 @@ class DenseTarget(LoraTarget):
 
     @torch.no_grad()
     def switch_pairs_(
-        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         device = self.weight.device
         slots = to_device(slots, device)
         A, B = self.lora_A, self.lora_B
-        U, S, V = cache.directions(directions, device)
-        B_new, A_new = pissa_factors(U, S, V, self.scaling)
+        B_new, A_new = pissa_factors(U.to(device), S.to(device), V.to(device), self.scaling)
         B_new, A_new = B_new.to(B.dtype), A_new.to(A.dtype)
         B_old, A_old = B.data[:, slots].float(), A.data[slots].float()
         add_to_weight_(self.weight, fused_delta(B_old, A_old, B_new, A_new, self.scaling))
         B.data[:, slots] = B_new
         A.data[slots] = A_new
-        return B_old, A_old
+        return B_old, A_old, B_new.float(), A_new.float()
 
     def batch_key(self) -> object | None:
         W, A, B = self.base_param, self.lora_A, self.lora_B
@@ -85,9 +84,10 @@ class DenseTarget(LoraTarget):
                 directions of each layer, in the order of its ``slots`` ``(L, r')``.
             scaling: ``(L,)``, each layer's ``s``.
 
-        Returns ``(B_old (L, m, r'), A_old (L, r', n))`` in float32. The weight update of all
-        layers is one batched product and one ``_foreach`` add; the factor writes one scatter
-        and one ``_foreach`` copy per factor.
+        Returns ``(B_old (L, m, r'), A_old (L, r', n), B_new, A_new)`` in float32, the new
+        pairs as the slots hold them. The weight update of all layers is one batched product
+        and one ``_foreach`` add; the factor writes one scatter and one ``_foreach`` copy per
+        factor.
         """
         root = (S_new / scaling[:, None]).sqrt_()[:, :, None]  # (L, r', 1)
         A_params = [t.lora_A for t in targets]
@@ -111,7 +111,7 @@ class DenseTarget(LoraTarget):
             torch._foreach_copy_(weights, torch.stack(weights).float().add_(delta).unbind(0))
         torch._foreach_copy_(B_params, B.scatter_(2, idx_B, B_new).unbind(0))
         torch._foreach_copy_(A_params, A.scatter_(1, idx_A, A_new).unbind(0))
-        return B_old, A_old
+        return B_old, A_old, B_new.float(), A_new.float()
 
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B = self.lora_A, self.lora_B
@@ -134,14 +134,36 @@ class DenseTarget(LoraTarget):
 
     @torch.no_grad()
     def total_update_factors(
-        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord, entered: FusedRecord | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s F_B F_A + s B A - U_p diag(S_p) V_p^T``: the record, the slots, and the PiSSA
-        parts of every direction used (``W0`` itself is never kept)."""
-        s = self.scaling
-        device = record.B.device
-        F_B, F_A = record.factors()
-        U, S, V = cache.directions(used.nonzero().flatten(), device)
-        P = torch.cat([s * F_B, s * self.lora_B.float().to(device), -(U * S)], dim=1)
-        Q = torch.cat([F_A, self.lora_A.float().to(device), V.T], dim=0)
-        return P, Q
+        """``s F_B F_A + s B A - s E_B E_A``: the record, the slots, and every pair that entered
+        them (``W0`` itself is never kept); under the paper's entries ``s E_B E_A`` is
+        ``U_p diag(S_p) V_p^T`` of the directions used, read from the cache."""
+        A, B = self.local_factors()
+        return entered_update(self.scaling, cache, used, record, entered, B.float(), A.float(), self.row_span)
+
+
+def entered_update(
+    s: float,
+    cache: SVDCache,
+    used: torch.Tensor,
+    record: FusedRecord,
+    entered: FusedRecord | None,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    rows: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, Q)`` of ``s F_B F_A + s B A - s E_B E_A`` for the rows ``rows`` this process holds
+    (``B``: those rows, ``A``: whole), with ``E`` from ``entered`` or, where it is ``None``,
+    ``U_p diag(S_p) V_p^T`` of the cache's ``used`` directions."""
+    device = record.B.device
+    F_B, F_A = record.factors()
+    if entered is None:
+        U, S, V = cache.directions(used.nonzero().flatten(), device, rows=rows)
+        E_B, E_A = U * S, V.T
+    else:
+        E_B, E_A = entered.factors()
+        E_B = E_B * s
+    P = torch.cat([s * F_B, s * B.to(device), -E_B], dim=1)
+    Q = torch.cat([F_A, A.to(device), E_A], dim=0)
+    return P, Q

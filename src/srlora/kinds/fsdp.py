@@ -38,7 +38,7 @@ from ..recompose import add_to_weight_, fused_delta, pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
 from .base import local_index
-from .dense import DenseTarget
+from .dense import DenseTarget, entered_update
 
 
 def _dtensor_type() -> type | None:
@@ -161,24 +161,29 @@ class ShardedTarget(DenseTarget):
 
     @torch.no_grad()
     def switch_pairs_(
-        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """On this rank's rows; ``A`` (``r x n``, small) is gathered for the fused term."""
+        self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On this rank's rows (``U``: this rank's rows of the new pairs); ``A`` (``r x n``,
+        small) is gathered for the fused term."""
         s = self.scaling
-        rows, pairs = self.row_span, self.pair_span
+        pairs = self.pair_span
         A_local, B_local = self.local_factors()
         device = A_local.device
         A_full = full(self.lora_A.data)
         slots_dev = to_device(slots, device)
-        U, S, V = cache.directions(directions, device, rows=rows)
-        B_new, A_new = pissa_factors(U, S, V, s)
+        B_new, A_new = pissa_factors(U.to(device), S.to(device), V.to(device), s)
         B_new, A_new = B_new.to(B_local.dtype), A_new.to(A_local.dtype)
         B_old, A_old = B_local[:, slots_dev].float(), A_full[slots_dev].float()
         add_to_weight_(self.weight, fused_delta(B_old, A_old, B_new, A_new, s))
         B_local[:, slots_dev] = B_new
         which, mine = local_index(slots, pairs)
         A_local[to_device(mine, device)] = A_new[to_device(which, device)]
-        return B_old, A_old
+        return B_old, A_old, B_new.float(), A_new.float()
+
+    def slot_factors(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of ``B[:, slots]`` and the whole ``A[slots]`` (a gather of ``A``)."""
+        B_local = self.local_factors()[1]
+        return B_local[:, slots].float(), full(self.lora_A.data)[slots].float()
 
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B = self.lora_A, self.lora_B
@@ -207,19 +212,14 @@ class ShardedTarget(DenseTarget):
 
     @torch.no_grad()
     def total_update_factors(
-        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord, entered: FusedRecord | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole ``(P, Q)`` on every rank (a collective): ``Q`` is the same everywhere, the
         rows of ``P`` are gathered, one layer at a time (``m x k`` numbers, never ``W``)."""
         import torch.distributed as dist
 
-        s = self.scaling
-        device = record.B.device
-        F_B, F_A = record.factors()
-        U, S, V = cache.directions(used.nonzero().flatten(), device, rows=self.row_span)
-        B_local = local(self.lora_B.data).float().to(device)
-        P_local = torch.cat([s * F_B, s * B_local, -(U * S)], dim=1)
-        Q = torch.cat([F_A, full(self.lora_A.data).float().to(device), V.T], dim=0)
+        B_local, A_full = local(self.lora_B.data).float(), full(self.lora_A.data).float()
+        P_local, Q = entered_update(self.scaling, cache, used, record, entered, B_local, A_full, self.row_span)
         mesh = self.base_param.device_mesh  # type: ignore[attr-defined]
         world, m = mesh.size(), self.shape[0]
         chunk = math.ceil(m / world)

@@ -33,7 +33,6 @@ from torch import nn
 
 from ..config import SRLoRAConfig
 from ..devices import to_device
-from ..errors import CheckpointError
 from ..recompose import pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
@@ -60,6 +59,7 @@ class QuantizedTarget(DenseTarget):
 
     kind = "bnb"
     writes_base_weight = False
+    records_entries = True
 
     def batch_key(self) -> object | None:
         return None  # switches layer by layer
@@ -122,13 +122,12 @@ class QuantizedTarget(DenseTarget):
     def effective_weight(self) -> torch.Tensor:
         return self.dequantized() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
-    def bind(self, record: FusedRecord, directions: int) -> None:
-        """Start the record of entered pairs with the current ``A``, ``B`` and hook the side
-        factors into the layer's forward."""
-        m, n = self.shape
-        self.record = record
-        self.entered = FusedRecord(m, n, self.device, capacity=0, dtype=self.side_dtype)
-        self.entered.append_(self.lora_B.detach(), self.lora_A.detach())
+    def bind(self, record: FusedRecord, entered: FusedRecord | None) -> None:
+        """Keep the layer's records of fused and entered pairs (the latter starts with the
+        first ``r`` pairs) and hook the side factors into the layer's forward."""
+        if entered is None:
+            raise ValueError(f"layer {self.name!r}: a quantized base needs the record of the entered pairs.")
+        self.record, self.entered = record, entered
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._add_side_factors)
 
@@ -156,34 +155,17 @@ class QuantizedTarget(DenseTarget):
 
     @torch.no_grad()
     def switch_pairs_(
-        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Only ``B`` and ``A`` change; the side factors record the pair that entered (the
-        caller records the fused one)."""
-        assert self.entered is not None
+        self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Only ``B`` and ``A`` change; the caller records the fused pairs and the entered ones
+        (the side factors read both records)."""
         device = self.lora_A.device
         slots = to_device(slots, device)
         B_old, A_old = self.lora_B.data[:, slots].float(), self.lora_A.data[slots].float()
-        U, S, V = cache.directions(directions, device)
-        B_new, A_new = self._rounded(*pissa_factors(U, S, V, self.scaling))
+        B_new, A_new = self._rounded(*pissa_factors(U.to(device), S.to(device), V.to(device), self.scaling))
         self.lora_B.data[:, slots] = B_new
         self.lora_A.data[slots] = A_new
-        self.entered.append_(B_new, A_new)
-        return B_old, A_old
-
-    @torch.no_grad()
-    def total_update_factors(
-        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s F_B F_A - s E_B E_A + s B A``."""
-        assert self.entered is not None
-        s = self.scaling
-        device = record.B.device
-        F_B, F_A = record.factors()
-        E_B, E_A = self.entered.factors()
-        P = torch.cat([s * F_B, -s * E_B, s * self.lora_B.float().to(device)], dim=1)
-        Q = torch.cat([F_A, E_A, self.lora_A.float().to(device)], dim=0)
-        return P, Q
+        return B_old, A_old, B_new.float(), A_new.float()
 
     @torch.no_grad()
     def merged_module(self, update: Callable[[], torch.Tensor]) -> nn.Module:
@@ -199,22 +181,6 @@ class QuantizedTarget(DenseTarget):
     def extra_bytes(self) -> int:
         """Memory of the side factors (the fused and entered records, as allocated)."""
         return sum(rec.nbytes for rec in (self.entered, self.record) if rec is not None)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        assert self.entered is not None
-        return {"entered_B": self.entered.B.contiguous().clone(), "entered_A": self.entered.A.clone()}
-
-    def check_state(self, state: dict[str, torch.Tensor], pointer: int) -> None:
-        m, n = self.shape
-        for key, shape in {"entered_B": (m, pointer), "entered_A": (pointer, n)}.items():
-            value = state.get(key)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                found = tuple(value.shape) if isinstance(value, torch.Tensor) else value
-                raise CheckpointError(f"layer {self.name!r}: {key} has shape {found}, expected {shape}.")
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], pointer: int) -> None:
-        assert self.entered is not None
-        self.entered.load_state_dict({"fused_B": state["entered_B"], "fused_A": state["entered_A"]})
 
 
 class _SideFactors(torch.autograd.Function):

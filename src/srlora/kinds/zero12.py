@@ -59,9 +59,9 @@ class Zero12Target(DenseTarget):
 
     @torch.no_grad()
     def switch_pairs_(
-        self, cache: SVDCache, slots: torch.Tensor, directions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = super().switch_pairs_(cache, slots, directions)
+        self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = super().switch_pairs_(slots, U, S, V)
         self._set_masters()
         return out
 

@@ -235,9 +235,9 @@ class Zero3Target(DenseTarget):
 
     @torch.no_grad()
     def total_update_factors(
-        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord
+        self, cache: SVDCache, used: torch.Tensor, record: FusedRecord, entered: FusedRecord | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense factors, from ``A`` and ``B`` gathered (the record and the cache are whole
-        on every rank); a collective."""
+        """The dense factors, from ``A`` and ``B`` gathered (the records and the cache are
+        whole on every rank); a collective."""
         with gathered((self.lora_A, self.lora_B), modify=False):
-            return DenseTarget.total_update_factors(self, cache, used, record)
+            return DenseTarget.total_update_factors(self, cache, used, record, entered)

@@ -1,0 +1,261 @@
+"""New pairs along the gradient's own subspace (``direction_policy="gradient_subspace"``).
+
+The paper brings in the next singular directions of ``W0``, whatever the loss needs. Here
+a switch brings in instead the top ``r'`` singular vectors of the gradient of the loss with
+respect to the layer's full weight, summed over the window before the switch::
+
+    G = sum over the window's steps and tokens t of  delta_t^T x_t          (m x n)
+
+with ``x_t`` the layer's input and ``delta_t = dL/dy_t`` the gradient at its output. It is
+LoRA-GA's initialisation (Wang et al. 2024: the pair whose first step best follows the full
+fine-tuning step), applied at every switch; GaLore (Zhao et al. 2024) projects its
+optimizer onto the same kind of subspace. The new pair ``(u_i, v_i)`` enters with the
+singular value ``sigma = SRLoRAConfig.entry_sigma`` (``entry_scale`` times the layer's
+first pairs' scale): ``s B_new A_new = sigma u_i v_i^T``, subtracted from ``W`` as always,
+so a switch leaves the layer's function unchanged whatever enters.
+
+``G`` is never formed. Within the window, hooks (those of :mod:`srlora.directions`) add each
+micro-batch to a single-pass randomized sketch of it (Tropp, Yurtsever, Udell & Cevher,
+"Practical sketching algorithms for low-rank matrix approximation", 2017)::
+
+    Y = G Omega   (m x k),    Z = Psi G   (l x n),    k = r' + sketch_oversample, l = 2k + 1
+
+``Omega (n x k)`` and ``Psi (l x m)`` Gaussian, drawn from a seed (the config's, the layer's
+position and its switch count), so every rank and a resumed run draw the same ones. At the
+switch, one randomized SVD per layer::
+
+    Q = orth(Y),   X = (Psi Q)^+ Z   (k x n),   X = U_x diag(s_x) V_x^T,
+    u = Q U_x[:, :r'],   v = V_x[:, :r']^T
+
+Cost per captured step: ``tokens x (m + n) x (k + l)`` multiply-adds per layer, about
+``2 (k + l) / min(m, n)`` of the layer's own forward and backward (docs/METHOD.md section
+7 gives the measured whole-run figure). Under torch.distributed the sketches are summed
+over ranks at the switch (one all-reduce), and rank 0's vectors are broadcast, so every
+rank brings in the same pairs. Where no step was captured (a switch forced before any
+window), the pairs enter along seeded random directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import torch
+
+from . import collective
+from .config import SRLoRAConfig
+from .layer_state import LayerState
+from .schedule import ema_warmup_steps
+
+
+class SketchProbe:
+    """The sketches ``Y = G Omega``, ``Z = Psi G`` of one layer's windowed gradient.
+
+    Attributes:
+        Y: ``(m, k)`` float32, the range sketch summed over the captured steps.
+        Z: ``(l, n)`` float32, the co-range sketch.
+        steps_seen: optimizer steps folded in since the window opened.
+    """
+
+    def __init__(self, layer: LayerState, position: int, config: SRLoRAConfig) -> None:
+        self.layer = layer
+        self.position = position
+        self.seed = config.seed
+        m, n = layer.target.shape
+        self.k = min(layer.r_prime + config.sketch_oversample, m, n)
+        self.l = min(2 * self.k + 1, m)
+        device = layer.target.device
+        self.Y = torch.zeros(m, self.k, dtype=torch.float32, device=device)
+        self.Z = torch.zeros(self.l, n, dtype=torch.float32, device=device)
+        self._Y_step, self._Z_step = torch.zeros_like(self.Y), torch.zeros_like(self.Z)
+        self.steps_seen = 0
+        self.touched = False
+        self._handle: Any = None
+        self._omega: torch.Tensor | None = None
+        self._psi: torch.Tensor | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._handle is not None
+
+    def _generator(self) -> torch.Generator:
+        """Seeded by the config, the layer and its switch count: the same draw on every rank."""
+        seed = (self.seed * 1_000_003 + self.position * 10_007 + self.layer.switches_done) % (2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def test_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Omega (n, k), Psi (l, m))`` of the current window."""
+        g = self._generator()
+        m, n = self.layer.target.shape
+        omega = torch.randn(n, self.k, generator=g)
+        psi = torch.randn(self.l, m, generator=g)
+        device = self.Y.device
+        return omega.to(device), psi.to(device)
+
+    def arm(self, reset: bool = True) -> None:
+        """Open a window: the hooks add each micro-batch to the sketches from now on."""
+        self.disarm()
+        if reset:
+            self.Y.zero_()
+            self.Z.zero_()
+            self.steps_seen = 0
+        self.discard()
+        self._omega, self._psi = self.test_matrices()
+        self._handle = self.layer.target.module.register_forward_hook(self._forward)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self._omega = self._psi = None
+
+    def _forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return  # evaluation, or a frozen path: no gradient will come
+        output.register_hook(partial(self._backward, args[0].detach()))
+
+    def _backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+        assert self._omega is not None and self._psi is not None
+        m, n = self.layer.target.shape
+        x2 = x.reshape(-1, n).float()
+        d = grad.detach().reshape(-1, m).float()
+        self._Y_step.addmm_(d.T, x2 @ self._omega)  # G Omega = sum_t delta_t^T (x_t Omega)
+        self._Z_step.addmm_(self._psi @ d.T, x2)  # Psi G = sum_t (Psi delta_t^T) x_t
+        self.touched = True
+
+    def fold(self) -> None:
+        """Add this optimizer step's sketches (its micro-batches) to the window's (once per step)."""
+        if self.touched:
+            self.Y.add_(self._Y_step)
+            self.Z.add_(self._Z_step)
+            self.steps_seen += 1
+        self.discard()
+
+    def discard(self) -> None:
+        self._Y_step.zero_()
+        self._Z_step.zero_()
+        self.touched = False
+
+    def top_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u (m, r'), v (n, r'))``: the top ``r'`` singular vectors of the sketched ``G``
+        (float32, unit columns); seeded random ones where nothing was captured."""
+        r = self.layer.r_prime
+        m, n = self.layer.target.shape
+        if self.steps_seen == 0 or not bool(self.Y.abs().sum() > 0):
+            g = self._generator()
+            U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+            V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+            return U.float().to(self.Y.device), V.float().to(self.Y.device)
+        return sketch_top_vectors(self.Y, self.Z, self.test_matrices()[1], r)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"Y": self.Y.clone(), "Z": self.Z.clone(), "steps_seen": self.steps_seen, "armed": self.armed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.Y.copy_(state["Y"])
+        self.Z.copy_(state["Z"])
+        self.steps_seen = int(state["steps_seen"])
+        if state["armed"]:
+            self.arm(reset=False)
+        else:
+            self.disarm()
+
+
+@torch.no_grad()
+def sketch_top_vectors(
+    Y: torch.Tensor, Z: torch.Tensor, psi: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``r`` singular vectors ``(u (m, r), v (n, r))`` of ``G`` from its sketches
+    ``Y = G Omega (m, k)`` and ``Z = Psi G (l, n)``: ``Q = orth(Y)``, ``X = (Psi Q)^+ Z``, and
+    the SVD of ``X`` (Tropp et al. 2017, single pass). Computed in float64."""
+    Q = torch.linalg.qr(Y.double()).Q  # (m, k)
+    X = torch.linalg.lstsq(psi.double() @ Q, Z.double()).solution  # (k, n)
+    Ux, _, Vxh = torch.linalg.svd(X, full_matrices=False)
+    return (Q @ Ux[:, :r]).float(), Vxh[:r].T.contiguous().float()
+
+
+class GradientSubspace:
+    """``direction_policy="gradient_subspace"`` for a controller's layers: when each layer
+    sketches its gradient, and the vectors its new pairs take (see the module doc)."""
+
+    def __init__(self, layers: Mapping[str, LayerState], config: SRLoRAConfig) -> None:
+        self.probes = {name: SketchProbe(layer, i, config) for i, (name, layer) in enumerate(layers.items())}
+        self.window = ema_warmup_steps(config.beta1)
+        self.adaptive = config.adaptive_switch
+
+    def update_windows(self, next_step: int) -> None:
+        """Arm the layers whose window covers optimizer step ``next_step``; disarm the others."""
+        for probe in self.probes.values():
+            capture = probe.layer.in_capture_window(next_step, self.window, self.adaptive)
+            if capture and not probe.armed:
+                probe.arm(reset=True)
+            elif not capture and probe.armed:
+                probe.disarm()
+
+    def fold(self) -> None:
+        """Once per optimizer step, before it: each armed layer adds the step's sketches."""
+        for p in self.probes.values():
+            if p.armed:
+                p.fold()
+
+    def discard(self) -> None:
+        """A skipped step (non-finite gradients): its sketches are dropped."""
+        for p in self.probes.values():
+            p.discard()
+
+    def choose(self, name: str, ema: torch.Tensor | None = None) -> torch.Tensor:
+        """The entries' ordinal numbers: the next ``r'`` of the layer."""
+        layer = self.probes[name].layer
+        return layer.unused_directions()[: layer.r_prime]
+
+    def ema(self, name: str) -> None:
+        return None  # nothing to read on the host before the switch
+
+    @torch.no_grad()
+    def vectors(self, layers: list[LayerState]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{layer: (u (m, r'), v (n, r'))}`` for the layers switching now, the same on every
+        rank: the sketches are summed over ranks (one all-reduce), rank 0's vectors broadcast.
+        A collective under torch.distributed: every rank calls it with the same layers."""
+        probes = [self.probes[layer.name] for layer in layers]
+        if not probes:
+            return {}
+        distributed = collective.distributed()
+        if distributed:
+            import torch.distributed as dist
+
+            flat = torch.cat([t.flatten() for p in probes for t in (p.Y, p.Z)])
+            seen = torch.tensor([float(p.steps_seen) for p in probes], device=flat.device)
+            dist.all_reduce(flat)
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+            parts = flat.split([t.numel() for p in probes for t in (p.Y, p.Z)])
+            for i, p in enumerate(probes):
+                p.Y.copy_(parts[2 * i].view_as(p.Y))
+                p.Z.copy_(parts[2 * i + 1].view_as(p.Z))
+                p.steps_seen = int(seen[i])
+        out = {p.layer.name: p.top_vectors() for p in probes}
+        if distributed:
+            flat = torch.cat([t.flatten() for u, v in out.values() for t in (u, v)])
+            dist.broadcast(flat, src=0)  # LAPACK may differ between hosts: rank 0's vectors for all
+            parts = flat.split([t.numel() for u, v in out.values() for t in (u, v)])
+            out = {
+                name: (parts[2 * i].view_as(u).clone(), parts[2 * i + 1].view_as(v).clone())
+                for i, (name, (u, v)) in enumerate(out.items())
+            }
+        return out
+
+    def switched(self, name: str) -> None:
+        """A layer switched: its window's sum starts again (and its test matrices change)."""
+        probe = self.probes[name]
+        if probe.armed:
+            probe.arm(reset=True)
+
+    def close(self) -> None:
+        for p in self.probes.values():
+            p.disarm()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: p.state_dict() for name, p in self.probes.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, p in self.probes.items():
+            p.load_state_dict(state[name])

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from ..controller import SRLoRA
+from .adapters import peft_model
 from .batches import EncodedText, Images, fixed_subset
 from .config import RunConfig
 from .metrics import compute_metrics
@@ -145,7 +146,7 @@ def build_model(cfg: RunConfig, task: Task, model_path: str) -> tuple[nn.Module,
         target_modules=targets,
         init_lora_weights="pissa" if cfg.method == "pissa" else True,
     )
-    model = peft.get_peft_model(base, lora)
+    model = peft_model(base, lora)
     ctl = None
     if cfg.method == "srlora":
         ctl = SRLoRA(model, cfg.srlora_config())

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..atomic import atomic_write_json
 from . import assets
+from .adapters import peft_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,6 +60,10 @@ class AbsorbConfig:
     train_blocks: int = 800
     eval_blocks: int = 64
     evals: int = 4  # evaluations after step 0 (evenly spaced, the last at the end)
+    # SRLoRA's entries (issue 24; SRLoRAConfig's fields of the same names)
+    direction_policy: str = "spectrum"
+    entry_scale: float | None = None
+    optimizer_reset: str = "seed"
 
     def __post_init__(self) -> None:
         if self.method not in ("lora", "pissa", "srlora"):
@@ -67,11 +72,30 @@ class AbsorbConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
+    def srlora_config(self) -> Any:
+        """The :class:`~srlora.SRLoRAConfig` of an SRLoRA run (validated there)."""
+        from .. import SRLoRAConfig
+
+        return SRLoRAConfig(
+            r_target=self.r_target,
+            total_steps=None if self.switch_interval else self.steps,
+            switch_interval=self.switch_interval,
+            gamma=self.gamma,
+            direction_policy=self.direction_policy,  # type: ignore[arg-type]
+            entry_scale=self.entry_scale,
+            optimizer_reset=self.optimizer_reset,  # type: ignore[arg-type]
+        )
+
     def digest(self) -> str:
         values = dataclasses.asdict(self)
-        if values["gamma"] == 0.5:  # added after the first runs: left out at its default, so they stay valid
-            del values["gamma"]
+        # Fields added after the first runs are left out at their defaults, so those runs stay valid.
+        for name, default in LATER_FIELDS.items():
+            if values[name] == default:
+                del values[name]
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LATER_FIELDS = {"gamma": 0.5, "direction_policy": "spectrum", "entry_scale": None, "optimizer_reset": "seed"}
 
 
 # ---------------------------------------------------------------------------- data
@@ -196,7 +220,7 @@ def build(cfg: AbsorbConfig, base: nn.Module) -> tuple[nn.Module, Any, dict[str,
     initial factors (its learnt update is ``s (B A - B0 A0)``)."""
     import peft
 
-    from .. import SRLoRA, SRLoRAConfig
+    from .. import SRLoRA
 
     torch.manual_seed(cfg.seed)
     lora = peft.LoraConfig(
@@ -206,16 +230,8 @@ def build(cfg: AbsorbConfig, base: nn.Module) -> tuple[nn.Module, Any, dict[str,
         target_modules=TARGETS,
         init_lora_weights="pissa" if cfg.method == "pissa" else True,
     )
-    model = peft.get_peft_model(base, lora)
-    ctl = None
-    if cfg.method == "srlora":
-        total = None if cfg.switch_interval else cfg.steps
-        ctl = SRLoRA(
-            model,
-            SRLoRAConfig(
-                r_target=cfg.r_target, total_steps=total, switch_interval=cfg.switch_interval, gamma=cfg.gamma
-            ),
-        )
+    model = peft_model(base, lora)
+    ctl = SRLoRA(model, cfg.srlora_config()) if cfg.method == "srlora" else None
     init = {}
     if cfg.method == "pissa":
         for name, mod in model.named_modules():
@@ -249,7 +265,7 @@ def spectra(model: nn.Module, ctl: Any, init: dict[str, tuple[torch.Tensor, torc
     return out
 
 
-def run(cfg: AbsorbConfig, out: Path, threads: int | None = None) -> dict[str, Any]:
+def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool = False) -> dict[str, Any]:
     """Train one method, evaluate, and write ``out/results.json`` (atomically, at the end)."""
     if threads:
         torch.set_num_threads(threads)
@@ -267,8 +283,16 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None) -> dict[str, A
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    diagnosis = None
+    if diagnose:  # hooks right after each optimizer step: one before SRLoRA's switch, one after it
+        from .new_pairs_diagnosis import SwitchDiagnosis
+
+        diagnosis = SwitchDiagnosis(model, ctl, corpus.held_chunks[:4], cfg.switch_interval or 40, sched)
+        diagnosis.attach(opt, after=False)
     if ctl is not None:
         ctl.attach(opt)
+    if diagnosis is not None:
+        diagnosis.attach(opt, after=True)
     eval_steps = sorted({round(cfg.steps * (i + 1) / cfg.evals) for i in range(cfg.evals)} | {0})
 
     def evaluate(step: int) -> dict[str, float]:
@@ -321,6 +345,8 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None) -> dict[str, A
         "wall_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
+    if diagnosis is not None:
+        results["diagnosis"] = diagnosis.rows
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     return results
@@ -336,77 +362,18 @@ def finished(out: Path, cfg: AbsorbConfig) -> bool:
         return False
 
 
-# ---------------------------------------------------------------------------- the study's runs
-STEPS = 400
-# SRLoRA on this task, from the known-rank benchmark's rule (docs/RESULTS.md): the error falls
-# with the number of pairs fused as long as each pair is trained for ~30 steps or more, so
-# recycle both pairs (gamma = 1) every 40 steps: 9 switches, 18 pairs fused per layer.
-SRLORA_INTERVAL = 40
-SRLORA_GAMMA = 1.0
-
-
-@dataclass
-class AbsorbJob:
-    """One absorption run of ``srlora study --part absorb``: ``srlora absorb`` with ``config``."""
-
-    name: str
-    config: AbsorbConfig
-
-    @property
-    def out(self) -> Path:
-        return Path("runs/absorb") / self.name / f"seed{self.config.seed}"
-
-    def argv(self) -> list[str]:
-        defaults = AbsorbConfig()
-        argv = ["absorb"]
-        for f in dataclasses.fields(AbsorbConfig):
-            value = getattr(self.config, f.name)
-            if f.name in ("method", "r", "seed", "steps") or value != getattr(defaults, f.name):
-                argv += [f"--{f.name.replace('_', '-')}", str(value)]
-        return [*argv, "--threads", "1", "--out", str(self.out)]
-
-    def command(self) -> str:
-        import shlex
-
-        return "srlora " + shlex.join(self.argv())
-
-    def finished(self, root: Path) -> bool:
-        return finished(root / self.out, self.config)
-
-
-def absorb_jobs(seeds: list[int], pilot: bool = False) -> list[AbsorbJob]:
-    """The pilot (LoRA r = 2 and r = 32, first seed: is the rank short?), then LoRA r = 8,
-    and PiSSA, SRLoRA and LoRA at r = 2 on every seed (paired by seed: same data order)."""
-    first = seeds[0]
-    jobs = [
-        AbsorbJob("lora-r2", AbsorbConfig("lora", 2, steps=STEPS, seed=first)),
-        AbsorbJob("lora-r32", AbsorbConfig("lora", 32, steps=STEPS, seed=first)),
-    ]
-    if pilot:
-        return jobs
-    jobs.append(AbsorbJob("lora-r8", AbsorbConfig("lora", 8, steps=STEPS, seed=first)))
-    # The same interval at gamma 0.5 (one pair per switch), first seed: what gamma = 1 adds.
-    half = AbsorbConfig("srlora", 2, 2 + (STEPS - 1) // SRLORA_INTERVAL, switch_interval=SRLORA_INTERVAL, steps=STEPS)
-    jobs.append(AbsorbJob(f"srlora-r2-T{SRLORA_INTERVAL}", dataclasses.replace(half, seed=first)))
-    r_prime = round(2 * SRLORA_GAMMA)
-    r_target = 2 + r_prime * ((STEPS - 1) // SRLORA_INTERVAL)
-    for seed in seeds:
-        jobs.append(AbsorbJob("pissa-r2", AbsorbConfig("pissa", 2, steps=STEPS, seed=seed)))
-        srlora = AbsorbConfig(
-            "srlora", 2, r_target, switch_interval=SRLORA_INTERVAL, gamma=SRLORA_GAMMA, steps=STEPS, seed=seed
-        )
-        jobs.append(AbsorbJob(f"srlora-r2-T{SRLORA_INTERVAL}-g{SRLORA_GAMMA:g}", srlora))
-        if seed != first:
-            jobs.append(AbsorbJob("lora-r2", AbsorbConfig("lora", 2, steps=STEPS, seed=seed)))
-    return jobs
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(AbsorbConfig):
-        kind = type(f.default) if f.default is not None else int
+        kind = float if f.name == "entry_scale" else type(f.default) if f.default is not None else int
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     ap.add_argument("--out", required=True, help="Run folder (results.json is written there).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="Record at each switch the loss of a probe batch before and after it, and the alignment, size and "
+        "share of the pairs that enter and leave (the new-pairs study, srlora.experiments.new_pairs).",
+    )
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -416,6 +383,6 @@ def main(ns: argparse.Namespace) -> int:
     if finished(out, cfg):
         print(f"{out}: finished earlier with the same configuration, kept", file=sys.stderr)
         return 0
-    res = run(cfg, out, ns.threads)
+    res = run(cfg, out, ns.threads, diagnose=ns.diagnose)
     print(json.dumps({k: res[k] for k in ("train_loss_tail", "final", "effective_rank_mean", "wall_s")}))
     return 0

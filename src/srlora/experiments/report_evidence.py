@@ -199,7 +199,8 @@ def refresh_absorb(root: Path) -> None:
     """Collect the absorption runs under ``runs/absorb`` into docs/results/absorb.json (kept:
     entries of runs not on this machine). Per run: its command, the evaluations, the wall
     time, and each layer's update spectrum summary."""
-    from .absorb import AbsorbConfig, AbsorbJob
+    from .absorb import AbsorbConfig
+    from .studies.absorption import AbsorbJob
 
     path = root / ABSORB
     entries = {e["out"]: e for e in (json.loads(path.read_text()) if path.is_file() else [])}

@@ -319,7 +319,7 @@ def run_parts(ns: argparse.Namespace) -> tuple[list[int], Path]:
 
             run_study(root / "runs/known-rank", seeds)
         if ns.part in ("absorb-pilot", "absorb"):
-            from .absorb import absorb_jobs
+            from .studies.absorption import absorb_jobs
 
             run_jobs(absorb_jobs(seeds, pilot=ns.part == "absorb-pilot"), ns.jobs, root)
     except KeyboardInterrupt:

@@ -250,9 +250,10 @@ def test_compare_checks_srlora_settings_before_any_run(tiny_model, tmp_path, cap
 
 
 def test_the_main_jobs_console_shows_no_third_party_warning(tiny_model, tmp_path):
-    """`srlora compare` run as a user runs it (a fresh process, every warning shown once): its
-    console holds srlora's progress and table, and no warning from another package (PEFT's read
-    of transformers' deprecated `is_gradient_checkpointing` printed a FutureWarning per method)."""
+    """`srlora compare` run as a user runs it (a fresh process, Python's default warning filters):
+    its console holds srlora's progress and table, and no warning from another package (PEFT's
+    read of transformers' deprecated `is_gradient_checkpointing` printed a FutureWarning per
+    method; bitsandbytes, imported by PEFT, logs one about an optional CPU kernel)."""
     import os
     import subprocess
     import sys
@@ -262,9 +263,11 @@ def test_the_main_jobs_console_shows_no_third_party_warning(tiny_model, tmp_path
     args += ["--eval-every", "20", "--r", "4", "--alpha", "4", "--r-target", "8", "--batch-size", "8"]
     args += ["--seeds", "1", "--out", str(tmp_path / "cmp")]
     code = "import sys; from srlora.experiments import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONWARNINGS": "default", "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| srlora |" in done.stdout
-    warned = [line for line in done.stderr.splitlines() if "Warning" in line]
+    # Python's default filters, as a user's console has them; logged warnings too (bitsandbytes').
+    warned = [line for line in done.stderr.splitlines() if "Warning" in line or "WARNING" in line]
+    warned += [line for line in done.stderr.splitlines() if "Failed to load" in line]
     assert warned == [], warned

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
 from . import assets
+from .adapters import quiet_imports
 from .config import METHODS, RunConfig
 from .options import add_run_options, add_train_options, run_values
 from .paper import GLUE_SCORES
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command without the extras check (see :func:`srlora.experiments.main`): every
     error is one line on stderr, never a traceback (``SRLORA_TRACEBACK=1`` shows it)."""
     ns = build_parser().parse_args(argv)
+    quiet_imports()
     try:
         return int(ns.func(ns) or 0)
     except KeyboardInterrupt:

@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout, installed or not
 
 from srlora.atomic import atomic_write_text
-from srlora.experiments.report_long import by_seed, dynamics_table, paired_table, variant_table
 from srlora.experiments.rundata import load_runs
+from srlora.experiments.tables import by_seed, dynamics_table, paired_table, variant_table
 
 VARIANTS = {  # label -> (cell suffix, method, options)
     "LoRA": ("", "lora", []),

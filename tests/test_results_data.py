@@ -8,7 +8,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from srlora.experiments.report_rows import row_sources
+from srlora.experiments.report import row_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,17 +8,19 @@ import math
 import statistics
 from pathlib import Path
 
-from srlora.experiments import report, study
+from srlora.experiments import report
 from srlora.experiments.cli import build_parser
 from srlora.experiments.config import RunConfig
+from srlora.experiments.jobs import Job
 from srlora.experiments.options import run_values
 from srlora.experiments.runs import config_digest
 from srlora.experiments.stats import verdict
+from srlora.experiments.studies import paper_regime, rank_bound, short
 from srlora.schedule import ema_warmup_steps
 
 
 def test_every_study_command_parses_and_its_schedule_is_valid():
-    jobs = study.main_jobs([1, 2, 3]) + study.ablation_jobs([1, 2, 3])
+    jobs = short.main_jobs([1, 2, 3]) + short.ablation_jobs([1, 2, 3])
     assert len({j.out for j in jobs}) == len(jobs), "two runs would share a folder"
     cfg_of = {}
     for job in jobs:
@@ -27,8 +29,8 @@ def test_every_study_command_parses_and_its_schedule_is_valid():
         if cfg.method == "srlora":
             assert cfg.srlora_config().budget(cfg.r).num_switches >= 1
     # The ablations change exactly the option they name.
-    cfg = {j.cell: cfg_of[j.out].srlora for j in study.ablation_jobs([1])}
-    default = cfg_of[next(j.out for j in study.main_jobs([1]) if j.cell == "mr" and j.method == "srlora")].srlora
+    cfg = {j.cell: cfg_of[j.out].srlora for j in short.ablation_jobs([1])}
+    default = cfg_of[next(j.out for j in short.main_jobs([1]) if j.cell == "mr" and j.method == "srlora")].srlora
     changed = {cell: {k for k in default if options[k] != default[k]} for cell, options in cfg.items()}
     assert changed == {
         "mr-reset-zero": {"optimizer_reset"},
@@ -49,7 +51,7 @@ def test_verdict_is_a_two_standard_error_rule():
     assert verdict((0.80, 0.01, 1), (0.70, 0.01, 3), True).startswith("n/a")
 
 
-def _fake_run(root: Path, job: study.Job, acc: float, early: float) -> None:
+def _fake_run(root: Path, job: Job, acc: float, early: float) -> None:
     out = root / job.out
     out.mkdir(parents=True)
     final = {"step": 150, "eval_loss": 0.5, "accuracy": acc, "f1": acc}
@@ -75,7 +77,7 @@ def _fake_run(root: Path, job: study.Job, acc: float, early: float) -> None:
 def test_render_reports_the_runs_and_keeps_the_notes(tmp_path):
     (tmp_path / "docs").mkdir()
     accs = {"lora": [0.70, 0.71, 0.72], "pissa": [0.70, 0.70, 0.70], "srlora": [0.80, 0.81, 0.82]}
-    for job in study.main_jobs([1, 2, 3]):
+    for job in short.main_jobs([1, 2, 3]):
         if job.cell == "mr":
             _fake_run(tmp_path, job, accs[job.method][job.seed - 1], 0.6)
     path = report.render([1, 2, 3], tmp_path)
@@ -89,7 +91,7 @@ def test_render_reports_the_runs_and_keeps_the_notes(tmp_path):
 
     # The commands the doc gives for longer runs parse, and the 2,000-step ones can run.
     commands = [line.split()[1:] for line in text.splitlines() if line.startswith("srlora compare ")]
-    assert len(commands) == len(study.TASKS) + 6
+    assert len(commands) == len(short.TASKS) + 6
     for argv in commands:
         ns = build_parser().parse_args(argv)
         if ns.preset == "quick":
@@ -109,7 +111,7 @@ def test_render_long_pairs_by_seed_and_applies_the_default_rule(tmp_path):
     # paired interval), while spectrum - LoRA varies in sign across seeds.
     base = {1: 0.70, 2: 0.75, 3: 0.80}
     offset = {"lora": 0.0, "pissa": 0.001, "srlora": 0.0}
-    jobs = study.long_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3])
+    jobs = paper_regime.long_jobs([1, 2, 3]) + rank_bound.rank_jobs([1, 2, 3])
     for job in jobs:
         acc = base[job.seed] + offset.get(job.method, 0.0) + (0.02 + 0.001 * job.seed if "gradient" in job.cell else 0)
         if job.method == "srlora" and "gradient" not in job.cell:
@@ -132,7 +134,7 @@ def test_render_long_pairs_by_seed_and_applies_the_default_rule(tmp_path):
 
 
 def test_gap_closed_is_reported_only_for_a_gap_beyond_the_noise():
-    from srlora.experiments.report_long import gap_closed
+    from srlora.experiments.studies.rank_bound import gap_closed
 
     def runs(accs: list[float]) -> list[dict]:
         return [{"seed": s, "final": {"accuracy": a}} for s, a in enumerate(accs, 1)]
@@ -149,12 +151,12 @@ def test_gap_closed_is_reported_only_for_a_gap_beyond_the_noise():
 
 def test_render_shows_each_rank_task_with_runs_beyond_its_pilot(tmp_path):
     (tmp_path / "docs").mkdir()
-    for job in study.rank_pilot_jobs([1, 2, 3]):
+    for job in rank_bound.rank_pilot_jobs([1, 2, 3]):
         _fake_run(tmp_path, job, 0.70, 0.6)
     text = report.render([1, 2, 3], tmp_path).read_text()
     assert "## 600 steps, rank-bound regime: fashion-mnist" in text  # the chosen task: its pilot
     assert "## 600 steps, rank-bound regime: mr\n" not in text  # a pilot run alone is no section
-    for job in study.rank_jobs([1, 2, 3], "mr"):
+    for job in rank_bound.rank_jobs([1, 2, 3], "mr"):
         if not (tmp_path / job.out).exists():
             _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
     text = report.render([1, 2, 3], tmp_path).read_text()
@@ -167,7 +169,7 @@ def test_render_shows_each_rank_task_with_runs_beyond_its_pilot(tmp_path):
 def test_absorption_gap_closed_names_every_rank_2_method():
     """Each rank-2 method (SRLoRA's names carry their schedule) gets its share of the LoRA
     r = 2 -> r = 32 gap; LoRA r = 2 itself and the wider LoRA do not."""
-    from srlora.experiments.report_evidence import METRICS, gap_closed
+    from srlora.experiments.studies.absorption import METRICS, gap_closed
 
     def run(value: float) -> dict:
         return {"train_loss_tail": value, "evals": [{key: value for key, _ in METRICS if key != "train_loss_tail"}]}
@@ -191,7 +193,11 @@ def test_render_keeps_each_rank_task_section_whole_when_only_another_tasks_runs_
     import shutil
 
     (tmp_path / "docs").mkdir()
-    jobs = study.rank_pilot_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3]) + study.rank_jobs([1, 2, 3], "mr-reg")
+    jobs = (
+        rank_bound.rank_pilot_jobs([1, 2, 3])
+        + rank_bound.rank_jobs([1, 2, 3])
+        + rank_bound.rank_jobs([1, 2, 3], "mr-reg")
+    )
     for job in {j.out: j for j in jobs}.values():
         _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
     first = report.render([1, 2, 3], tmp_path).read_text()
@@ -202,7 +208,7 @@ def test_render_keeps_each_rank_task_section_whole_when_only_another_tasks_runs_
         return text[start : text.index("\n## ", start + 1)]
 
     shutil.rmtree(tmp_path / "runs")
-    for job in {j.out: j for j in study.rank_jobs([1, 2, 3], "mr-reg")}.values():
+    for job in {j.out: j for j in rank_bound.rank_jobs([1, 2, 3], "mr-reg")}.values():
         _fake_run(tmp_path, job, 0.70 + 0.01 * job.seed + (0.05 if "r8" in job.cell else 0.0), 0.6)
     again = report.render([1, 2, 3], tmp_path).read_text()
     assert again.count(fm_title + "\n") == 1 and again.count(mr_title + "\n") == 1

@@ -29,6 +29,7 @@ SRLORA_OPTIONS = (
     "optimizer_reset",
     "reset_scores",
     "direction_policy",
+    "entry_scale",
     "svd_method",
     "adaptive_switch",
     "adaptive_patience",

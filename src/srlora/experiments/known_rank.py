@@ -75,6 +75,8 @@ class KnownRankRun:
     lr: float = 2e-3
     batch: int = 64
     seed: int = 1
+    direction_policy: str = "spectrum"  # SRLoRA's entries (issue 24): SRLoRAConfig's fields
+    entry_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -98,12 +100,18 @@ class KnownRankRun:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        values = dataclasses.asdict(self)
+        for name, default in (("direction_policy", "spectrum"), ("entry_scale", None)):  # added later
+            if values[name] == default:
+                del values[name]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
     def label(self) -> str:
         if self.method != "srlora":
             return f"{self.method} r={self.r}"
-        return f"srlora r={self.r} T={self.interval} gamma={self.gamma:g}"
+        entry = "" if self.direction_policy == "spectrum" else f" {self.direction_policy}"
+        entry += "" if self.entry_scale is None else f" scale={self.entry_scale:g}"
+        return f"srlora r={self.r} T={self.interval} gamma={self.gamma:g}{entry}"
 
 
 def _orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -195,7 +203,13 @@ def run(spec: KnownRankRun, record_every: int = 0) -> dict[str, Any]:
     model = peft.get_peft_model(student, lora)
     ctl = None
     if spec.method == "srlora":
-        config = SRLoRAConfig(r_target=spec.r_target, gamma=spec.gamma, switch_interval=spec.interval)
+        config = SRLoRAConfig(
+            r_target=spec.r_target,
+            gamma=spec.gamma,
+            switch_interval=spec.interval,
+            direction_policy=spec.direction_policy,  # type: ignore[arg-type]
+            entry_scale=spec.entry_scale,
+        )
         ctl = SRLoRA(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.1 + 0.45 * (1 + math.cos(math.pi * t / spec.steps)))
@@ -278,10 +292,18 @@ def study_cells() -> dict[str, KnownRankRun]:
 def run_study(out: Path, seeds: list[int], cells: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the missing runs of the map (resumable: ``out/results.jsonl`` keeps one line per
     finished run, keyed by its spec), one thread; returns every result."""
+    chosen = study_cells() if cells is None else {k: v for k, v in study_cells().items() if k in cells}
+    return run_specs(
+        out / "results.jsonl", [(name, spec) for name, base in chosen.items() for spec in cell_runs(base, seeds)]
+    )
+
+
+def run_specs(path: Path, specs: list[tuple[str, KnownRankRun]]) -> list[dict[str, Any]]:
+    """Run the ``(cell, spec)`` not in ``path`` yet (a JSON line per finished run, keyed by its
+    spec: resumable), one thread; returns every result in ``path``."""
     import sys
 
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -290,8 +312,7 @@ def run_study(out: Path, seeds: list[int], cells: list[str] | None = None) -> li
             except ValueError:
                 continue  # a line cut by a kill: that run runs again
             done[row["key"]] = row
-    chosen = study_cells() if cells is None else {k: v for k, v in study_cells().items() if k in cells}
-    todo = [(name, spec) for name, base in chosen.items() for spec in cell_runs(base, seeds) if spec.key not in done]
+    todo = [(name, spec) for name, spec in specs if spec.key not in done]
     print(f"known-rank: {len(done)} runs done earlier, {len(todo)} to run", file=sys.stderr)
     with open(path, "a") as fh:
         for i, (name, spec) in enumerate(todo, 1):

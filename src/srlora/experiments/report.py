@@ -1,9 +1,9 @@
-"""docs/RESULTS.md from the study's runs: one function per section.
-
-Each ``section_*`` function returns the Markdown lines of one section of the doc;
-:func:`render` puts them together, draws the figures into ``docs/results/`` and writes
-``docs/results/runs.json`` (every run's figures, compact, since ``runs/`` is not
-committed). The text between the ``notes`` markers of an existing docs/RESULTS.md is kept.
+"""docs/RESULTS.md from the studies' runs: the header and the hand-written summary, then each
+study's sections in one order (:mod:`srlora.experiments.studies`), the figures into
+``docs/results/`` and ``docs/results/runs.json`` (every ``srlora train`` run's figures,
+compact, since ``runs/`` is not committed). The text between the ``notes`` markers of an
+existing docs/RESULTS.md is kept, and a section whose runs are not on this machine keeps its
+text, so that rendering one study never erases another's results.
 """
 
 from __future__ import annotations
@@ -11,28 +11,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
-from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
-from ..schedule import SwitchSchedule
-from .config import PRESETS, RunConfig
-from .report_rows import ABLATIONS_TITLE, ablation_variants, main_variants
-from .rundata import dynamics_row, load_runs, previous_sections, section_key
-from .runs import train_losses
-from .stats import fmt, mean_std, verdict
-from .study import ABLATIONS, PAPER, PERF, TASKS, Job, ablation_jobs, is_finished, main_jobs
+from .jobs import Job, is_finished
+from .rundata import previous_sections, section_key
+from .studies import absorption, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "<!-- end of notes -->"
-
-
-def variant_runs(root: Path, task: str) -> dict[str, list[dict[str, Any]]]:
-    return {label: load_runs(root, cell, method) for label, (cell, method) in main_variants(task).items()}
-
-
-def _rel(path: Path, root: Path) -> str:
-    return str(path.relative_to(root / "docs"))
 
 
 def section_header(root: Path) -> list[str]:
@@ -63,298 +49,6 @@ def section_header(root: Path) -> list[str]:
     ]
 
 
-def section_setup(seeds: list[int]) -> list[str]:
-    q = RunConfig.from_flat(PRESETS["quick"])
-    srl = q.srlora_config()
-    budget = srl.budget(q.r)
-    schedule = SwitchSchedule.build(budget, q.max_steps, None)
-    at = schedule.steps()
-    dropped = (
-        f" (SPEC drops switch {', '.join(str(k) for k in range(len(at) + 1, schedule.num_switches + 1))}, "
-        "which would fall on or after the last step)"
-        if len(at) < schedule.num_switches
-        else ""
-    )
-    return [
-        "## Setup",
-        "",
-        f"The quick preset: {q.max_steps} AdamW steps, batch {q.batch_size}, peak lr {q.lr:g} with "
-        f"{q.warmup_steps} warm-up steps and linear",
-        f"decay, LoRA r={q.r}, alpha={q.alpha:g} on every Linear of the encoder (attention and MLP), the task head",
-        f"trained in full; SRLoRA r_target={srl.r_target}, gamma={srl.gamma}: r'={budget.r_prime} pairs per switch, "
-        f"N_switch={schedule.num_switches}, t_interval={schedule.interval},",
-        f"so switches at steps {', '.join(map(str, at))}{dropped},",
-        f"optimizer_reset={srl.optimizer_reset}. The adaptive variant switches a layer once its {budget.r_prime} "
-        "lowest-scoring pairs",
-        f"have stayed the same for {srl.adaptive_patience} steps (bounded by the EMA warm-up and 2 t_interval; "
-        "METHOD.md",
-        "section 5), within the same budget. The three methods share the model, head initialisation, data",
-        "order and trainable parameters; only the adapter's initialisation and SRLoRA's switches differ.",
-        "Text: all-MiniLM-L6-v2 (`srlora fetch minilm`, 6 layers, hidden 384), 64 tokens. Images: DINOv2-S at",
-        f"56 px (16 patches), lr 1e-3, a fixed 20k-image training subset. Dev: a fixed {q.max_eval}-example",
-        "subset, evaluated once after the last step. `early loss` is the mean training loss over the",
-        "first 25% of steps (the paper's headline claim is a faster early fall of the training loss).",
-        "Mean ± standard deviation over seeds " + ", ".join(map(str, seeds)) + ".",
-        "",
-        "Verdicts compare SRLoRA's mean with the other method's: a **win** or **loss** when the",
-        "difference is more than twice its standard error (sqrt(s1²/n1 + s2²/n2)), else a **tie**;",
-        "the signed difference is positive where SRLoRA is better (higher metric, lower loss).",
-        "With 3 seeds this is a coarse test, and with some twenty comparisons about one win or loss",
-        "is expected from noise alone.",
-        "",
-    ]
-
-
-def section_task(root: Path, task: str, verdict_lines: list[str]) -> list[str]:
-    """One task's table, its loss plots and SRLoRA's active intervals; appends the task's
-    verdicts to ``verdict_lines``."""
-    from . import plots
-
-    fig_dir = root / "docs/results"
-    runs = variant_runs(root, task)
-    any_run = next((r for rs in runs.values() for r in rs), None)
-    if any_run is None:
-        return [f"### {task}", "", "(not run yet)", ""]
-    headline = any_run["headline_metric"]
-    metrics = [k for k in any_run["final"] if k not in ("step", "eval_loss")]
-    paper_name, paper = PAPER[task]
-    head = ["method", "seeds", *metrics, "early loss ↓", "final dev loss ↓", "trainable", "wall s / run"]
-    head.append(f"paper ({paper_name})")
-    md = [f"### {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    stats: dict[str, dict[str, tuple[float, float, int]]] = {}
-    for label, rs in runs.items():
-        if not rs:
-            continue
-        st = {k: mean_std([r["final"][k] for r in rs]) for k in metrics}
-        st["early"] = mean_std([r["early_train_loss"] for r in rs])
-        st["eval_loss"] = mean_std([r["final"]["eval_loss"] for r in rs])
-        stats[label] = st
-        method = {"LoRA": "lora", "PiSSA": "pissa"}.get(label, "srlora")
-        cells = [label, str(len(rs)), *[fmt(st[k]) for k in metrics], fmt(st["early"]), fmt(st["eval_loss"])]
-        cells += [f"{rs[0]['trainable_params']:,}", f"{statistics.fmean(r['wall_s'] for r in rs):.0f}"]
-        cells.append(paper.get(method, "") if label != "SRLoRA adaptive" else "")
-        md.append("| " + " | ".join(cells) + " |")
-    md.append("")
-    for me in ("SRLoRA", "SRLoRA adaptive"):
-        for other in ("LoRA", "PiSSA", "SRLoRA"):
-            if other == me or me not in stats or other not in stats:
-                continue
-            verdict_lines.append(
-                f"| {task} | {me} vs {other} | {verdict(stats[me][headline], stats[other][headline], True)} | "
-                f"{verdict(stats[me]['early'], stats[other]['early'], False)} |"
-            )
-    curves = {label: [train_losses(r["_dir"]) for r in rs] for label, rs in runs.items() if rs}
-    loss_png = plots.plot_loss_curves(curves, fig_dir / f"{task}_loss.png", f"{task}: training loss")
-    early = {k: [c[: max(1, len(c) // 4)] for c in v] for k, v in curves.items()}
-    early_png = plots.plot_loss_curves(early, fig_dir / f"{task}_loss_early.png", f"{task}: first 25% of steps")
-    md += [f"![{task} loss]({_rel(loss_png, root)})", f"![{task} early loss]({_rel(early_png, root)})", ""]
-    srl = runs.get("SRLoRA") or []
-    if srl and (srl[0]["_dir"] / "history.json").is_file():
-        history = json.loads((srl[0]["_dir"] / "history.json").read_text())
-        layers = plots.layers_of(history)
-        layer = layers[len(layers) // 2]
-        act = plots.plot_active_intervals(history, layer, fig_dir / f"{task}_active_intervals.png")
-        var = plots.plot_interval_variance(history, fig_dir / f"{task}_interval_variance.png")
-        md += [
-            f"Active intervals of SRLoRA's directions in `{layer}` (seed {srl[0]['seed']}), and the variance",
-            "of the interval lengths per layer (the paper's Figures 5 and 4):",
-            "",
-            f"![{task} active intervals]({_rel(act, root)})",
-            f"![{task} interval variance]({_rel(var, root)})",
-            "",
-        ]
-    return md
-
-
-def section_verdicts(verdict_lines: list[str]) -> list[str]:
-    return [
-        "### Wins, ties and losses",
-        "",
-        "| task | comparison | final dev headline metric | early loss (lower is better) |",
-        "|---|---|---|---|",
-        *verdict_lines,
-        "",
-    ]
-
-
-def section_ablations(root: Path) -> list[str]:
-    from . import plots
-
-    md = [ABLATIONS_TITLE, ""]
-    base = load_runs(root, "mr", "srlora")
-    head = ["variant", "seeds", "accuracy", "early loss ↓", "final dev loss ↓"]
-    head += ["accuracy vs default", "early vs default"]
-    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    rows = [
-        (desc, base if (cell, method) == ("mr", "srlora") else load_runs(root, cell, method))
-        for desc, (cell, method) in ablation_variants().items()
-    ]
-    b_acc = mean_std([r["final"]["accuracy"] for r in base])
-    b_early = mean_std([r["early_train_loss"] for r in base])
-    for desc, rs in rows:
-        acc = mean_std([r["final"]["accuracy"] for r in rs])
-        early = mean_std([r["early_train_loss"] for r in rs])
-        ev = mean_std([r["final"]["eval_loss"] for r in rs])
-        vs = ["", ""] if rs is base else [verdict(acc, b_acc, True), verdict(early, b_early, False)]
-        md.append("| " + " | ".join([desc, str(len(rs)), fmt(acc), fmt(early), fmt(ev), *vs]) + " |")
-    md.append("")
-    ab_curves = {"default": [train_losses(r["_dir"]) for r in base]} if base else {}
-    for cell in ABLATIONS:
-        rs = load_runs(root, cell, "srlora")
-        if rs:
-            ab_curves[cell.removeprefix("mr-")] = [train_losses(r["_dir"]) for r in rs]
-    if ab_curves:
-        png = plots.plot_loss_curves(ab_curves, root / "docs/results/mr_ablations_loss.png", "mr: SRLoRA ablations")
-        md += [f"![mr ablations]({_rel(png, root)})", ""]
-    return md
-
-
-def section_dynamics(root: Path) -> list[str]:
-    md = [
-        "## Switch dynamics (SRLoRA runs)",
-        "",
-        "Means over layers and seeds, from each run's `history.json`: switches per layer, singular",
-        "directions used per layer, how many of the 8 initial top directions are still trainable at",
-        "the end, and the share of evictions (a layer's second switch on) that hit a direction the",
-        "layer's previous switch had just brought in.",
-        "",
-        "| run | seeds | switches / layer | directions used | initial kept | re-evicted |",
-        "|---|---|---|---|---|---|",
-    ]
-    for task in TASKS:
-        for label, cell in (("default", task), ("adaptive", f"{task}-adaptive")):
-            row = dynamics_row(f"{task} {label}", load_runs(root, cell, "srlora"))
-            md += [row] if row else []
-    for cell in ABLATIONS:
-        row = dynamics_row(cell, load_runs(root, cell, "srlora"))
-        md += [row] if row else []
-    return [*md, ""]
-
-
-def section_perf(root: Path) -> list[str]:
-    perf_dir = root / "runs/study/perf"
-    steps = {name: opts[opts.index("--steps") + 1] for name, opts in PERF}
-    files = [perf_dir / f"{name}.json" for name, _ in PERF]
-    rows = {path.stem: json.loads(path.read_text()) for path in files if path.is_file()}
-    if not rows:
-        return ["## Performance", "", "(not run yet)", ""]
-    any_row = next(iter(rows.values()))
-    md = [
-        "## Performance (SRLoRA against PEFT LoRA, same process)",
-        "",
-        f"`benchmarks/step_overhead.py`, batch {any_row['batch']}, r={any_row['r']}, "
-        f"run alone on {any_row['machine']}.",
-        "Step times are medians of steps that alternate between the models; `control` is a second,",
-        "identical PEFT LoRA model in the same rotation, so `control / LoRA` is this machine's noise",
-        "floor for the ratio. `own work` is SRLoRA's per-step importance update timed on its own,",
-        "and `own-work ratio` = (LoRA step + own work) / LoRA step. The base-size model is a BERT-base",
-        "shaped encoder with random weights: no base-size checkpoint can be fetched here, and these",
-        "costs depend on shapes, not values.",
-        "",
-        "| model | layers | r_target | timed steps | LoRA step ms | SRLoRA step ms | SRLoRA / LoRA "
-        "| control / LoRA | SRLoRA / control | own work ms | own-work ratio | switch ms | SVD init full s "
-        "| randomized s | SVD cache MiB |",
-        "|" + "---|" * 15,
-    ]
-    for name, d in rows.items():
-        model = "BERT-base shapes" if name.startswith("base") else "MiniLM"
-        md.append(
-            f"| {model} | {d['layers']} | {d['r_target']} | {steps[name]} | "
-            f"{d['step_s_lora'] * 1e3:.0f} | {d['step_s_srlora'] * 1e3:.0f} | "
-            f"{d['ratio_of_medians']:.3f} | {d['control_ratio']:.3f} | "
-            f"{d['step_s_srlora'] / d['step_s_control']:.3f} | "
-            f"{d['importance_update_s'] * 1e3:.2f} | "
-            f"{d['ratio_from_own_work']:.4f} | {d['switch_s'] * 1e3:.0f} | {d['init_s_full']:.2f} | "
-            f"{d['init_s_randomized']:.2f} | {d['svd_cache_bytes'] / 2**20:.1f} |"
-        )
-    md += ["", "Commands:", "", "```", *[f"{d.get('command', '')}" for d in rows.values()], "```", ""]
-    return md
-
-
-def span_minutes(root: Path, jobs: list[Job]) -> str:
-    """Wall-clock from the first run's start (its config.json) to the last one's end."""
-    if not jobs:
-        return "n/a"
-    start = min((root / j.out / "config.json").stat().st_mtime for j in jobs)
-    end = max((root / j.out / "results.json").stat().st_mtime for j in jobs)
-    return f"{(end - start) / 60:.0f} min"
-
-
-def section_commands(root: Path, seeds: list[int], done: list[Job]) -> list[str]:
-    mains, ablations = main_jobs(seeds), ablation_jobs(seeds)
-    done_main = [j for j in done if j in mains]
-    missing = [j for j in mains + ablations if j not in done]
-    total = sum(json.loads((root / j.out / "results.json").read_text())["wall_s"] for j in done)
-    perf_files = (root / "runs/study/perf").glob("*.json")
-    perf_s = sum(json.loads(path.read_text()).get("benchmark_wall_s", 0.0) for path in perf_files)
-    md = [
-        "## Wall time and commands",
-        "",
-        f"Performance benchmarks: {perf_s / 60:.0f} min, one after another on an otherwise idle machine.",
-        f"Training: {len(done)} runs, {total / 60:.0f} min of run time in all (each run's own training and",
-        "evaluation, one thread); two at a time, the main table took "
-        f"{span_minutes(root, done_main)} and the ablations "
-        f"{span_minutes(root, [j for j in done if j in ablations])} of wall-clock time (first start",
-        "to last finish).",
-        "",
-        "Every run, as a command (from the repository root, with `.venv/bin` on `PATH`):",
-        "",
-        "```",
-        *[j.command() for j in done],
-        "```",
-        "",
-    ]
-    if missing:
-        md += ["Not run (yet): `srlora study` runs these next.", "", "```", *[j.command() for j in missing]]
-        md += ["```", ""]
-    return md
-
-
-def section_paper_scale(root: Path, done_main: list[Job]) -> list[str]:
-    return [
-        "## Paper-scale configuration (not run here)",
-        "",
-        "The same study with the paper's early-convergence window (2,000 steps) and its larger",
-        "exploration budget (r_target=256), evaluated every 250 steps:",
-        "",
-        "```",
-        *[
-            f"srlora compare --task {t} --preset quick --max-steps 2000 --warmup-steps 100 --r-target 256 "
-            f"--eval-every 250 --seeds 1,2,3 --out runs/long-{t}{' ' + ' '.join(x) if x else ''}"
-            for t, x in TASKS.items()
-        ],
-        "```",
-        "",
-        long_estimate(root, done_main),
-        "",
-        "The paper trains DeBERTa-v3-base on GLUE for 10-50 epochs (SPEC section 4). That is days of",
-        "this 2-core machine per task, and neither the model nor GLUE can be fetched here. Where both",
-        "are at hand (GLUE in the official TSV layout: `GLUE/SST-2/train.tsv`, ...; a GPU):",
-        "",
-        "```",
-        *[
-            f"srlora compare --task {t} --data-dir GLUE --preset paper-{t} --seeds 1,2,3 --out runs/paper-{t}"
-            for t in ("sst2", "mrpc", "cola", "qnli", "rte", "stsb")
-        ],
-        "```",
-        "",
-    ]
-
-
-def long_estimate(root: Path, done_main: list[Job]) -> str:
-    """Wall time of the 2,000-step study, extrapolated from the measured main-table runs."""
-    results = [json.loads((root / j.out / "results.json").read_text()) for j in done_main]
-    if not results:
-        return ""
-    per_step = statistics.fmean(r["wall_s"] / r["steps"] for r in results)
-    runs = len(TASKS) * 3 * 3
-    return (
-        f"At the {per_step:.2f} s per step measured here (one thread, evaluation included), those "
-        f"{runs} runs would take about {runs * 2000 * per_step / 3600 / 2:.0f} h with two at a time: "
-        "too long for this study, so they were not run."
-    )
-
-
 def write_runs_json(root: Path, jobs: list[Job]) -> None:
     """``docs/results/runs.json``: every run's figures. Runs of earlier renders that are not
     on this machine (``runs/`` is not committed) are kept; a run found here replaces its entry."""
@@ -368,60 +62,36 @@ def write_runs_json(root: Path, jobs: list[Job]) -> None:
 
 
 def render(seeds: list[int], root: Path) -> Path:
-    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``.
-
-    A section whose runs are not on this machine keeps its text from the current doc, so
-    that rendering one part of the study never erases another part's results."""
+    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``."""
     (root / "docs/results").mkdir(parents=True, exist_ok=True)
     old = previous_sections(root)
-    mains, ablations = main_jobs(seeds), ablation_jobs(seeds)
-    done = [j for j in mains + ablations if is_finished(j, root)]
-    done_main = [j for j in done if j in mains]
-    have_main, have_ablations = bool(done_main), any(j in ablations for j in done)
-    have_perf = any((root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in PERF)
 
-    def section(fresh: list[str], has_runs: bool) -> list[str]:
+    def keep(fresh: list[str], has_runs: bool) -> list[str]:
         key = section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
         return fresh if has_runs or key not in old else [*old[key], ""] if old[key][-1] else old[key]
 
-    md = section_header(root) + section(section_setup(seeds), have_main)
-    if have_main:
-        verdict_lines: list[str] = []
-        main_md = ["## Main table", ""]
-        for task in TASKS:
-            main_md += section_task(root, task, verdict_lines)
-        md += main_md + section_verdicts(verdict_lines)
-    else:
-        md += section(["## Main table"], False)
-    md += section(section_ablations(root), have_ablations)
-    md += section(section_dynamics(root), have_main or have_ablations)
-    md += section(section_perf(root), have_perf)
-    md += section(section_commands(root, seeds, done), bool(done))
-    md += section(section_paper_scale(root, done_main), have_main)
-    long = long_study_jobs(seeds, root)
-    md += section_long(root, seeds, old)
-    from .report_evidence import refresh_absorb, refresh_known_rank, section_absorb, section_known_rank
-    from .report_more import section_gpu, section_llm_init, section_qlora, section_switch_cost
-
-    refresh_known_rank(root)
-    refresh_absorb(root)
-    md += section_known_rank(root) + section_absorb(root)
-    md += section_llm_init(root) + section_qlora(root) + section_switch_cost(root) + section_gpu(root)
+    md = section_header(root)
+    short_md, done = short.render(root, seeds, keep)
+    md += short_md
+    have_perf = any((root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in cost.PERF)
+    md += keep(cost.section_perf(root), have_perf)
+    md += short.render_commands(root, seeds, done, keep)
+    long = [j for j in paper_regime.long_study_all_jobs(seeds) if is_finished(j, root)]
+    md += paper_regime.render_long(root, seeds, old)
+    known_rank_map.refresh_known_rank(root)
+    absorption.refresh_absorb(root)
+    md += known_rank_map.section_known_rank(root) + absorption.section_absorb(root)
+    md += new_pairs.render(root, old)
+    md += cost.section_llm_init(root) + cost.section_qlora(root) + cost.section_switch_cost(root)
+    md += cost.section_gpu(root)
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
     return path
 
 
-def long_study_jobs(seeds: list[int], root: Path) -> list[Job]:
-    """The finished runs of the 600-step study."""
-    from .report_long import long_study_all_jobs
-
-    return [j for j in long_study_all_jobs(seeds) if is_finished(j, root)]
-
-
-def section_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
-    """The 600-step study's sections (:mod:`srlora.experiments.report_long`)."""
-    from .report_long import render_long
-
-    return render_long(root, seeds, old)
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """Where every row of docs/RESULTS.md's run tables (those with a ``seeds`` column, built
+    from ``srlora train`` runs) takes its runs: (section title, subsection title or None) ->
+    {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries."""
+    return short.row_sources() | paper_regime.row_sources() | rank_bound.row_sources()

@@ -1,2 +1,29 @@
-"""The studies behind docs/RESULTS.md, one module each: what it runs (its jobs and their
-commands) and the section of the doc it writes."""
+"""The studies behind docs/RESULTS.md, one module each, in the doc's order: what it runs (its
+jobs and their commands, ``PARTS``: ``srlora study --part NAME``) and the sections it writes.
+
+* :mod:`.short` -- the 150-step comparison on four tasks, its ablations and switch dynamics;
+* :mod:`.cost` -- SRLoRA against plain PEFT LoRA: step, switch, whole run, QLoRA, GPU;
+* :mod:`.paper_regime` -- 600 steps in the paper's regime (r = 8), paired by seed;
+* :mod:`.rank_bound` -- 600 steps where fewer ranks hurt (r = 2 against 8 and 32);
+* :mod:`.known_rank_map` -- where more directions pay: a target of known rank;
+* :mod:`.absorption` -- SmolLM2-135M absorbing a corpus, where LoRA's rank binds;
+* :mod:`.new_pairs` -- what enters at a switch: direction, scale, optimizer state (issue 24).
+
+``srlora study --part S`` with a study's name runs all of its parts.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import absorption, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
+
+STUDIES: dict[str, ModuleType] = {
+    "short": short,
+    "cost": cost,
+    "paper-regime": paper_regime,
+    "rank-bound": rank_bound,
+    "known-rank-map": known_rank_map,
+    "absorption": absorption,
+    "new-pairs": new_pairs,
+}

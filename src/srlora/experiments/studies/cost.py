@@ -1,14 +1,93 @@
-"""docs/RESULTS.md, the sections measured outside the CPU study: on a GPU (the files that
-``scripts/gpu_check.sh`` and ``scripts/gpu_study.py`` wrote, kept in ``docs/results/gpu``),
-SRLoRA's initialisation at LLM scale (``benchmarks/llm_init.py``) and QLoRA
-(``benchmarks/qlora_overhead.py``), each from the JSON its command wrote into
-``docs/results``. A section whose file is missing is left out."""
+"""What SRLoRA costs against plain PEFT LoRA: the per-step benchmarks this study runs
+(``benchmarks/step_overhead.py``, ``srlora study --part perf``), and the sections written from
+the JSON files other benchmark commands put into ``docs/results`` (each names its command):
+SRLoRA's initialisation at LLM scale (``benchmarks/llm_init.py``), QLoRA
+(``benchmarks/qlora_overhead.py``), a whole run against LoRA with the batched switch
+(``benchmarks/run_overhead.py``) and the GPU runs (``scripts/gpu_check.sh``,
+``scripts/gpu_study.py``, kept in ``docs/results/gpu``). A section whose file is missing is
+left out.
+"""
 
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from ...atomic import atomic_write_json
+
+PERF = [
+    # (name, options of benchmarks/step_overhead.py)
+    ("minilm-rt64", ["--r-target", "64", "--steps", "20"]),
+    ("minilm-rt16", ["--r-target", "16", "--steps", "6"]),
+    ("minilm-rt128", ["--r-target", "128", "--steps", "6"]),
+    ("minilm-rt256", ["--r-target", "256", "--steps", "6"]),
+    ("base-rt64", ["--base-size", "--r-target", "64", "--steps", "5"]),
+    ("base-rt256", ["--base-size", "--r-target", "256", "--steps", "2"]),
+]
+
+
+def run_perf(root: Path) -> None:
+    """The step-overhead benchmarks of :data:`PERF`, each once (kept when measured earlier)."""
+    out = root / "runs/study/perf"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, opts in PERF:
+        path = out / f"{name}.json"
+        if path.is_file():
+            print(f"perf {name}: measured earlier, kept ({path})", file=sys.stderr)
+            continue
+        cmd = [sys.executable, "benchmarks/step_overhead.py", *opts, "--json", str(path)]
+        print("$ python " + shlex.join(cmd[1:]), file=sys.stderr)
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=root, check=True)
+        data = json.loads(path.read_text())
+        data["command"] = "python " + shlex.join(cmd[1:-2])
+        data["benchmark_wall_s"] = time.perf_counter() - started
+        atomic_write_json(path, data)
+
+
+def section_perf(root: Path) -> list[str]:
+    perf_dir = root / "runs/study/perf"
+    steps = {name: opts[opts.index("--steps") + 1] for name, opts in PERF}
+    files = [perf_dir / f"{name}.json" for name, _ in PERF]
+    rows = {path.stem: json.loads(path.read_text()) for path in files if path.is_file()}
+    if not rows:
+        return ["## Performance", "", "(not run yet)", ""]
+    any_row = next(iter(rows.values()))
+    md = [
+        "## Performance (SRLoRA against PEFT LoRA, same process)",
+        "",
+        f"`benchmarks/step_overhead.py`, batch {any_row['batch']}, r={any_row['r']}, "
+        f"run alone on {any_row['machine']}.",
+        "Step times are medians of steps that alternate between the models; `control` is a second,",
+        "identical PEFT LoRA model in the same rotation, so `control / LoRA` is this machine's noise",
+        "floor for the ratio. `own work` is SRLoRA's per-step importance update timed on its own,",
+        "and `own-work ratio` = (LoRA step + own work) / LoRA step. The base-size model is a BERT-base",
+        "shaped encoder with random weights: no base-size checkpoint can be fetched here, and these",
+        "costs depend on shapes, not values.",
+        "",
+        "| model | layers | r_target | timed steps | LoRA step ms | SRLoRA step ms | SRLoRA / LoRA "
+        "| control / LoRA | SRLoRA / control | own work ms | own-work ratio | switch ms | SVD init full s "
+        "| randomized s | SVD cache MiB |",
+        "|" + "---|" * 15,
+    ]
+    for name, d in rows.items():
+        model = "BERT-base shapes" if name.startswith("base") else "MiniLM"
+        md.append(
+            f"| {model} | {d['layers']} | {d['r_target']} | {steps[name]} | "
+            f"{d['step_s_lora'] * 1e3:.0f} | {d['step_s_srlora'] * 1e3:.0f} | "
+            f"{d['ratio_of_medians']:.3f} | {d['control_ratio']:.3f} | "
+            f"{d['step_s_srlora'] / d['step_s_control']:.3f} | "
+            f"{d['importance_update_s'] * 1e3:.2f} | "
+            f"{d['ratio_from_own_work']:.4f} | {d['switch_s'] * 1e3:.0f} | {d['init_s_full']:.2f} | "
+            f"{d['init_s_randomized']:.2f} | {d['svd_cache_bytes'] / 2**20:.1f} |"
+        )
+    md += ["", "Commands:", "", "```", *[f"{d.get('command', '')}" for d in rows.values()], "```", ""]
+    return md
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -232,3 +311,6 @@ def section_switch_cost(root: Path) -> list[str]:
         "",
     ]
     return md
+
+
+PARTS = {"perf": lambda root, seeds, ns: run_perf(root)}

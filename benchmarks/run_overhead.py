@@ -5,10 +5,14 @@ initialisation included), then trains the same steps on the same batches; SRLoRA
 happen on its schedule. An identical second LoRA run is the A/A control: its ratio to the
 first is the noise of this machine. Rounds alternate the order of the runs. With
 ``--layer-by-layer`` SRLoRA also runs with every layer switching on its own (the path before
-the batched switch), for the before/after comparison.
+the batched switch), for the before/after comparison; with ``--gradient-subspace`` it also runs
+with ``direction_policy="gradient_subspace"`` (new pairs along the windowed gradient's top
+singular vectors: the hooks that sketch the gradient in the 19 steps before each switch, and
+the randomized SVD at each switch), for what the gradient capture adds to a whole run.
 
     python benchmarks/run_overhead.py                                  # MiniLM, 150 steps, r_target 64
     python benchmarks/run_overhead.py --layer-by-layer --json docs/results/run_overhead.json
+    python benchmarks/run_overhead.py --gradient-subspace --json docs/results/run_overhead_gradient.json
     python benchmarks/run_overhead.py --base-size --steps 40           # BERT-base shapes (random init)
     python benchmarks/run_overhead.py --device cuda --steps 2000 --r-target 256   # paper scale on a GPU
 
@@ -47,7 +51,8 @@ def one_run(base, args, method: str, batches, device: torch.device) -> dict:
     model = lora(base, args.r, args.alpha)
     ctl = None
     if method.startswith("srlora"):
-        config = SRLoRAConfig(r_target=args.r_target, total_steps=args.steps, svd_method=args.svd)
+        entry = {"direction_policy": "gradient_subspace"} if method == "srlora-gradient-subspace" else {}
+        config = SRLoRAConfig(r_target=args.r_target, total_steps=args.steps, svd_method=args.svd, **entry)
         if method == "srlora-layer-by-layer":
             batch_key = DenseTarget.batch_key
             DenseTarget.batch_key = lambda self: None  # type: ignore[method-assign]
@@ -147,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--svd", default="full", choices=["full", "randomized"])
     ap.add_argument("--rounds", type=int, default=2, help="each round runs every method once, order alternating")
     ap.add_argument("--layer-by-layer", action="store_true", help="also SRLoRA with the batched switch turned off")
+    ap.add_argument(
+        "--gradient-subspace", action="store_true", help='also SRLoRA with direction_policy="gradient_subspace"'
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.steps)
     ]
     methods = ["lora", "srlora", "lora-control"] + (["srlora-layer-by-layer"] if args.layer_by_layer else [])
+    methods += ["srlora-gradient-subspace"] if args.gradient_subspace else []
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SRLoRAWarning)  # a short run's interval may be below the EMA warm-up
@@ -227,6 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"layer by layer (before): SRLoRA / LoRA {out['ratio_layer_by_layer_to_lora']:.3f}, a switch step "
             f"+{1e3 * out['switch_step_extra_s_layer_by_layer']:.1f} ms"
+        )
+    if args.gradient_subspace:
+        out["ratio_gradient_subspace_to_lora"] = total("srlora-gradient-subspace") / total("lora")
+        out["ratio_gradient_subspace_to_srlora"] = total("srlora-gradient-subspace") / total("srlora")
+        print(
+            f"gradient subspace: SRLoRA / LoRA {out['ratio_gradient_subspace_to_lora']:.3f}, over SRLoRA with the "
+            f"paper's entries {out['ratio_gradient_subspace_to_srlora']:.3f}"
         )
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=2))

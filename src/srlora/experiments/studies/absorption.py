@@ -26,6 +26,7 @@ STEPS = 400
 # recycle both pairs (gamma = 1) every 40 steps: 9 switches, 18 pairs fused per layer.
 SRLORA_INTERVAL = 40
 SRLORA_GAMMA = 1.0
+BASELINE = f"srlora-r2-T{SRLORA_INTERVAL}-g{SRLORA_GAMMA:g}"  # the run the paired differences compare
 
 
 @dataclass
@@ -153,7 +154,8 @@ def _final(entry: dict[str, Any], key: str) -> float:
 
 
 def section_absorb(root: Path) -> list[str]:
-    rows = load_absorb(root)
+    own = {job.name for job in absorb_jobs([1, 2, 3])}  # the new-pairs study's runs have their own section
+    rows = [e for e in load_absorb(root) if e["name"] in own]
     md = ["## The real task where LoRA's rank is short: corpus absorption", ""]
     if not rows:
         return [*md, "Not run yet: `srlora study --part absorb-pilot`, then `--part absorb`.", ""]
@@ -190,7 +192,7 @@ def section_absorb(root: Path) -> list[str]:
         md.append("| " + " | ".join(cells) + " |")
     md += ["", "Paired by seed (same data order), 95% t-interval; negative = lower loss for the first method:", ""]
     md += ["| difference | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    srl = next((n for n in names if n.startswith("srlora")), None)
+    srl = BASELINE if BASELINE in names else None
     for a, b in ((srl, "pissa-r2"), (srl, "lora-r2"), ("pissa-r2", "lora-r2")):
         if a is None or a not in by_name or b not in by_name:
             continue

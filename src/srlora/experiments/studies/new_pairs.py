@@ -21,10 +21,17 @@ the alignment, size and speed of the pairs that enter and leave.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
+import shutil
+import statistics
 from pathlib import Path
+from typing import Any
 
 from ..absorb import AbsorbConfig
 from ..jobs import run_jobs
+from ..stats import fmt, fmt_paired, mean_std, paired
 from .absorption import STEPS, AbsorbJob
 
 INTERVAL = 40
@@ -115,10 +122,240 @@ PARTS = {
 
 # ---------------------------------------------------------------------------- the doc's section
 TITLE = "## What enters at a switch: new pairs where the rank binds"
+LADDER = ("lora-r2", "lora-r8", "lora-r32")
+BASELINES = ("pissa-r2", *LADDER)
+KNOWN_RANK_DOC = "docs/results/new_pairs_known_rank.jsonl"
+
+
+def _final(e: dict[str, Any], key: str) -> float:
+    return e[key] if key == "train_loss_tail" else e["evals"][-1][key]
+
+
+def ladder_prose(ladder: list[tuple[float, float]], chunks: float) -> float:
+    """The prose loss of the LoRA ladder (``[(held-out chunks, prose)]`` of r = 2, 8, 32)
+    interpolated at a held-out-chunk loss (linear between the rungs, extended past the ends):
+    the learning-forgetting frontier of Biderman et al. (2024)."""
+    pts = sorted(ladder)
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if chunks <= x1 or (x1, y1) == pts[-1]:
+            return y0 + (y1 - y0) * (chunks - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def _by_name(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for e in rows:
+        out.setdefault(e["name"], {})[e["config"]["seed"]] = e
+    return out
+
+
+def _diagnosis_table(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Per diagnosed run (seed 1): means over its switches of what the diagnosis records."""
+    keys = [
+        ("alignment_entering", "entering"),
+        ("alignment_leaving", "leaving"),
+        ("alignment_best_rank1", "best rank-1"),
+        ("sigma_entering", "sigma in"),
+        ("sigma_leaving", "sigma out"),
+        ("speed_first_steps", "speed, first 5 steps"),
+        ("speed_last_steps", "speed, last 5 steps"),
+        ("learnt_share_of_update", "learnt / update"),
+    ]
+    md = [
+        "| run (seed 1) | switches | max abs(loss after − before) | alignment: "
+        + " | ".join(label for _, label in keys)
+        + " |",
+        "|---|---|---|" + "---|" * len(keys),
+    ]
+    found = False
+    for name, runs in by_name.items():
+        rows = runs.get(1, {}).get("diagnosis")
+        if not rows:
+            continue
+        found = True
+        jump = max(abs(r["loss_after"] - r["loss_before"]) for r in rows)
+        cells = [name, str(sum(r["switched_layers"] > 0 for r in rows)), f"{jump:.1e}"]
+        for key, _ in keys:
+            vals = [r[key] for r in rows if r[key] == r[key]]  # NaN where not measured (first switch)
+            cells.append(f"{statistics.fmean(vals):.3g}" if vals else "n/a")
+        md.append("| " + " | ".join(cells) + " |")
+    return md if found else []
+
+
+def _around_switches(by_name: dict[str, dict[int, dict[str, Any]]], width: int = 5) -> list[str]:
+    """The training loss in the ``width`` steps before and after each switch, against PiSSA's on the
+    same batches (seed 1): what a switch costs the next steps."""
+    pissa = by_name.get("pissa-r2", {}).get(1)
+    if pissa is None or "losses" not in pissa:
+        return []
+    md = [
+        f"| run (seed 1) | loss − PiSSA's, {width} steps before each switch | {width} steps after | change |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in by_name.items():
+        e = runs.get(1)
+        if not name.startswith("srlora") or e is None or "losses" not in e:
+            continue
+        T = e["config"]["switch_interval"] or INTERVAL
+        steps = range(T, len(e["losses"]), T)
+        # losses[i] is the loss of step i + 1, before its update; the switch after step t
+        before = [e["losses"][t - k] - pissa["losses"][t - k] for t in steps for k in range(1, width + 1)]
+        after = [
+            e["losses"][t + k] - pissa["losses"][t + k] for t in steps for k in range(width) if t + k < len(e["losses"])
+        ]
+        b, a = statistics.fmean(before), statistics.fmean(after)
+        md.append(f"| {name} | {b:+.3f} | {a:+.3f} | {a - b:+.3f} |")
+    return md
+
+
+def _screen_table(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Seed 1 of every run: the three evaluation sets, the frontier's excess forgetting, the
+    share of the LoRA r = 2 -> 32 gap closed, the update's effective rank."""
+    seed1 = {n: r[1] for n, r in by_name.items() if 1 in r}
+    if not all(n in seed1 for n in LADDER):
+        return []
+    ladder = [(_final(seed1[n], "held_chunks"), _final(seed1[n], "prose")) for n in LADDER]
+    lo, hi = _final(seed1["lora-r2"], "held_chunks"), _final(seed1["lora-r32"], "held_chunks")
+    md = [
+        "| run (seed 1) | held-out chunks | held-out docs | prose | prose − LoRA ladder at the same chunks "
+        "| LoRA r=2→32 gap closed | update's effective rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = [n for n in BASELINES if n in seed1] + [n for n in VARIANTS if n in seed1]
+    for name in order:
+        e = seed1[name]
+        chunks, prose = _final(e, "held_chunks"), _final(e, "prose")
+        excess = prose - ladder_prose(ladder, chunks)
+        cells = [name, f"{chunks:.3f}", f"{_final(e, 'held_docs'):.3f}", f"{prose:.3f}", f"{excess:+.3f}"]
+        cells += [f"{(lo - chunks) / (lo - hi):.0%}", f"{e['effective_rank_mean']:.1f}"]
+        md.append("| " + " | ".join(cells) + " |")
+    return md
+
+
+def _confirm_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> list[str]:
+    """``best`` against PiSSA r = 2, LoRA r = 2 and LoRA r = 8, paired by seed."""
+    if best not in by_name or len(by_name[best]) < 2:
+        return []
+    metrics = (("held_chunks", "held-out chunks"), ("held_docs", "held-out docs"), ("prose", "prose"))
+    md = [
+        f"| {best} − … (seeds) | " + " | ".join(label for _, label in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for other in ("pissa-r2", "lora-r2", "lora-r8"):
+        if other not in by_name:
+            continue
+        seeds = sorted(set(by_name[best]) & set(by_name[other]))
+        cells = []
+        for key, _ in metrics:
+            a = {s: _final(by_name[best][s], key) for s in seeds}
+            b = {s: _final(by_name[other][s], key) for s in seeds}
+            cells.append(fmt_paired(paired(a, b)))
+        md.append(f"| {other} ({', '.join(map(str, seeds))}) | " + " | ".join(cells) + " |")
+    return md
+
+
+def _known_rank_table(root: Path) -> list[str]:
+    """Error left on the target per entry (mean ± std over seeds), the greedy bound, and the
+    share of what is left that one fused pair removes (fit of log error against pairs fused)."""
+    path = root / KNOWN_RANK_DOC
+    if not path.is_file():
+        return []
+    from ..known_rank import KnownRankRun, best_rank_error, make_problem
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    cells: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    labels = {json.dumps(v, sort_keys=True): k for k, v in KNOWN_RANK_ENTRIES.items()}
+    for row in rows:
+        spec = row["spec"]
+        entry = {k: spec[k] for k in ("direction_policy", "entry_scale") if spec.get(k) not in (None, "spectrum")}
+        cells.setdefault((spec["K"], spec["interval"], labels.get(json.dumps(entry, sort_keys=True), "?")), []).append(
+            row
+        )
+    md = [
+        "| K | T | entry | seeds | error left | pairs fused | greedy bound at as many pairs | per fused pair |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (K, T, label), runs in sorted(
+        cells.items(),
+        key=lambda kv: (
+            kv[0][0],
+            kv[0][1],
+            list(KNOWN_RANK_ENTRIES).index(kv[0][2]) if kv[0][2] in KNOWN_RANK_ENTRIES else 9,
+        ),
+    ):
+        spec = KnownRankRun(**{k: v for k, v in runs[0]["spec"].items()})
+        fused = spec.r_prime * runs[0]["switches"]
+        _, dWs = make_problem(spec)
+        greedy = best_rank_error(dWs[0], min(spec.width, fused + spec.r))
+        per_pair = statistics.fmean(_per_pair(r, spec) for r in runs)
+        md.append(
+            f"| {K} | {T} | {label} | {len(runs)} | {fmt(mean_std([r['error'] for r in runs]), 4)} | {fused} | "
+            f"{greedy:.4f} | {per_pair:.1%} |"
+        )
+    return md
+
+
+def _per_pair(row: dict[str, Any], spec: Any) -> float:
+    """1 - exp(slope) of log(error) against pairs fused, fitted over the run's curve after its first switch."""
+    pts = [
+        (step // spec.interval * spec.r_prime, err) for step, err in row["curve"] if step >= spec.interval and err > 0
+    ]
+    if len(pts) < 2:
+        return float("nan")
+    xs, ys = [p[0] for p in pts], [math.log(p[1]) for p in pts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return 1 - math.exp(slope)
 
 
 def render(root: Path, old: dict[str, list[str]]) -> list[str]:
-    """The section (kept from the current doc until its runs are here)."""
+    """The section from the committed data (``docs/results/absorb.json``, the known-rank runs of
+    :data:`KNOWN_RANK_DOC`); the current doc's text of it where neither is here."""
     from ..rundata import section_key
+    from .absorption import load_absorb
 
-    return old.get(section_key(TITLE), [])
+    src = root / KNOWN_RANK_FILE
+    if src.is_file():
+        shutil.copyfile(src, root / KNOWN_RANK_DOC)
+    by_name = _by_name([e for e in load_absorb(root) if e["name"] in (*BASELINES, *VARIANTS)])
+    if not any(n in by_name for n in VARIANTS) and not (root / KNOWN_RANK_DOC).is_file():
+        return old.get(section_key(TITLE), [])
+    md = [TITLE, "", NOTES_HERE, ""]
+    parts = [
+        (
+            "Diagnosis at the switches (`--diagnose`, seed 1; medians over layers, means over switches)",
+            _diagnosis_table(by_name),
+        ),
+        ("The training loss around the switches, against PiSSA r = 2 on the same batches", _around_switches(by_name)),
+        ("Every option on seed 1, against PiSSA r = 2 and the LoRA ladder", _screen_table(by_name)),
+        (
+            f"The chosen option, `{BEST}`, on 3 seeds paired (95% t-interval; negative = lower loss)",
+            _confirm_table(by_name, BEST),
+        ),
+        (
+            "On the known-rank map (one 128-wide layer, r = 2, gamma 1, 2,000 steps; "
+            "`srlora study --part new-pairs-known-rank`)",
+            _known_rank_table(root),
+        ),
+    ]
+    for title, table in parts:
+        if table:
+            md += [f"### {title}", "", *table, ""]
+    commands = [e["command"] for name in (*VARIANTS, *BASELINES) for e in by_name.get(name, {}).values()]
+    md += [
+        "Commands (absorption runs; each run's figures are in `docs/results/absorb.json`):",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+    ]
+    return md
+
+
+NOTES_HERE = (
+    "`srlora study --part new-pairs-screen`, then `--part new-pairs-confirm`: SmolLM2-135M absorbing TRL's "
+    "source (the absorption study's task), SRLoRA r = 2 with both pairs recycled every 40 steps; each option "
+    "changes what enters at a switch (docs/METHOD.md section 7)."
+)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
@@ -41,9 +42,9 @@ def main() -> None:
         {"model": {k: v.clone() for k, v in model.state_dict().items()}, "controller": ctl.state_dict()},
         out / f"rank{rank}.pt",
     )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    leave_process_group()  # after main's objects are gone: tests/procgroup.py

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.kinds.fsdp import full
@@ -69,7 +70,6 @@ def main() -> None:
                 early.attach(opt)
             except RuntimeError as exc:
                 torch.save({"error": str(exc)}, args.out / f"order-rank{rank}.pt")
-            dist.destroy_process_group()
             return
     ctl = SRLoRA(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -100,12 +100,9 @@ def main() -> None:
         "state": ctl.state_dict(),
     }
     torch.save(result, args.out / ("reference.pt" if args.reference else f"rank{rank}.pt"))
-    if not args.reference:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    leave_process_group()  # after main's objects are gone: tests/procgroup.py

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.kinds.fsdp import full
@@ -142,9 +143,9 @@ def main() -> None:
         except Exception as exc:  # recorded, so that the test names the wrap that failed
             results[how] = {"error": f"{type(exc).__name__}: {exc}"}
     torch.save(results, args.out / f"wraps-rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    leave_process_group()  # after main's objects are gone: tests/procgroup.py

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 from conftest import CASES, make_peft
-from trainer_zero3_worker import effective_weights, leave_process_group
+from procgroup import leave_process_group
+from trainer_zero3_worker import effective_weights
 
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.integrations.lightning import SRLoRALightningCallback
@@ -98,9 +99,9 @@ def main() -> None:
         },
         Path(args.out) / f"lightning-{tag}-rank{rank}.pt",
     )
-    leave_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    leave_process_group(strict=False)  # after main: a framework keeps its groups (tests/procgroup.py)

@@ -1,10 +1,10 @@
 """Run by test_sharded.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
-Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-3 (``--mode zero3``), saves
+Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-1/2/3 (``--mode zero1|2|3``), saves
 (every rank), trains on to step 50; then builds everything again, loads the checkpoint and
 trains the same steps 30-50. With ``--kill`` a second save is interrupted by SIGKILL after
 the rank files are written and before the folder is swapped in.
 
-    torchrun --nproc_per_node 2 sharded_ckpt_worker.py OUT --mode fsdp|zero3 [--kill]
+    torchrun --nproc_per_node 2 sharded_ckpt_worker.py OUT --mode fsdp|zero1|zero2|zero3 [--entry subspace] [--kill]
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
-from sharded_worker import CONFIG, GLOBAL_BATCH, batch, whole_state
+from procgroup import leave_process_group
+from sharded_worker import CONFIGS, GLOBAL_BATCH, MODES, batch, whole_state, zero_engine
 
 import srlora.checkpoint_sharded as sharded
-from srlora import SRLoRA, load_checkpoint, save_checkpoint
+from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint
 
 
-def build(mode: str, rank: int, world: int) -> tuple:
+def build(mode: str, rank: int, world: int, config: SRLoRAConfig) -> tuple:
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
     if mode == "fsdp":
@@ -34,21 +35,12 @@ def build(mode: str, rank: int, world: int) -> tuple:
         for block in model.base_model.model.bert.encoder.layer:
             fully_shard(block)
         fully_shard(model)
-        ctl = SRLoRA(model, CONFIG)
+        ctl = SRLoRA(model, config)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         ctl.attach(opt)
         return model, ctl, opt, None
-    import deepspeed
-
-    config = {
-        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-    }
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-    return model, SRLoRA(model, CONFIG), opt, engine
+    engine, opt = zero_engine(model, int(mode[-1]), world)
+    return model, SRLoRA(model, config), opt, engine
 
 
 def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int) -> None:
@@ -66,28 +58,31 @@ def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int)
             opt.zero_grad()
 
 
-def main() -> None:
+def main() -> str:
+    """Returns the mode it ran."""
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--mode", choices=["fsdp", "zero3"], required=True)
+    ap.add_argument("--mode", choices=MODES, required=True)
+    ap.add_argument("--entry", choices=list(CONFIGS), default="paper")
     ap.add_argument("--kill", action="store_true")
     args = ap.parse_args()
+    config = CONFIGS[args.entry]
     import torch.distributed as dist
 
-    if args.mode == "zero3":
+    if args.mode.startswith("zero"):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    ckpt = args.out / f"ckpt-{args.mode}"
+    ckpt = args.out / f"ckpt-{args.mode}-{args.entry}"
     survivor = None
     if (ckpt / "manifest.json").is_file():  # left by an earlier (killed) run: it must load whole
-        model, ctl, opt, engine = build(args.mode, rank, world)
+        model, ctl, opt, engine = build(args.mode, rank, world, config)
         survivor = {"step": load_checkpoint(ckpt, model, ctl, engine or opt), "state": whole_state(model, args.mode)}
 
-    model, ctl, opt, engine = build(args.mode, rank, world)
+    model, ctl, opt, engine = build(args.mode, rank, world, config)
     train(model, ctl, opt, engine, rank, world, 0, 30)
     at30 = whole_state(model, args.mode)
     save_checkpoint(ckpt, model, ctl, engine or opt)
@@ -104,20 +99,21 @@ def main() -> None:
 
         sharded.barrier = dying_barrier
         save_checkpoint(ckpt, model, ctl, engine or opt)  # never returns: rank 1 dies, torchrun stops both
-        return
+        return args.mode
     train(model, ctl, opt, engine, rank, world, 30, 50)
     straight = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode)}
 
-    model, ctl, opt, engine = build(args.mode, rank, world)
+    model, ctl, opt, engine = build(args.mode, rank, world, config)
     step = load_checkpoint(ckpt, model, ctl, engine or opt)
     train(model, ctl, opt, engine, rank, world, step, 50)
     resumed = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode), "step": step}
     result = {"straight": straight, "resumed": resumed, "survivor": survivor, "at30": at30}
-    torch.save(result, args.out / f"ckpt-{args.mode}-rank{rank}.pt")
-    dist.destroy_process_group()
+    torch.save(result, args.out / f"ckpt-{args.mode}-{args.entry}-rank{rank}.pt")
+    return args.mode
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    main()
+    mode = main()
+    leave_process_group(strict=not mode.startswith("zero"))  # DeepSpeed keeps its groups (tests/procgroup.py)

@@ -19,11 +19,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
 STEPS, GLOBAL_BATCH = 45, 8
 CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+# The entries of issue 24: new pairs along the windowed gradient's subspace, at half the first
+# pairs' scale (the records of entered pairs, the sketches and their all-reduce all take part).
+SUBSPACE = SRLoRAConfig(
+    r_target=16,
+    gamma=0.5,
+    switch_interval=20,
+    optimizer_reset="zero",
+    direction_policy="gradient_subspace",
+    entry_scale=0.5,
+)
+CONFIGS = {"paper": CONFIG, "subspace": SUBSPACE}
+MODES = ["fsdp", "zero1", "zero2", "zero3"]
+
+
+def zero_engine(model: torch.nn.Module, stage: int, world: int) -> tuple:
+    """``deepspeed.initialize`` at ZeRO ``stage`` with DeepSpeed's AdamW (lr 1e-2): ``(engine, optimizer)``."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    return engine, opt
 
 
 def root_sharded_controller() -> tuple[SRLoRA, int]:
@@ -49,7 +77,7 @@ def batch(step: int) -> dict:
 
 def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the (merged) model, whole, on the CPU."""
-    if mode == "zero3":
+    if mode == "zero3":  # partitioned parameters; under ZeRO-1/2 they are whole on every rank
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
@@ -59,11 +87,14 @@ def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
     return {k: full(v).detach().float().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def main() -> None:
+def main() -> str:
+    """Returns the mode it ran."""
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
-    ap.add_argument("--mode", choices=["fsdp", "zero3", "reference"], required=True)
+    ap.add_argument("--mode", choices=[*MODES, "reference"], required=True)
+    ap.add_argument("--entry", choices=list(CONFIGS), default="paper")
     args = ap.parse_args()
+    config = CONFIGS[args.entry]
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
     rank, world = 0, 1
@@ -77,22 +108,15 @@ def main() -> None:
         for block in model.base_model.model.bert.encoder.layer:
             fully_shard(block)
         fully_shard(model)
-    if args.mode == "zero3":
+    if args.mode.startswith("zero"):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        config = {
-            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 3},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
-        }
-        params = [p for p in model.parameters() if p.requires_grad]
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-        ctl = SRLoRA(model, CONFIG)
+        engine, opt = zero_engine(model, int(args.mode[-1]), world)
+        ctl = SRLoRA(model, config)
     else:
-        ctl = SRLoRA(model, CONFIG)
+        ctl = SRLoRA(model, config)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     share = GLOBAL_BATCH // world
     for step in range(STEPS):
@@ -112,7 +136,7 @@ def main() -> None:
     (engine or model).eval()
     with torch.no_grad():
         trained = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
-    tag = args.mode
+    tag = f"{args.mode}-{args.entry}"
     errors = ctl.export_lora(args.out / f"adapter-{tag}")
     merged = ctl.merge_and_unload()
     with torch.no_grad():  # through the root that was sharded (its hooks gather the parameters)
@@ -120,11 +144,11 @@ def main() -> None:
     state = whole_state(merged, args.mode)
     result = {"errors": errors, "trained": trained, "merged_logits": after, "merged": state}
     torch.save(result, args.out / f"{tag}-rank{rank}.pt")
-    if args.mode != "reference":
-        torch.distributed.destroy_process_group()
+    return args.mode
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    main()
+    mode = main()
+    leave_process_group(strict=not mode.startswith("zero"))  # DeepSpeed keeps its groups (tests/procgroup.py)

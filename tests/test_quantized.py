@@ -318,3 +318,54 @@ def test_a_4bit_model_built_by_hand_trains_switches_and_exports(tmp_path):
     model(xq).square().sum().backward()
     reloaded(xp).square().sum().backward()
     torch.testing.assert_close(xq.grad, xp.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exactly(tiny_llama, tmp_path):
+    """Issue 24's entries on the quantized kind: new pairs along the windowed gradient's subspace
+    at half the first pairs' scale. Each switch changes a layer's output by float32 rounding
+    only (float32 side factors), the 4-bit weight is never written, and a run checkpointed
+    inside a capture window resumes bit-exactly."""
+    config = SRLoRAConfig(
+        r_target=16,
+        switch_interval=20,
+        side_factor_dtype="float32",
+        direction_policy="gradient_subspace",
+        entry_scale=0.5,
+    )
+
+    def build():
+        model = _load(tiny_llama)
+        ctl = SRLoRA(model, config)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ctl.attach(opt)
+        return model, ctl, opt
+
+    model, ctl, opt = build()
+    bytes_before = _quantized_bytes(model)
+    _train(model, opt, 0, 30)  # a switch after step 20 from the sketch of steps 2-20; step 30 is in the next window
+    save_checkpoint(tmp_path / "q.ckpt", model, ctl, opt)
+    _train(model, opt, 30, 50)
+    assert {e.step for e in ctl.history} == {20, 40}
+    layers_before = _layer_outputs(ctl)
+    ctl.switch()
+    for name, out in _layer_outputs(ctl).items():
+        torch.testing.assert_close(out, layers_before[name], rtol=0, atol=1e-5)
+    after = _quantized_bytes(model)
+    assert all(torch.equal(after[k], v) for k, v in bytes_before.items())
+    layer = ctl.layers[ctl.layer_names[0]]
+    assert layer.cache.rank == 4  # only the first pairs come from W0's SVD
+    sigma = (
+        layer.target.scaling
+        * layer.target.lora_B[:, ctl.history[-1].slots[0]].norm()
+        * layer.target.lora_A[ctl.history[-1].slots[0]].norm()
+    )
+    torch.testing.assert_close(float(sigma), 0.5 * float(layer.cache.S.mean()), rtol=1e-5, atol=0)
+
+    model2, ctl2, opt2 = build()
+    assert load_checkpoint(tmp_path / "q.ckpt", model2, ctl2, opt2) == 30
+    _train(model2, opt2, 30, 50)
+    ctl2.switch()
+    assert [e.to_dict() for e in ctl2.history] == [e.to_dict() for e in ctl.history]
+    torch.testing.assert_close(_logits(model2), _logits(model), rtol=0, atol=0)
+    for name, layer in ctl.layers.items():
+        assert torch.equal(layer.entered.A, ctl2.layers[name].entered.A)

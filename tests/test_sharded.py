@@ -53,51 +53,67 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
         assert max(errors) < (0.3 if how == "blocks-bf16" else 1e-5), (how, max(errors))
 
 
+# (how the model is split, what enters at a switch): FSDP2 and ZeRO-1/2/3 with the paper's
+# entries; FSDP2, ZeRO-2 and ZeRO-3 with issue 24's (the gradient subspace at half the first
+# pairs' scale: sketches summed over ranks, records of the entered pairs).
+EXPORTED = [("fsdp", "paper"), ("zero2", "paper"), ("zero3", "paper"), ("fsdp", "subspace"), ("zero3", "subspace")]
+CHECKPOINTED = [
+    ("fsdp", "paper"),
+    ("zero1", "paper"),
+    ("zero3", "paper"),
+    ("fsdp", "subspace"),
+    ("zero2", "subspace"),
+    ("zero3", "subspace"),
+]
+
+
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory) -> Path:
-    """One trained run per mode (FSDP2, ZeRO-3 on 2 ranks; one process), each exported and merged."""
+    """One trained run per split and entry (on 2 ranks; and one process per entry), each exported
+    and merged."""
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("sharded")
     worker = HERE / "sharded_worker.py"
-    for mode in ("fsdp", "zero3"):
-        proc = _torchrun(worker, str(out), "--mode", mode, env={"DS_ACCELERATOR": "cpu"})
-        assert proc.returncode == 0, (mode, proc.stderr[-3000:])
-    ref = _python(worker, str(out), "--mode", "reference")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    for mode, entry in EXPORTED:
+        proc = _torchrun(worker, str(out), "--mode", mode, "--entry", entry, env={"DS_ACCELERATOR": "cpu"})
+        assert proc.returncode == 0, (mode, entry, proc.stderr[-3000:])
+    for entry in sorted({entry for _, entry in EXPORTED}):
+        ref = _python(worker, str(out), "--mode", "reference", "--entry", entry)
+        assert ref.returncode == 0, ref.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
-def test_export_of_a_sharded_run_loads_in_plain_peft_and_equals_one_process(sharded_results, mode):
+@pytest.mark.parametrize("mode,entry", EXPORTED)
+def test_export_of_a_sharded_run_loads_in_plain_peft_and_equals_one_process(sharded_results, mode, entry):
     import peft
     from conftest import CASES, make_base
     from safetensors.torch import load_file
     from sharded_worker import batch
 
     out = sharded_results
-    ref = torch.load(out / "reference-rank0.pt", weights_only=False)
-    ranks = [torch.load(out / f"{mode}-rank{k}.pt", weights_only=False) for k in (0, 1)]
+    ref = torch.load(out / f"reference-{entry}-rank0.pt", weights_only=False)
+    ranks = [torch.load(out / f"{mode}-{entry}-rank{k}.pt", weights_only=False) for k in (0, 1)]
     assert ranks[1]["errors"] == {} and max(ranks[0]["errors"].values()) < 1e-6  # rank 0 wrote it, exactly
     # The adapter's update, layer by layer, equals the one-process export's (the factors of a
     # truncated SVD are not unique; their products are).
-    mine, theirs = (load_file(out / f"adapter-{m}" / "adapter_model.safetensors") for m in (mode, "reference"))
+    mine, theirs = (load_file(out / f"adapter-{m}-{entry}" / "adapter_model.safetensors") for m in (mode, "reference"))
     for key in (k for k in theirs if k.endswith("lora_A.weight")):
         b_key = key.replace("lora_A", "lora_B")
         prod, want = mine[b_key] @ mine[key], theirs[b_key] @ theirs[key]
         assert float((prod - want).norm() / want.norm()) < 1e-5, key
     # Loaded by plain PEFT on one process, on the untouched base: the trained model's function.
-    loaded = peft.PeftModel.from_pretrained(make_base(CASES["bert"]), out / f"adapter-{mode}").eval()
+    loaded = peft.PeftModel.from_pretrained(make_base(CASES["bert"]), out / f"adapter-{mode}-{entry}").eval()
     with torch.no_grad():
         logits = loaded(**batch(999)).logits
     torch.testing.assert_close(logits, ref["trained"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat([r["trained"] for r in ranks]), ref["trained"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
-def test_merge_of_a_sharded_run_equals_one_process(sharded_results, mode):
+@pytest.mark.parametrize("mode,entry", EXPORTED)
+def test_merge_of_a_sharded_run_equals_one_process(sharded_results, mode, entry):
     out = sharded_results
-    ref = torch.load(out / "reference-rank0.pt", weights_only=False)
-    ranks = [torch.load(out / f"{mode}-rank{k}.pt", weights_only=False) for k in (0, 1)]
+    ref = torch.load(out / f"reference-{entry}-rank0.pt", weights_only=False)
+    ranks = [torch.load(out / f"{mode}-{entry}-rank{k}.pt", weights_only=False) for k in (0, 1)]
     # The merged model computes what the trained one did (each rank on its half of the batch) ...
     torch.testing.assert_close(
         torch.cat([r["merged_logits"] for r in ranks]), torch.cat([r["trained"] for r in ranks]), rtol=1e-5, atol=1e-5
@@ -108,18 +124,21 @@ def test_merge_of_a_sharded_run_equals_one_process(sharded_results, mode):
         torch.testing.assert_close(ranks[0]["merged"][key], value, rtol=1e-5, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "zero3"])
-def test_a_sharded_checkpoint_resumes_bit_exactly(tmp_path, mode):
-    """Every rank saves its shards (a folder, swapped in once complete); a run rebuilt from it
-    ends where the uninterrupted run ends, bit for bit, with the same switches."""
-    if mode == "zero3":
+@pytest.mark.parametrize("mode,entry", CHECKPOINTED)
+def test_a_sharded_checkpoint_resumes_bit_exactly(tmp_path, mode, entry):
+    """Every rank saves its shards (a folder, swapped in once complete; under ZeRO the engine's own
+    checkpoint inside it); a run rebuilt from it ends where the uninterrupted run ends, bit for
+    bit, with the same switches."""
+    if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
-    proc = _torchrun(HERE / "sharded_ckpt_worker.py", str(tmp_path), "--mode", mode, env={"DS_ACCELERATOR": "cpu"})
+    args = ("--mode", mode, "--entry", entry)
+    proc = _torchrun(HERE / "sharded_ckpt_worker.py", str(tmp_path), *args, env={"DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = tmp_path / f"ckpt-{mode}"
+    folder = tmp_path / f"ckpt-{mode}-{entry}"
     assert sorted(p.name for p in folder.iterdir() if p.is_file()) == ["manifest.json", "rank00000.pt", "rank00001.pt"]
+    assert (folder / "deepspeed").is_dir() == mode.startswith("zero")
     for rank in (0, 1):
-        result = torch.load(tmp_path / f"ckpt-{mode}-rank{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"ckpt-{mode}-{entry}-rank{rank}.pt", weights_only=False)
         straight, resumed = result["straight"], result["resumed"]
         assert resumed["step"] == 30 and resumed["history"] == straight["history"] and straight["history"]
         assert straight["state"].keys() == resumed["state"].keys()
@@ -134,12 +153,12 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
     assert killed.returncode != 0
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-fsdp")]
     assert len(leftovers) == 1 and not (leftovers[0] / "manifest.json").exists()
-    assert (tmp_path / "ckpt-fsdp" / "manifest.json").is_file()
+    assert (tmp_path / "ckpt-fsdp-paper" / "manifest.json").is_file()
     again = _torchrun(HERE / "sharded_ckpt_worker.py", str(tmp_path), "--mode", "fsdp")
     assert again.returncode == 0, again.stderr[-3000:]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-fsdp")]
     for rank in (0, 1):
-        result = torch.load(tmp_path / f"ckpt-fsdp-rank{rank}.pt", weights_only=False)
+        result = torch.load(tmp_path / f"ckpt-fsdp-paper-rank{rank}.pt", weights_only=False)
         survivor = result["survivor"]  # the checkpoint the killed save left, loaded first
         assert survivor["step"] == 30
         for key, value in result["at30"].items():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from procgroup import leave_process_group
 from trainer_zero3_worker import save_result
 
 from srlora import SRLoRAConfig
@@ -135,3 +136,4 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     main()
+    leave_process_group(strict=False)  # after main: a framework keeps its groups (tests/procgroup.py)

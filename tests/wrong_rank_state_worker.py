@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from procgroup import leave_process_group
 from sharded_worker import root_sharded_controller
-from trainer_zero3_worker import leave_process_group
 
 from srlora.errors import CheckpointError
 
@@ -31,9 +31,9 @@ def main() -> None:
     except CheckpointError as exc:
         message = str(exc)
     (out / f"rank{rank}.txt").write_text(message)
-    leave_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    leave_process_group()  # after main's objects are gone: tests/procgroup.py

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
@@ -107,3 +108,4 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     main()
+    leave_process_group(strict=False)  # after main: a framework keeps its groups (tests/procgroup.py)

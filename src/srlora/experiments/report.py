@@ -81,9 +81,10 @@ def render(seeds: list[int], root: Path) -> Path:
     known_rank_map.refresh_known_rank(root)
     absorption.refresh_absorb(root)
     md += known_rank_map.section_known_rank(root) + absorption.section_absorb(root)
-    md += new_pairs.render(root, old)
+    md += new_pairs.render(root, old, seeds)
     md += cost.section_llm_init(root) + cost.section_qlora(root) + cost.section_switch_cost(root)
     md += cost.section_gpu(root)
+    long += [j for j in new_pairs.paper_regime_jobs(seeds) if is_finished(j, root)]
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
@@ -94,4 +95,4 @@ def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     """Where every row of docs/RESULTS.md's run tables (those with a ``seeds`` column, built
     from ``srlora train`` runs) takes its runs: (section title, subsection title or None) ->
     {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries."""
-    return short.row_sources() | paper_regime.row_sources() | rank_bound.row_sources()
+    return short.row_sources() | paper_regime.row_sources() | rank_bound.row_sources() | new_pairs.row_sources()

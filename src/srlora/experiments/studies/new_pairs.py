@@ -23,14 +23,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from ..absorb import AbsorbConfig
-from ..jobs import run_jobs
+from ..jobs import LONG_COMMON, Job, is_finished, run_jobs
 from ..stats import fmt, fmt_paired, mean_std, paired
 from .absorption import STEPS, AbsorbJob
 
@@ -77,8 +76,68 @@ def confirm_jobs(seeds: list[int], best: str) -> list[AbsorbJob]:
     return jobs
 
 
-def out_of(name: str, seed: int) -> Path:
-    return Path("runs/absorb") / name / f"seed{seed}"
+# ---------------------------------------------------------------------------- the paper regime
+# What the chosen entry costs where the rank does not bind: the paper-regime study's runs
+# (MiniLM, r = 8, r_target = 64, 600 steps), with the new pairs along the gradient's subspace.
+PAPER_ENTRY = ["--direction-policy", "gradient_subspace"]
+PAPER_TASKS = {"mr": "accuracy", "mr-reg": "pearson"}
+PAPER_ROWS = {  # row label -> (cell, method); {task}: the task
+    "LoRA": ("long-{task}", "lora"),
+    "PiSSA": ("long-{task}", "pissa"),
+    "SRLoRA spectrum": ("long-{task}", "srlora"),
+    "SRLoRA gradient subspace": ("long-{task}-gsub", "srlora"),
+}
+PAPER_TITLE = "What it costs in the paper's regime (MiniLM, r = 8, r_target = 64, 600 steps)"
+
+
+def paper_regime_jobs(seeds: list[int]) -> list[Job]:
+    return [
+        Job(f"long-{task}-gsub", task, "srlora", seed, ["--r-target", "64", *PAPER_ENTRY], common=LONG_COMMON)
+        for seed in seeds
+        for task in PAPER_TASKS
+    ]
+
+
+def _paper_regime_table(root: Path, seeds: list[int]) -> list[str]:
+    """Per task: each row's runs (from docs/results/runs.json and the runs here), and the chosen
+    entry against LoRA, PiSSA and the paper's entries, paired by seed."""
+    index = root / "docs/results/runs.json"
+    entries = json.loads(index.read_text()) if index.is_file() else []
+    finals = {(e["cell"], e["method"], e["seed"]): e["final"] for e in entries}
+    for job in paper_regime_jobs(seeds):
+        if is_finished(job, root):
+            finals[job.cell, job.method, job.seed] = json.loads((root / job.out / "results.json").read_text())["final"]
+    md: list[str] = []
+    for task, metric in PAPER_TASKS.items():
+        rows = {
+            label: {s: f[metric] for (c, m, s), f in finals.items() if (c, m) == (cell.format(task=task), method)}
+            for label, (cell, method) in PAPER_ROWS.items()
+        }
+        if not rows["SRLoRA gradient subspace"]:
+            continue
+        md += [
+            f"### {PAPER_TITLE}: {task}",
+            "",
+            "`srlora study --part new-pairs-long` (the other rows: the paper-regime study).",
+        ]
+        md += ["", f"| variant | seeds | {metric} |", "|---|---|---|"]
+        md += [f"| {label} | {len(v)} | {fmt(mean_std(list(v.values())))} |" for label, v in rows.items() if v]
+        md += ["", f"| comparison (paired by seed) | Δ {metric} [95% interval] |", "|---|---|"]
+        for other in ("LoRA", "PiSSA", "SRLoRA spectrum"):
+            diff = fmt_paired(paired(rows["SRLoRA gradient subspace"], rows[other]))
+            md.append(f"| SRLoRA gradient subspace − {other} | {diff} |")
+        md.append("")
+    return md
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows (the paper-regime tables): (section, subsection) -> rows."""
+    return {
+        (TITLE.removeprefix("## "), f"{PAPER_TITLE}: {task}"): {
+            label: (cell.format(task=task), method) for label, (cell, method) in PAPER_ROWS.items()
+        }
+        for task in PAPER_TASKS
+    }
 
 
 # ---------------------------------------------------------------------------- the known-rank map
@@ -117,6 +176,7 @@ PARTS = {
     "new-pairs-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
     "new-pairs-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(seeds, BEST), ns.jobs, root),
     "new-pairs-known-rank": lambda root, seeds, ns: run_known_rank(root, seeds),
+    "new-pairs-long": lambda root, seeds, ns: run_jobs(paper_regime_jobs(seeds), ns.jobs, root),
 }
 
 
@@ -255,61 +315,55 @@ def _confirm_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> 
 
 
 def _known_rank_table(root: Path) -> list[str]:
-    """Error left on the target per entry (mean ± std over seeds), the greedy bound, and the
-    share of what is left that one fused pair removes (fit of log error against pairs fused)."""
+    """Error left on the target per entry (mean ± std over seeds), and how many pairs each
+    fuses before a tenth of the target is left, against the greedy bound (each pair the
+    largest remaining component: the rank at which the target's tail holds a tenth, less r)."""
     path = root / KNOWN_RANK_DOC
     if not path.is_file():
         return []
     from ..known_rank import KnownRankRun, best_rank_error, make_problem
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    cells: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
     labels = {json.dumps(v, sort_keys=True): k for k, v in KNOWN_RANK_ENTRIES.items()}
+    cells: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
     for row in rows:
         spec = row["spec"]
         entry = {k: spec[k] for k in ("direction_policy", "entry_scale") if spec.get(k) not in (None, "spectrum")}
-        cells.setdefault((spec["K"], spec["interval"], labels.get(json.dumps(entry, sort_keys=True), "?")), []).append(
-            row
-        )
+        label = labels.get(json.dumps(entry, sort_keys=True), "?")
+        cells.setdefault((spec["K"], spec["interval"], label), []).append(row)
     md = [
-        "| K | T | entry | seeds | error left | pairs fused | greedy bound at as many pairs | per fused pair |",
+        "| K | T | entry | seeds | error left | pairs fused in all | pairs fused until a tenth is left "
+        "| greedy bound |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (K, T, label), runs in sorted(
-        cells.items(),
-        key=lambda kv: (
-            kv[0][0],
-            kv[0][1],
-            list(KNOWN_RANK_ENTRIES).index(kv[0][2]) if kv[0][2] in KNOWN_RANK_ENTRIES else 9,
-        ),
-    ):
-        spec = KnownRankRun(**{k: v for k, v in runs[0]["spec"].items()})
-        fused = spec.r_prime * runs[0]["switches"]
+    order = list(KNOWN_RANK_ENTRIES)
+    for (K, T, label), runs in sorted(cells.items(), key=lambda kv: (*kv[0][:2], order.index(kv[0][2]))):
+        spec = KnownRankRun(**runs[0]["spec"])
         _, dWs = make_problem(spec)
-        greedy = best_rank_error(dWs[0], min(spec.width, fused + spec.r))
-        per_pair = statistics.fmean(_per_pair(r, spec) for r in runs)
+        greedy = next(j for j in range(spec.width + 1) if best_rank_error(dWs[0], j) <= 0.1) - spec.r
+        reach = [_pairs_until(r, spec, 0.1) for r in runs]
+        reached = [x for x in reach if x is not None]
+        until = (
+            f"{statistics.fmean(reached):.0f}"
+            if len(reached) == len(reach)
+            else f"not reached in {len(reach) - len(reached)} of {len(reach)}"
+        )
         md.append(
-            f"| {K} | {T} | {label} | {len(runs)} | {fmt(mean_std([r['error'] for r in runs]), 4)} | {fused} | "
-            f"{greedy:.4f} | {per_pair:.1%} |"
+            f"| {K} | {T} | {label} | {len(runs)} | {fmt(mean_std([r['error'] for r in runs]), 4)} | "
+            f"{spec.r_prime * runs[0]['switches']} | {until} | {max(0, greedy)} |"
         )
     return md
 
 
-def _per_pair(row: dict[str, Any], spec: Any) -> float:
-    """1 - exp(slope) of log(error) against pairs fused, fitted over the run's curve after its first switch."""
-    pts = [
-        (step // spec.interval * spec.r_prime, err) for step, err in row["curve"] if step >= spec.interval and err > 0
-    ]
-    if len(pts) < 2:
-        return float("nan")
-    xs, ys = [p[0] for p in pts], [math.log(p[1]) for p in pts]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
-    return 1 - math.exp(slope)
+def _pairs_until(row: dict[str, Any], spec: Any, level: float) -> int | None:
+    """Pairs fused when the run's error curve first reaches ``level`` (None: never)."""
+    for step, err in row["curve"]:
+        if err <= level:
+            return step // spec.interval * spec.r_prime
+    return None
 
 
-def render(root: Path, old: dict[str, list[str]]) -> list[str]:
+def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]:
     """The section from the committed data (``docs/results/absorb.json``, the known-rank runs of
     :data:`KNOWN_RANK_DOC`); the current doc's text of it where neither is here."""
     from ..rundata import section_key
@@ -342,6 +396,7 @@ def render(root: Path, old: dict[str, list[str]]) -> list[str]:
     for title, table in parts:
         if table:
             md += [f"### {title}", "", *table, ""]
+    md += _paper_regime_table(root, seeds)
     commands = [e["command"] for name in (*VARIANTS, *BASELINES) for e in by_name.get(name, {}).values()]
     md += [
         "Commands (absorption runs; each run's figures are in `docs/results/absorb.json`):",

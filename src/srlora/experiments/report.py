@@ -49,6 +49,54 @@ def section_header(root: Path) -> list[str]:
     ]
 
 
+# Each study's notes, written by hand, sit right under its first section's title and are kept
+# when the doc is regenerated (the summary's are the header's): title's first words -> key.
+STUDY_NOTES = {
+    "Setup": "short",
+    "Performance": "cost",
+    "600 steps, paper regime": "paper-regime",
+    "600 steps, rank-bound regime": "rank-bound",
+    "When more directions pay": "known-rank-map",
+    "The real task where LoRA's rank is short": "absorption",
+    "What enters at a switch": "new-pairs",
+}
+
+
+def _notes_markers(key: str) -> tuple[str, str]:
+    return (
+        f"<!-- notes: {key} (written by hand, kept when this file is regenerated) -->",
+        f"<!-- end of notes: {key} -->",
+    )
+
+
+def with_study_notes(md: list[str], old_text: str) -> list[str]:
+    """``md`` with each study's notes block (from ``old_text``, the current doc) under the
+    first section title of the study; a block already there (a section kept whole) stays."""
+    out: list[str] = []
+    placed: set[str] = set()
+    for line in md:
+        out.append(line)
+        if not line.startswith("## "):
+            continue
+        key = next((k for prefix, k in STUDY_NOTES.items() if line[3:].startswith(prefix)), None)
+        begin, end = _notes_markers(key) if key else ("", "")
+        if key is None or key in placed or begin not in old_text:
+            continue
+        placed.add(key)
+        notes = old_text[old_text.index(begin) + len(begin) : old_text.index(end)].strip("\n")
+        out += ["", begin, notes, end]
+    # a section kept whole carries its block already: drop the copy inserted above it
+    text = "\n".join(out)
+    for key in placed:
+        begin, _ = _notes_markers(key)
+        if text.count(begin) > 1:
+            first = out.index(begin)
+            last = first + out[first:].index(_notes_markers(key)[1])
+            del out[first - 1 : last + 1]
+            text = "\n".join(out)
+    return out
+
+
 def write_runs_json(root: Path, jobs: list[Job]) -> None:
     """``docs/results/runs.json``: every run's figures. Runs of earlier renders that are not
     on this machine (``runs/`` is not committed) are kept; a run found here replaces its entry."""
@@ -87,6 +135,7 @@ def render(seeds: list[int], root: Path) -> Path:
     long += [j for j in new_pairs.paper_regime_jobs(seeds) if is_finished(j, root)]
     write_runs_json(root, done + long)
     path = root / "docs/RESULTS.md"
+    md = with_study_notes(md, path.read_text() if path.is_file() else "")
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
     return path
 

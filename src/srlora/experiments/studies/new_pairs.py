@@ -363,6 +363,29 @@ def _pairs_until(row: dict[str, Any], spec: Any, level: float) -> int | None:
     return None
 
 
+def plot_frontier(by_name: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path | None:
+    """Prose loss (forgetting) against held-out-chunk loss (learning) of every run, each seed a
+    point, the LoRA ladder's seed-1 rungs joined: the learning-forgetting frontier."""
+    from ..plots import pyplot, save_figure
+
+    ladder = [by_name[n][1] for n in LADDER if 1 in by_name.get(n, {})]
+    if len(ladder) < 2:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([_final(e, "held_chunks") for e in ladder], [_final(e, "prose") for e in ladder], "k--", lw=1)
+    for name, runs in by_name.items():
+        xs = [_final(e, "held_chunks") for e in runs.values()]
+        ys = [_final(e, "prose") for e in runs.values()]
+        ax.scatter(xs, ys, label=name, s=22, marker="s" if name in BASELINES else "o")
+    ax.set_xlabel("held-out chunks (nats/token): learnt, lower is better")
+    ax.set_ylabel("prose (nats/token): forgotten, lower is better")
+    ax.invert_xaxis()
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]:
     """The section from the committed data (``docs/results/absorb.json``, the known-rank runs of
     :data:`KNOWN_RANK_DOC`); the current doc's text of it where neither is here."""
@@ -396,6 +419,15 @@ def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]
     for title, table in parts:
         if table:
             md += [f"### {title}", "", *table, ""]
+    if plot_frontier(by_name, root / "docs/results/new_pairs_frontier.png") is not None:
+        md += [
+            "The learning-forgetting frontier (Biderman et al. 2024): every run's prose loss against its",
+            "held-out-chunk loss; the dashed line joins the LoRA ladder (r = 2, 8, 32, seed 1). Below the line is",
+            "forgetting less than LoRA does for the same absorption.",
+            "",
+            "![learning-forgetting frontier](results/new_pairs_frontier.png)",
+            "",
+        ]
     md += _paper_regime_table(root, seeds)
     commands = [e["command"] for name in (*VARIANTS, *BASELINES) for e in by_name.get(name, {}).values()]
     md += [

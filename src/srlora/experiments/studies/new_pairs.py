@@ -51,6 +51,7 @@ VARIANTS: dict[str, tuple[AbsorbConfig, bool]] = {
     "srlora-r2-T40-g1-w0scale1": (srlora(entry_scale=1.0), True),  # (b): W0's directions, the first pairs' scale
     "srlora-r2-T40-g1-gsub": (srlora(direction_policy="gradient_subspace"), True),  # (a) + (b)
     "srlora-r2-T40-g1-gsub-s0.25": (srlora(direction_policy="gradient_subspace", entry_scale=0.25), False),
+    "srlora-r2-T40-g1-gsub-s0.05": (srlora(direction_policy="gradient_subspace", entry_scale=0.05), False),
     "srlora-r2-T40-g0.5-gsub": (srlora(0.5, direction_policy="gradient_subspace"), False),
     "srlora-r2-T40-g1-reset-none": (srlora(optimizer_reset="none"), False),  # (c): the moments kept
     "srlora-r2-T40": (srlora(0.5), False),  # the paper's gamma

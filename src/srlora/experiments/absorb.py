@@ -285,7 +285,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     diagnosis = None
     if diagnose:  # hooks right after each optimizer step: one before SRLoRA's switch, one after it
-        from .new_pairs_diagnosis import SwitchDiagnosis
+        from .studies.new_pairs.diagnosis import SwitchDiagnosis
 
         diagnosis = SwitchDiagnosis(model, ctl, corpus.held_chunks[:4], cfg.switch_interval or 40, sched)
         diagnosis.attach(opt, after=False)

@@ -43,7 +43,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "name (all its parts: " + ", ".join(STUDIES) + "), one part (perf; main, ablations: 150 steps; long: 600 "
         "steps, paper regime; rank-pilot, rank: 600 steps, rank-bound regime; known-rank: the known-rank map; "
         "absorb-pilot, absorb: SmolLM2 corpus absorption, ~5 h; new-pairs-screen, new-pairs-confirm, "
-        "new-pairs-known-rank: what enters at a switch), or render (nothing).",
+        "new-pairs-known-rank, new-pairs-long: what enters at a switch), or render (nothing).",
     )
     ap.add_argument(
         "--rank-task",

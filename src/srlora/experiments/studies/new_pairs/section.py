@@ -1,185 +1,29 @@
-"""What enters at a switch (issue 24): new pairs that point where the loss needs them and learn
-as fast as the pairs they replace, measured where LoRA's rank binds (corpus absorption).
-
-    srlora study --part new-pairs-screen   # seed 1: the diagnosis and every option (~25 min a run)
-    srlora study --part new-pairs          # the best option on 3 seeds, paired with PiSSA and LoRA
-
-SRLoRA r = 2 with both pairs recycled every 40 steps (the known-rank rule; 9 switches) is the
-baseline; each option changes one thing about the pairs that enter (docs/METHOD.md section 7):
-
-* where they point: W0's next singular directions (the paper) or the top singular vectors of
-  the gradient summed over the window before the switch (``direction_policy="gradient_subspace"``);
-* how large they enter: their own singular value (the paper), or ``entry_scale`` times the
-  layer's first pairs' (which does not shrink with the spectrum);
-* what the optimizer keeps of the recycled slots (``optimizer_reset``).
-
-The baseline and the main options run with ``--diagnose``
-(:mod:`srlora.experiments.new_pairs_diagnosis`): the loss before and after each switch, and
-the alignment, size and speed of the pairs that enter and leave.
-"""
+"""The new-pairs study's section of docs/RESULTS.md, from the committed data alone
+(``docs/results/absorb.json``, :data:`KNOWN_RANK_DOC`, ``docs/results/runs.json``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
+import math
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..absorb import AbsorbConfig
-from ..jobs import LONG_COMMON, Job, is_finished, run_jobs
-from ..stats import fmt, fmt_paired, mean_std, paired
-from .absorption import STEPS, AbsorbJob
-
-INTERVAL = 40
-# The variant confirmed on 3 seeds (chosen from the screen: docs/RESULTS.md, section "What enters at a switch").
-BEST = "srlora-r2-T40-g1-gsub"
-
-
-def srlora(gamma: float = 1.0, **entry: object) -> AbsorbConfig:
-    """SRLoRA r = 2, a switch every 40 steps, as many directions as the 9 switches bring in."""
-    r_prime = round(2 * gamma)
-    r_target = 2 + r_prime * ((STEPS - 1) // INTERVAL)
-    return AbsorbConfig("srlora", 2, r_target, switch_interval=INTERVAL, gamma=gamma, steps=STEPS, **entry)  # type: ignore[arg-type]
-
-
-# name: (config, diagnosed)
-VARIANTS: dict[str, tuple[AbsorbConfig, bool]] = {
-    "srlora-r2-T40-g1": (srlora(), True),  # the baseline of issue 20
-    "srlora-r2-T40-g1-w0scale1": (srlora(entry_scale=1.0), True),  # (b): W0's directions, the first pairs' scale
-    "srlora-r2-T40-g1-gsub": (srlora(direction_policy="gradient_subspace"), True),  # (a) + (b)
-    "srlora-r2-T40-g1-gsub-s0.25": (srlora(direction_policy="gradient_subspace", entry_scale=0.25), False),
-    "srlora-r2-T40-g1-gsub-s0.05": (srlora(direction_policy="gradient_subspace", entry_scale=0.05), False),
-    "srlora-r2-T40-g0.5-gsub": (srlora(0.5, direction_policy="gradient_subspace"), False),
-    "srlora-r2-T40-g1-reset-none": (srlora(optimizer_reset="none"), False),  # (c): the moments kept
-    "srlora-r2-T40": (srlora(0.5), False),  # the paper's gamma
-}
-
-
-def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
-    """Every variant on one seed (PiSSA r = 2 and LoRA r = 2 / 8 / 32 are the absorption study's)."""
-    return [
-        AbsorbJob(name, dataclasses.replace(cfg, seed=seed), diagnose) for name, (cfg, diagnose) in VARIANTS.items()
-    ]
-
-
-def confirm_jobs(seeds: list[int], best: str) -> list[AbsorbJob]:
-    """``best`` and the baselines it is compared with, paired by seed: PiSSA r = 2, LoRA r = 2
-    and LoRA r = 8 on every seed."""
-    jobs: list[AbsorbJob] = []
-    cfg, diagnose = VARIANTS[best]
-    for seed in seeds:
-        jobs.append(AbsorbJob(best, dataclasses.replace(cfg, seed=seed), diagnose and seed == seeds[0]))
-        for method, r in (("pissa", 2), ("lora", 2), ("lora", 8)):
-            jobs.append(AbsorbJob(f"{method}-r{r}", AbsorbConfig(method, r, steps=STEPS, seed=seed)))
-    return jobs
-
-
-# ---------------------------------------------------------------------------- the paper regime
-# What the chosen entry costs where the rank does not bind: the paper-regime study's runs
-# (MiniLM, r = 8, r_target = 64, 600 steps), with the new pairs along the gradient's subspace.
-PAPER_ENTRY = ["--direction-policy", "gradient_subspace"]
-PAPER_TASKS = {"mr": "accuracy", "mr-reg": "pearson"}
-PAPER_ROWS = {  # row label -> (cell, method); {task}: the task
-    "LoRA": ("long-{task}", "lora"),
-    "PiSSA": ("long-{task}", "pissa"),
-    "SRLoRA spectrum": ("long-{task}", "srlora"),
-    "SRLoRA gradient subspace": ("long-{task}-gsub", "srlora"),
-}
-PAPER_TITLE = "What it costs in the paper's regime (MiniLM, r = 8, r_target = 64, 600 steps)"
-
-
-def paper_regime_jobs(seeds: list[int]) -> list[Job]:
-    return [
-        Job(f"long-{task}-gsub", task, "srlora", seed, ["--r-target", "64", *PAPER_ENTRY], common=LONG_COMMON)
-        for seed in seeds
-        for task in PAPER_TASKS
-    ]
-
-
-def _paper_regime_table(root: Path, seeds: list[int]) -> list[str]:
-    """Per task: each row's runs (from docs/results/runs.json and the runs here), and the chosen
-    entry against LoRA, PiSSA and the paper's entries, paired by seed."""
-    index = root / "docs/results/runs.json"
-    entries = json.loads(index.read_text()) if index.is_file() else []
-    finals = {(e["cell"], e["method"], e["seed"]): e["final"] for e in entries}
-    for job in paper_regime_jobs(seeds):
-        if is_finished(job, root):
-            finals[job.cell, job.method, job.seed] = json.loads((root / job.out / "results.json").read_text())["final"]
-    md: list[str] = []
-    for task, metric in PAPER_TASKS.items():
-        rows = {
-            label: {s: f[metric] for (c, m, s), f in finals.items() if (c, m) == (cell.format(task=task), method)}
-            for label, (cell, method) in PAPER_ROWS.items()
-        }
-        if not rows["SRLoRA gradient subspace"]:
-            continue
-        md += [
-            f"### {PAPER_TITLE}: {task}",
-            "",
-            "`srlora study --part new-pairs-long` (the other rows: the paper-regime study).",
-        ]
-        md += ["", f"| variant | seeds | {metric} |", "|---|---|---|"]
-        md += [f"| {label} | {len(v)} | {fmt(mean_std(list(v.values())))} |" for label, v in rows.items() if v]
-        md += ["", f"| comparison (paired by seed) | Δ {metric} [95% interval] |", "|---|---|"]
-        for other in ("LoRA", "PiSSA", "SRLoRA spectrum"):
-            diff = fmt_paired(paired(rows["SRLoRA gradient subspace"], rows[other]))
-            md.append(f"| SRLoRA gradient subspace − {other} | {diff} |")
-        md.append("")
-    return md
-
-
-def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
-    """This study's run-table rows (the paper-regime tables): (section, subsection) -> rows."""
-    return {
-        (TITLE.removeprefix("## "), f"{PAPER_TITLE}: {task}"): {
-            label: (cell.format(task=task), method) for label, (cell, method) in PAPER_ROWS.items()
-        }
-        for task in PAPER_TASKS
-    }
-
-
-# ---------------------------------------------------------------------------- the known-rank map
-KNOWN_RANK_FILE = "runs/known-rank/new_pairs.jsonl"
-KNOWN_RANK_ENTRIES: dict[str, dict[str, object]] = {
-    "paper": {},
-    "w0 scale 1": {"entry_scale": 1.0},
-    "gradient subspace": {"direction_policy": "gradient_subspace"},
-    "gradient subspace, scale 0.25": {"direction_policy": "gradient_subspace", "entry_scale": 0.25},
-}
-
-
-def known_rank_specs(seeds: list[int]) -> list[tuple[str, object]]:
-    """SRLoRA r = 2, gamma 1, T = 30 and 60, on one layer learning a rank-16 and a rank-64
-    target in 2,000 steps, with each entry: how much of what is left does a fused pair remove,
-    against the greedy bound (each pair the largest remaining component)?"""
-    from ..known_rank import KnownRankRun
-
-    specs = []
-    for K in (16, 64):
-        for T in (30, 60):
-            for entry in KNOWN_RANK_ENTRIES.values():
-                for seed in seeds:
-                    spec = KnownRankRun("srlora", 2, K, steps=2000, interval=T, gamma=1.0, seed=seed, **entry)  # type: ignore[arg-type]
-                    specs.append((f"K{K}-N2000", spec))
-    return specs
-
-
-def run_known_rank(root: Path, seeds: list[int]) -> None:
-    from ..known_rank import run_specs
-
-    run_specs(root / KNOWN_RANK_FILE, known_rank_specs(seeds))  # type: ignore[arg-type]
-
-
-PARTS = {
-    "new-pairs-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
-    "new-pairs-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(seeds, BEST), ns.jobs, root),
-    "new-pairs-known-rank": lambda root, seeds, ns: run_known_rank(root, seeds),
-    "new-pairs-long": lambda root, seeds, ns: run_jobs(paper_regime_jobs(seeds), ns.jobs, root),
-}
-
+from ...jobs import is_finished
+from ...stats import fmt, fmt_paired, mean_std, paired
+from .jobs import (
+    BEST,
+    INTERVAL,
+    KNOWN_RANK_ENTRIES,
+    KNOWN_RANK_FILE,
+    PAPER_ROWS,
+    PAPER_TASKS,
+    PAPER_TITLE,
+    VARIANTS,
+    paper_regime_jobs,
+)
 
 # ---------------------------------------------------------------------------- the doc's section
 TITLE = "## What enters at a switch: new pairs where the rank binds"
@@ -241,6 +85,27 @@ def _diagnosis_table(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]
             cells.append(f"{statistics.fmean(vals):.3g}" if vals else "n/a")
         md.append("| " + " | ".join(cells) + " |")
     return md if found else []
+
+
+def _per_switch(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Switch by switch (seed 1): the learning rate, and for each diagnosed run the entering
+    pairs' alignment with the gradient and what a pair learnt over its life, relative to the
+    layer's whole update."""
+    runs = {n: r[1]["diagnosis"] for n, r in by_name.items() if r.get(1, {}).get("diagnosis")}
+    if not runs:
+        return []
+    names = list(runs)
+    head = "| step | lr | " + " | ".join(f"{n}: alignment in / learnt share" for n in names) + " |"
+    md = [head, "|---|---|" + "---|" * len(names)]
+    first = runs[names[0]]
+    for i, row in enumerate(first):
+        cells = [str(row["step"]), f"{row['lr']:.1e}"]
+        for n in names:
+            d = runs[n][i] if i < len(runs[n]) else {}
+            align, share = d.get("alignment_entering", math.nan), d.get("learnt_share_of_update", math.nan)
+            cells.append(f"{align:.4f} / {share:.2f}".replace("nan", "–"))
+        md.append("| " + " | ".join(cells) + " |")
+    return md
 
 
 def _around_switches(by_name: dict[str, dict[int, dict[str, Any]]], width: int = 5) -> list[str]:
@@ -322,7 +187,7 @@ def _known_rank_table(root: Path) -> list[str]:
     path = root / KNOWN_RANK_DOC
     if not path.is_file():
         return []
-    from ..known_rank import KnownRankRun, best_rank_error, make_problem
+    from ...known_rank import KnownRankRun, best_rank_error, make_problem
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     labels = {json.dumps(v, sort_keys=True): k for k, v in KNOWN_RANK_ENTRIES.items()}
@@ -367,7 +232,7 @@ def _pairs_until(row: dict[str, Any], spec: Any, level: float) -> int | None:
 def plot_frontier(by_name: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path | None:
     """Prose loss (forgetting) against held-out-chunk loss (learning) of every run, each seed a
     point, the LoRA ladder's seed-1 rungs joined: the learning-forgetting frontier."""
-    from ..plots import pyplot, save_figure
+    from ...plots import pyplot, save_figure
 
     ladder = [by_name[n][1] for n in LADDER if 1 in by_name.get(n, {})]
     if len(ladder) < 2:
@@ -390,8 +255,8 @@ def plot_frontier(by_name: dict[str, dict[int, dict[str, Any]]], path: Path) -> 
 def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]:
     """The section from the committed data (``docs/results/absorb.json``, the known-rank runs of
     :data:`KNOWN_RANK_DOC`); the current doc's text of it where neither is here."""
-    from ..rundata import section_key
-    from .absorption import load_absorb
+    from ...rundata import section_key
+    from ..absorption import load_absorb
 
     src = root / KNOWN_RANK_FILE
     if src.is_file():
@@ -405,6 +270,7 @@ def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]
             "Diagnosis at the switches (`--diagnose`, seed 1; medians over layers, means over switches)",
             _diagnosis_table(by_name),
         ),
+        ("Switch by switch (seed 1)", _per_switch(by_name)),
         ("The training loss around the switches, against PiSSA r = 2 on the same batches", _around_switches(by_name)),
         ("Every option on seed 1, against PiSSA r = 2 and the LoRA ladder", _screen_table(by_name)),
         (
@@ -447,3 +313,45 @@ NOTES_HERE = (
     "source (the absorption study's task), SRLoRA r = 2 with both pairs recycled every 40 steps; each option "
     "changes what enters at a switch (docs/METHOD.md section 7)."
 )
+
+
+def _paper_regime_table(root: Path, seeds: list[int]) -> list[str]:
+    """Per task: each row's runs (from docs/results/runs.json and the runs here), and the chosen
+    entry against LoRA, PiSSA and the paper's entries, paired by seed."""
+    index = root / "docs/results/runs.json"
+    entries = json.loads(index.read_text()) if index.is_file() else []
+    finals = {(e["cell"], e["method"], e["seed"]): e["final"] for e in entries}
+    for job in paper_regime_jobs(seeds):
+        if is_finished(job, root):
+            finals[job.cell, job.method, job.seed] = json.loads((root / job.out / "results.json").read_text())["final"]
+    md: list[str] = []
+    for task, metric in PAPER_TASKS.items():
+        rows = {
+            label: {s: f[metric] for (c, m, s), f in finals.items() if (c, m) == (cell.format(task=task), method)}
+            for label, (cell, method) in PAPER_ROWS.items()
+        }
+        if not rows["SRLoRA gradient subspace"]:
+            continue
+        md += [
+            f"### {PAPER_TITLE}: {task}",
+            "",
+            "`srlora study --part new-pairs-long` (the other rows: the paper-regime study).",
+        ]
+        md += ["", f"| variant | seeds | {metric} |", "|---|---|---|"]
+        md += [f"| {label} | {len(v)} | {fmt(mean_std(list(v.values())))} |" for label, v in rows.items() if v]
+        md += ["", f"| comparison (paired by seed) | Δ {metric} [95% interval] |", "|---|---|"]
+        for other in ("LoRA", "PiSSA", "SRLoRA spectrum"):
+            diff = fmt_paired(paired(rows["SRLoRA gradient subspace"], rows[other]))
+            md.append(f"| SRLoRA gradient subspace − {other} | {diff} |")
+        md.append("")
+    return md
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows (the paper-regime tables): (section, subsection) -> rows."""
+    return {
+        (TITLE.removeprefix("## "), f"{PAPER_TITLE}: {task}"): {
+            label: (cell.format(task=task), method) for label, (cell, method) in PAPER_ROWS.items()
+        }
+        for task in PAPER_TASKS
+    }

@@ -136,17 +136,19 @@ class SketchProbe:
         self._Z_step.zero_()
         self.touched = False
 
-    def top_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(u (m, r'), v (n, r'))``: the top ``r'`` singular vectors of the sketched ``G``
-        (float32, unit columns); seeded random ones where nothing was captured."""
+    @property
+    def captured(self) -> bool:
+        """Some step entered the sketches since the window opened."""
+        return self.steps_seen > 0
+
+    def random_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded random unit directions ``(u (m, r'), v (n, r'))``, where nothing was captured."""
         r = self.layer.r_prime
         m, n = self.layer.target.shape
-        if self.steps_seen == 0 or not bool(self.Y.abs().sum() > 0):
-            g = self._generator()
-            U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
-            V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
-            return U.float().to(self.Y.device), V.float().to(self.Y.device)
-        return sketch_top_vectors(self.Y, self.Z, self.test_matrices()[1], r)
+        g = self._generator()
+        U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+        return U.float().to(self.Y.device), V.float().to(self.Y.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"Y": self.Y.clone(), "Z": self.Z.clone(), "steps_seen": self.steps_seen, "armed": self.armed}
@@ -165,13 +167,36 @@ class SketchProbe:
 def sketch_top_vectors(
     Y: torch.Tensor, Z: torch.Tensor, psi: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top ``r`` singular vectors ``(u (m, r), v (n, r))`` of ``G`` from its sketches
-    ``Y = G Omega (m, k)`` and ``Z = Psi G (l, n)``: ``Q = orth(Y)``, ``X = (Psi Q)^+ Z``, and
-    the SVD of ``X`` (Tropp et al. 2017, single pass). Computed in float64."""
-    Q = torch.linalg.qr(Y.double()).Q  # (m, k)
-    X = torch.linalg.lstsq(psi.double() @ Q, Z.double()).solution  # (k, n)
+    """The top ``r`` singular vectors ``(u (..., m, r), v (..., n, r))`` of ``G`` from its sketches
+    ``Y = G Omega (..., m, k)`` and ``Z = Psi G (..., l, n)``: ``Q = orth(Y)``, ``X = (Psi Q)^+ Z``,
+    and the SVD of ``X`` (Tropp et al. 2017, single pass); batched over leading dimensions.
+    Computed in float64."""
+    Q = torch.linalg.qr(Y.double()).Q  # (..., m, k)
+    X = torch.linalg.lstsq(psi.double() @ Q, Z.double()).solution  # (..., k, n)
     Ux, _, Vxh = torch.linalg.svd(X, full_matrices=False)
-    return (Q @ Ux[:, :r]).float(), Vxh[:r].T.contiguous().float()
+    return (Q @ Ux[..., :r]).float(), Vxh[..., :r, :].transpose(-1, -2).contiguous().float()
+
+
+def top_vectors(probes: list[SketchProbe]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each probe's ``(u, v)``: one batched randomized SVD per group of probes of one shape
+    (the layers of a transformer come in a few shapes); seeded random directions where
+    nothing was captured."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(probes)
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(probes):
+        if p.captured:
+            key = (*p.Y.shape, *p.Z.shape, p.layer.r_prime, p.Y.device)
+            groups.setdefault(key, []).append(i)
+        else:
+            out[i] = p.random_vectors()
+    for members in groups.values():
+        Y = torch.stack([probes[i].Y for i in members])
+        Z = torch.stack([probes[i].Z for i in members])
+        psi = torch.stack([probes[i].test_matrices()[1] for i in members])
+        U, V = sketch_top_vectors(Y, Z, psi, probes[members[0]].layer.r_prime)
+        for j, i in enumerate(members):
+            out[i] = (U[j], V[j])
+    return out  # type: ignore[return-value]
 
 
 class GradientSubspace:
@@ -232,7 +257,7 @@ class GradientSubspace:
                 p.Y.copy_(parts[2 * i].view_as(p.Y))
                 p.Z.copy_(parts[2 * i + 1].view_as(p.Z))
                 p.steps_seen = int(seen[i])
-        out = {p.layer.name: p.top_vectors() for p in probes}
+        out = {p.layer.name: uv for p, uv in zip(probes, top_vectors(probes), strict=True)}
         if distributed:
             flat = torch.cat([t.flatten() for u, v in out.values() for t in (u, v)])
             dist.broadcast(flat, src=0)  # LAPACK may differ between hosts: rank 0's vectors for all

@@ -6,8 +6,9 @@ and SRLoRA with new pairs along the gradient's subspace, both switching every 19
 that every step lies in a capture window (19 steps at beta1 = 0.85): the worst case, where
 the sketch hooks run on every step. A switch step is in the medians as it falls.
 
-    python benchmarks/gradient_capture.py                       # MiniLM (srlora fetch minilm), 16 x 128
-    python benchmarks/gradient_capture.py --steps 40 --json docs/results/gradient_capture.json
+    python benchmarks/gradient_capture.py                       # MiniLM (srlora fetch minilm), 16 x 128, r = 8
+    python benchmarks/gradient_capture.py --smollm2             # the absorption study's setting: SmolLM2-135M,
+                                                                # 4 x 128 tokens, r = 2, both pairs per switch
 
 Prints each median step, the ratios to LoRA, the capture's own cost per step (gradient
 subspace over the paper's entries), and what it adds to a run whose switches come every
@@ -36,6 +37,8 @@ from srlora.schedule import ema_warmup_steps
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="Hugging Face folder (default: the fetched MiniLM, else a tiny BERT)")
+    ap.add_argument("--smollm2", action="store_true", help="SmolLM2-135M (the absorption task's model), causal LM")
+    ap.add_argument("--gamma", type=float, default=0.5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--r", type=int, default=8)
@@ -45,18 +48,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    base, source = load_base(args.model)
+    if args.smollm2:
+        from srlora.experiments.absorb import load_smollm2
+
+        base, source = load_smollm2()[0], "SmolLM2-135M (float32)"
+    else:
+        base, source = load_base(args.model)
     base.train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq_len), generator=g)
-    batch = {"input_ids": ids, "labels": torch.randint(0, 2, (args.batch_size,), generator=g)}
+    labels = ids if args.smollm2 else torch.randint(0, 2, (args.batch_size,), generator=g)
+    batch = {"input_ids": ids, "labels": labels}
     window = ema_warmup_steps(0.85)
     models = {name: lora(base, args.r, args.r) for name in ("lora", "control", "paper", "gradient subspace")}
     opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in models.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SRLoRAWarning)
         for name, policy in (("paper", "spectrum"), ("gradient subspace", "gradient_subspace")):
-            config = SRLoRAConfig(r_target=args.r * 16, switch_interval=window, direction_policy=policy)
+            config = SRLoRAConfig(
+                r_target=args.r * 16, switch_interval=window, gamma=args.gamma, direction_policy=policy
+            )
             SRLoRA(models[name], config).attach(opts[name])
 
     def step(name: str) -> None:
@@ -79,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "batch": f"{args.batch_size}x{args.seq_len}",
         "r": args.r,
+        "gamma": args.gamma,
         "steps": args.steps,
         "median_step_s": med,
         "ratio_to_lora": {n: med[n] / med["lora"] for n in names},

@@ -229,6 +229,28 @@ def _pairs_until(row: dict[str, Any], spec: Any, level: float) -> int | None:
     return None
 
 
+def _capture_cost(root: Path) -> list[str]:
+    """What the gradient capture costs a step (``benchmarks/gradient_capture.py``, each JSON its
+    command): the four models in rotation, the capture on every step, and over a run."""
+    rows = []
+    for path in sorted((root / "docs/results").glob("gradient_capture_*.json")):
+        d = json.loads(path.read_text())
+        ratio = d["ratio_to_lora"]
+        rows.append(
+            f"| {d['model']} | {d['batch']} | {d['r']} | {ratio['control']:.3f} | {ratio['paper']:.3f} | "
+            f"{ratio['gradient subspace']:.3f} | {100 * d['capture_per_captured_step']:.1f}% | "
+            f"{100 * d['capture_whole_run']:.1f}% (T = {d['interval']}) | `{d.get('command', '')}` |"
+        )
+    if not rows:
+        return []
+    return [
+        "| model | batch | r | A/A control / LoRA | paper's entries / LoRA | gradient subspace / LoRA "
+        "| capture, per captured step | over a run | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def plot_frontier(by_name: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path | None:
     """Prose loss (forgetting) against held-out-chunk loss (learning) of every run, each seed a
     point, the LoRA ladder's seed-1 rungs joined: the learning-forgetting frontier."""
@@ -281,6 +303,10 @@ def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]
             "On the known-rank map (one 128-wide layer, r = 2, gamma 1, 2,000 steps; "
             "`srlora study --part new-pairs-known-rank`)",
             _known_rank_table(root),
+        ),
+        (
+            "What the gradient capture costs (median steps in rotation, this project's CPU, one thread)",
+            _capture_cost(root),
         ),
     ]
     for title, table in parts:

@@ -67,7 +67,8 @@ def load_base(
         return BertForSequenceClassification(BertConfig(num_labels=2)), source
     path = Path(model) if model else local_path("minilm")
     if path is not None:
-        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2), str(path)
+        name = "MiniLM (srlora fetch minilm)" if model is None else str(path)
+        return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2), name
     cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, num_labels=2)
     return BertForSequenceClassification(cfg), "tiny random BERT (run `srlora fetch minilm` for MiniLM)"
 

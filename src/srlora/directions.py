@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
+from .capture import WindowedCapture
 from .config import SRLoRAConfig
 from .devices import to_device
 from .layer_state import LayerState
-from .schedule import ema_warmup_steps
 
 
 class GradientProbe:
@@ -150,23 +150,12 @@ def capture_for(layers: Mapping[str, LayerState], config: SRLoRAConfig) -> Any:
     return None
 
 
-class GradientDirections:
+class GradientDirections(WindowedCapture):
     """``direction_policy="gradient"`` for a controller's layers: when each layer captures,
     and which directions it brings in."""
 
     def __init__(self, layers: Mapping[str, LayerState], beta: float, adaptive: bool) -> None:
-        self.probes = {name: GradientProbe(layer, beta) for name, layer in layers.items()}
-        self.window = ema_warmup_steps(beta)
-        self.adaptive = adaptive
-
-    def update_windows(self, next_step: int) -> None:
-        """Arm the layers whose window covers optimizer step ``next_step``; disarm the others."""
-        for probe in self.probes.values():
-            capture = probe.layer.in_capture_window(next_step, self.window, self.adaptive)
-            if capture and not probe.armed:
-                probe.arm(reset=True)
-            elif not capture and probe.armed:
-                probe.disarm()
+        super().__init__({name: GradientProbe(layer, beta) for name, layer in layers.items()}, beta, adaptive)
 
     def vectors(self, layers: list[LayerState]) -> None:
         """The new pairs are ``W0``'s directions (from the cache), not vectors of their own."""
@@ -189,10 +178,6 @@ class GradientDirections:
         for p in armed:
             p.fold()
 
-    def discard(self) -> None:
-        for p in self.probes.values():
-            p.discard()
-
     def choose(self, name: str, ema: torch.Tensor | None = None) -> torch.Tensor:
         return self.probes[name].choose(ema)
 
@@ -205,14 +190,3 @@ class GradientDirections:
         probe = self.probes[name]
         if probe.armed:
             probe.arm(reset=not self.adaptive)
-
-    def close(self) -> None:
-        for p in self.probes.values():
-            p.disarm()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: p.state_dict() for name, p in self.probes.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, p in self.probes.items():
-            p.load_state_dict(state[name])

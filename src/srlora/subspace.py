@@ -44,9 +44,9 @@ from typing import Any
 import torch
 
 from . import collective
+from .capture import WindowedCapture
 from .config import SRLoRAConfig
 from .layer_state import LayerState
-from .schedule import ema_warmup_steps
 
 
 class SketchProbe:
@@ -199,34 +199,19 @@ def top_vectors(probes: list[SketchProbe]) -> list[tuple[torch.Tensor, torch.Ten
     return out  # type: ignore[return-value]
 
 
-class GradientSubspace:
+class GradientSubspace(WindowedCapture):
     """``direction_policy="gradient_subspace"`` for a controller's layers: when each layer
     sketches its gradient, and the vectors its new pairs take (see the module doc)."""
 
     def __init__(self, layers: Mapping[str, LayerState], config: SRLoRAConfig) -> None:
-        self.probes = {name: SketchProbe(layer, i, config) for i, (name, layer) in enumerate(layers.items())}
-        self.window = ema_warmup_steps(config.beta1)
-        self.adaptive = config.adaptive_switch
-
-    def update_windows(self, next_step: int) -> None:
-        """Arm the layers whose window covers optimizer step ``next_step``; disarm the others."""
-        for probe in self.probes.values():
-            capture = probe.layer.in_capture_window(next_step, self.window, self.adaptive)
-            if capture and not probe.armed:
-                probe.arm(reset=True)
-            elif not capture and probe.armed:
-                probe.disarm()
+        probes = {name: SketchProbe(layer, i, config) for i, (name, layer) in enumerate(layers.items())}
+        super().__init__(probes, config.beta1, config.adaptive_switch)
 
     def fold(self) -> None:
         """Once per optimizer step, before it: each armed layer adds the step's sketches."""
         for p in self.probes.values():
             if p.armed:
                 p.fold()
-
-    def discard(self) -> None:
-        """A skipped step (non-finite gradients): its sketches are dropped."""
-        for p in self.probes.values():
-            p.discard()
 
     def choose(self, name: str, ema: torch.Tensor | None = None) -> torch.Tensor:
         """The entries' ordinal numbers: the next ``r'`` of the layer."""
@@ -273,14 +258,3 @@ class GradientSubspace:
         probe = self.probes[name]
         if probe.armed:
             probe.arm(reset=True)
-
-    def close(self) -> None:
-        for p in self.probes.values():
-            p.disarm()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: p.state_dict() for name, p in self.probes.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, p in self.probes.items():
-            p.load_state_dict(state[name])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -32,6 +33,18 @@ from step_overhead import load_base, lora, timed  # benchmarks/ is on the path w
 from srlora import SRLoRA, SRLoRAConfig, SRLoRAWarning
 from srlora.atomic import atomic_write_text
 from srlora.schedule import ema_warmup_steps
+
+
+def command(argv: list[str]) -> str:
+    """The command that made a result, as the docs print it (where its JSON went left out)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--json":
+            skip = not skip
+            continue
+        if not a.startswith("--json="):
+            kept.append(a)
+    return shlex.join(["python", "benchmarks/gradient_capture.py", *kept])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     capture = (med["gradient subspace"] - med["paper"]) / med["lora"]
     out = {
         "model": source,
+        "command": command(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "batch": f"{args.batch_size}x{args.seq_len}",
         "r": args.r,

@@ -237,3 +237,28 @@ def test_bad_entry_options_are_refused_with_the_fix():
         SRLoRAConfig(r_target=8, total_steps=10, entry_scale="large")
     with pytest.raises(ValueError, match="gradient_subspace"):
         SRLoRAConfig(r_target=8, total_steps=10, direction_policy="subspace")
+
+
+def test_a_window_whose_gradient_is_exactly_zero_enters_the_seeded_random_directions():
+    """Zero inputs: every step reaches the sketches (the output gradient is not zero), but the
+    weight gradient G = delta^T x is. The pair that enters lies along the probe's seeded random
+    vectors, not along whatever an SVD of a zero matrix returns."""
+    model, ctl = _layer_with_gradient_along(torch.zeros(16), torch.zeros(16), "gradient_subspace")
+    name = ctl.layer_names[0]
+    layer, probe = ctl.layers[name], ctl.directions.probes[name]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ctl.attach(opt)
+    u_out = torch.nn.functional.normalize(torch.ones(16), dim=0)
+    for step in range(20):
+        if step == 19:
+            assert probe.steps_seen > 0 and not probe.captured
+            u, v = probe.random_vectors()  # drawn before the switch moves the layer's count
+            A_before = layer.target.lora_A.detach().clone()
+        (-(model(torch.zeros(4, 16)) @ u_out).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(ctl.history) == 1  # one scheduled switch
+    (slot,) = [i for i in range(2) if not torch.equal(layer.target.lora_A.detach()[i], A_before[i])]
+    b, a = layer.target.lora_B.detach()[:, slot], layer.target.lora_A.detach()[slot]
+    assert abs(float(torch.dot(b / b.norm(), u[:, 0]))) > 1 - 1e-5
+    assert abs(float(torch.dot(a / a.norm(), v[:, 0]))) > 1 - 1e-5

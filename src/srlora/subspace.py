@@ -138,8 +138,10 @@ class SketchProbe:
 
     @property
     def captured(self) -> bool:
-        """Some step entered the sketches since the window opened."""
-        return self.steps_seen > 0
+        """Some step entered the sketches since the window opened, and its gradient was not
+        exactly zero (a zero sketch has no top vectors to speak of: the SVD would return
+        arbitrary ones, which may differ between LAPACK builds)."""
+        return self.steps_seen > 0 and bool(self.Y.any()) and bool(self.Z.any())
 
     def random_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded random unit directions ``(u (m, r'), v (n, r'))``, where nothing was captured."""

@@ -66,14 +66,21 @@ class SketchProbe:
         self.k = min(layer.r_prime + config.sketch_oversample, m, n)
         self.l = min(2 * self.k + 1, m)
         device = layer.target.device
-        self.Y = torch.zeros(m, self.k, dtype=torch.float32, device=device)
+        # Y is kept transposed, (k, m) row-major, so that its per-step update is a short-wide
+        # product (see _backward).
+        self.Yt = torch.zeros(self.k, m, dtype=torch.float32, device=device)
         self.Z = torch.zeros(self.l, n, dtype=torch.float32, device=device)
-        self._Y_step, self._Z_step = torch.zeros_like(self.Y), torch.zeros_like(self.Z)
+        self._Yt_step, self._Z_step = torch.zeros_like(self.Yt), torch.zeros_like(self.Z)
         self.steps_seen = 0
         self.touched = False
         self._handle: Any = None
-        self._omega: torch.Tensor | None = None
+        self._omega_t: torch.Tensor | None = None  # Omega^T, (k, n) row-major
         self._psi: torch.Tensor | None = None
+
+    @property
+    def Y(self) -> torch.Tensor:
+        """``(m, k)``: the range sketch (a transposed view of the stored ``(k, m)`` buffer)."""
+        return self.Yt.T
 
     @property
     def armed(self) -> bool:
@@ -97,17 +104,18 @@ class SketchProbe:
         """Open a window: the hooks add each micro-batch to the sketches from now on."""
         self.disarm()
         if reset:
-            self.Y.zero_()
+            self.Yt.zero_()
             self.Z.zero_()
             self.steps_seen = 0
         self.discard()
-        self._omega, self._psi = self.test_matrices()
+        omega, self._psi = self.test_matrices()
+        self._omega_t = omega.T.contiguous()
         self._handle = self.layer.target.module.register_forward_hook(self._forward)
 
     def disarm(self) -> None:
         if self._handle is not None:
             self._handle.remove()
-        self._handle = self._omega = self._psi = None
+        self._handle = self._omega_t = self._psi = None
 
     def _forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -115,24 +123,26 @@ class SketchProbe:
         output.register_hook(partial(self._backward, args[0].detach()))
 
     def _backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
-        assert self._omega is not None and self._psi is not None
+        assert self._omega_t is not None and self._psi is not None
         m, n = self.layer.target.shape
         x2 = x.reshape(-1, n).float()
         d = grad.detach().reshape(-1, m).float()
-        self._Y_step.addmm_(d.T, x2 @ self._omega)  # G Omega = sum_t delta_t^T (x_t Omega)
+        # (G Omega)^T = sum_t (Omega^T x_t^T) delta_t; in this order every product is short-wide
+        # (k rows), which CPU BLAS runs several times faster than the tall-skinny x Omega.
+        self._Yt_step.addmm_(self._omega_t @ x2.T, d)
         self._Z_step.addmm_(self._psi @ d.T, x2)  # Psi G = sum_t (Psi delta_t^T) x_t
         self.touched = True
 
     def fold(self) -> None:
         """Add this optimizer step's sketches (its micro-batches) to the window's (once per step)."""
         if self.touched:
-            self.Y.add_(self._Y_step)
+            self.Yt.add_(self._Yt_step)
             self.Z.add_(self._Z_step)
             self.steps_seen += 1
         self.discard()
 
     def discard(self) -> None:
-        self._Y_step.zero_()
+        self._Yt_step.zero_()
         self._Z_step.zero_()
         self.touched = False
 

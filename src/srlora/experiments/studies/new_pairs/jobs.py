@@ -57,22 +57,32 @@ def confirm_jobs(seeds: list[int], best: str) -> list[AbsorbJob]:
 
 
 # ---------------------------------------------------------------------------- the paper regime
-# What the chosen entry costs where the rank does not bind: the paper-regime study's runs
-# (MiniLM, r = 8, r_target = 64, 600 steps), with the new pairs along the gradient's subspace.
-PAPER_ENTRY = ["--direction-policy", "gradient_subspace"]
+# What the gradient-subspace entry costs where the rank does not bind: the paper-regime study's
+# runs (MiniLM, r = 8, r_target = 64, 600 steps), with the new pairs along the gradient's subspace
+# at the first pairs' scale (the default) and at BEST's scale, 0.25.
+PAPER_ENTRIES = {  # row label -> (cell suffix, srlora train options)
+    "SRLoRA gradient subspace": ("gsub", ["--direction-policy", "gradient_subspace"]),
+    "SRLoRA gradient subspace, scale 0.25": (
+        "gsub-s0.25",
+        ["--direction-policy", "gradient_subspace", "--entry-scale", "0.25"],
+    ),
+}
 PAPER_TASKS = {"mr": "accuracy", "mr-reg": "pearson"}
 PAPER_ROWS = {  # row label -> (cell, method); {task}: the task
     "LoRA": ("long-{task}", "lora"),
     "PiSSA": ("long-{task}", "pissa"),
     "SRLoRA spectrum": ("long-{task}", "srlora"),
-    "SRLoRA gradient subspace": ("long-{task}-gsub", "srlora"),
+    **{label: (f"long-{{task}}-{suffix}", "srlora") for label, (suffix, _) in PAPER_ENTRIES.items()},
 }
 PAPER_TITLE = "What it costs in the paper's regime (MiniLM, r = 8, r_target = 64, 600 steps)"
 
 
-def paper_regime_jobs(seeds: list[int]) -> list[Job]:
+def paper_regime_jobs(seeds: list[int], entries: list[str] | None = None) -> list[Job]:
+    """Each entry of :data:`PAPER_ENTRIES` (or those named) on each task and seed."""
     return [
-        Job(f"long-{task}-gsub", task, "srlora", seed, ["--r-target", "64", *PAPER_ENTRY], common=LONG_COMMON)
+        Job(f"long-{task}-{suffix}", task, "srlora", seed, ["--r-target", "64", *options], common=LONG_COMMON)
+        for label, (suffix, options) in PAPER_ENTRIES.items()
+        if entries is None or label in entries
         for seed in seeds
         for task in PAPER_TASKS
     ]

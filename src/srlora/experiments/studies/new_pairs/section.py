@@ -18,6 +18,7 @@ from .jobs import (
     INTERVAL,
     KNOWN_RANK_ENTRIES,
     KNOWN_RANK_FILE,
+    PAPER_ENTRIES,
     PAPER_ROWS,
     PAPER_TASKS,
     PAPER_TITLE,
@@ -356,7 +357,7 @@ def _paper_regime_table(root: Path, seeds: list[int]) -> list[str]:
             label: {s: f[metric] for (c, m, s), f in finals.items() if (c, m) == (cell.format(task=task), method)}
             for label, (cell, method) in PAPER_ROWS.items()
         }
-        if not rows["SRLoRA gradient subspace"]:
+        if not any(rows[label] for label in PAPER_ENTRIES):
             continue
         md += [
             f"### {PAPER_TITLE}: {task}",
@@ -366,9 +367,10 @@ def _paper_regime_table(root: Path, seeds: list[int]) -> list[str]:
         md += ["", f"| variant | seeds | {metric} |", "|---|---|---|"]
         md += [f"| {label} | {len(v)} | {fmt(mean_std(list(v.values())))} |" for label, v in rows.items() if v]
         md += ["", f"| comparison (paired by seed) | Δ {metric} [95% interval] |", "|---|---|"]
-        for other in ("LoRA", "PiSSA", "SRLoRA spectrum"):
-            diff = fmt_paired(paired(rows["SRLoRA gradient subspace"], rows[other]))
-            md.append(f"| SRLoRA gradient subspace − {other} | {diff} |")
+        for label in PAPER_ENTRIES:
+            for other in ("LoRA", "PiSSA", "SRLoRA spectrum"):
+                if rows[label] and rows[other]:
+                    md.append(f"| {label} − {other} | {fmt_paired(paired(rows[label], rows[other]))} |")
         md.append("")
     return md
 

@@ -32,7 +32,8 @@ Cost per captured step: ``tokens x (m + n) x (k + l)`` multiply-adds per layer, 
 7 gives the measured whole-run figure). Under torch.distributed the sketches are summed
 over ranks at the switch (one all-reduce), and rank 0's vectors are broadcast, so every
 rank brings in the same pairs. Where no step was captured (a switch forced before any
-window), the pairs enter along seeded random directions.
+window) or the captured gradient is exactly zero, the pairs enter along seeded random
+directions.
 """
 
 from __future__ import annotations

@@ -77,13 +77,17 @@ PAPER_ROWS = {  # row label -> (cell, method); {task}: the task
 PAPER_TITLE = "What it costs in the paper's regime (MiniLM, r = 8, r_target = 64, 600 steps)"
 
 
-def paper_regime_jobs(seeds: list[int], entries: list[str] | None = None) -> list[Job]:
-    """Each entry of :data:`PAPER_ENTRIES` (or those named) on each task and seed."""
+# The first pairs' scale broke training on the first seed (mr at chance): it is not run on more.
+FIRST_SEED_ONLY = {"SRLoRA gradient subspace"}
+
+
+def paper_regime_jobs(seeds: list[int]) -> list[Job]:
+    """Each entry of :data:`PAPER_ENTRIES` on each task and seed (:data:`FIRST_SEED_ONLY`: the
+    first seed)."""
     return [
         Job(f"long-{task}-{suffix}", task, "srlora", seed, ["--r-target", "64", *options], common=LONG_COMMON)
         for label, (suffix, options) in PAPER_ENTRIES.items()
-        if entries is None or label in entries
-        for seed in seeds
+        for seed in (seeds[:1] if label in FIRST_SEED_ONLY else seeds)
         for task in PAPER_TASKS
     ]
 

@@ -218,3 +218,15 @@ def test_render_keeps_each_rank_task_section_whole_when_only_another_tasks_runs_
     n = len({j.out for j in jobs})
     assert first.count("### Commands of the 600-step runs") == again.count("### Commands of the 600-step runs") == 1
     assert f"\n{n} runs, " in first and f"\n{n} runs, " in again
+
+
+def test_a_part_run_on_one_seed_renders_every_documented_seed(tmp_path):
+    """``srlora study --part long --seeds 1`` runs seed 1's jobs, but the document it rewrites
+    keeps the rows and commands of seeds 2 and 3 (the render is over DOC_SEEDS too)."""
+    from srlora.experiments.study import DOC_SEEDS, run_parts
+
+    ns = build_parser().parse_args(["study", "--part", "render", "--seeds", "1", "--root", str(tmp_path)])
+    seeds, root = run_parts(ns)
+    assert seeds == sorted(DOC_SEEDS) and root == tmp_path.resolve()
+    ns = build_parser().parse_args(["study", "--part", "render", "--seeds", "4", "--root", str(tmp_path)])
+    assert run_parts(ns)[0] == sorted({*DOC_SEEDS, 4})

@@ -230,3 +230,21 @@ def test_a_part_run_on_one_seed_renders_every_documented_seed(tmp_path):
     assert seeds == sorted(DOC_SEEDS) and root == tmp_path.resolve()
     ns = build_parser().parse_args(["study", "--part", "render", "--seeds", "4", "--root", str(tmp_path)])
     assert run_parts(ns)[0] == sorted({*DOC_SEEDS, 4})
+
+
+def test_the_new_pairs_goal_table_measures_against_seed_1s_ladder():
+    """Gap closed = (LoRA r=2 - x) / (LoRA r=2 - LoRA r=32) on held-out chunks; excess prose =
+    prose - the ladder's prose linearly interpolated at the same chunk loss (seed 1's ladder)."""
+    from srlora.experiments.studies.new_pairs import section
+
+    def run(chunks: float, prose: float) -> dict:
+        return {"evals": [{"held_chunks": chunks, "prose": prose}]}
+
+    ladder = {"lora-r2": {1: run(2.6, 4.4)}, "lora-r8": {1: run(2.4, 4.6)}, "lora-r32": {1: run(2.2, 4.7)}}
+    best = {1: run(2.4, 4.65), 2: run(2.32, 4.64)}  # 50%, +0.05; 70%, on the ladder (4.7 - 0.1 * 0.6)
+    md = section._goal_table({**ladder, "pissa-r2": {1: run(2.5, 4.6)}, "x": best}, "x")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+    assert rows[0] == ["x", "1", "2.400", "50%", "+0.050"]
+    assert rows[1] == ["x", "2", "2.320", "70%", "+0.000"]
+    assert rows[2][1:] == ["mean of 2", "", "60%", "+0.025"]
+    assert rows[3] == ["pissa-r2", "1", "2.500", "25%", "+0.100"]

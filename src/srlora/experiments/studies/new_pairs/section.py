@@ -135,14 +135,29 @@ def _around_switches(by_name: dict[str, dict[int, dict[str, Any]]], width: int =
     return md
 
 
+def _seed1_ladder(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[tuple[float, float]] | None:
+    """``[(held-out chunks, prose)]`` of LoRA r = 2, 8, 32 on seed 1 (the only seed of r = 32)."""
+    seed1 = {n: r[1] for n, r in by_name.items() if 1 in r}
+    if not all(n in seed1 for n in LADDER):
+        return None
+    return [(_final(seed1[n], "held_chunks"), _final(seed1[n], "prose")) for n in LADDER]
+
+
+def _against_ladder(e: dict[str, Any], ladder: list[tuple[float, float]]) -> tuple[float, float]:
+    """A run's share of the LoRA r = 2 -> 32 gap closed on held-out chunks, and its prose loss
+    above the ladder at the same held-out-chunk loss."""
+    chunks = _final(e, "held_chunks")
+    lo, hi = ladder[0][0], ladder[-1][0]
+    return (lo - chunks) / (lo - hi), _final(e, "prose") - ladder_prose(ladder, chunks)
+
+
 def _screen_table(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     """Seed 1 of every run: the three evaluation sets, the frontier's excess forgetting, the
     share of the LoRA r = 2 -> 32 gap closed, the update's effective rank."""
-    seed1 = {n: r[1] for n, r in by_name.items() if 1 in r}
-    if not all(n in seed1 for n in LADDER):
+    ladder = _seed1_ladder(by_name)
+    if ladder is None:
         return []
-    ladder = [(_final(seed1[n], "held_chunks"), _final(seed1[n], "prose")) for n in LADDER]
-    lo, hi = _final(seed1["lora-r2"], "held_chunks"), _final(seed1["lora-r32"], "held_chunks")
+    seed1 = {n: r[1] for n, r in by_name.items() if 1 in r}
     md = [
         "| run (seed 1) | held-out chunks | held-out docs | prose | prose − LoRA ladder at the same chunks "
         "| LoRA r=2→32 gap closed | update's effective rank |",
@@ -151,10 +166,9 @@ def _screen_table(by_name: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
     order = [n for n in BASELINES if n in seed1] + [n for n in VARIANTS if n in seed1]
     for name in order:
         e = seed1[name]
-        chunks, prose = _final(e, "held_chunks"), _final(e, "prose")
-        excess = prose - ladder_prose(ladder, chunks)
-        cells = [name, f"{chunks:.3f}", f"{_final(e, 'held_docs'):.3f}", f"{prose:.3f}", f"{excess:+.3f}"]
-        cells += [f"{(lo - chunks) / (lo - hi):.0%}", f"{e['effective_rank_mean']:.1f}"]
+        gap, excess = _against_ladder(e, ladder)
+        cells = [name, f"{_final(e, 'held_chunks'):.3f}", f"{_final(e, 'held_docs'):.3f}", f"{_final(e, 'prose'):.3f}"]
+        cells += [f"{excess:+.3f}", f"{gap:.0%}", f"{e['effective_rank_mean']:.1f}"]
         md.append("| " + " | ".join(cells) + " |")
     return md
 
@@ -185,11 +199,9 @@ def _goal_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> lis
     """The issue's two absorption criteria per seed, for ``best`` and PiSSA r = 2: the share of
     the LoRA r = 2 -> 32 gap closed on held-out chunks, and the prose loss above the LoRA ladder
     at the same held-out-chunk loss (both against seed 1's ladder, the only seed of r = 32)."""
-    seed1 = {n: r[1] for n, r in by_name.items() if 1 in r}
-    if best not in by_name or not all(n in seed1 for n in LADDER):
+    ladder = _seed1_ladder(by_name)
+    if best not in by_name or ladder is None:
         return []
-    ladder = [(_final(seed1[n], "held_chunks"), _final(seed1[n], "prose")) for n in LADDER]
-    lo, hi = ladder[0][0], ladder[-1][0]
     md = [
         "| run | seed | held-out chunks | LoRA r=2→32 gap closed (goal: ≥ 50%) | prose − LoRA ladder (goal: ≤ 0) |",
         "|---|---|---|---|---|",
@@ -197,10 +209,10 @@ def _goal_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> lis
     for name in (best, "pissa-r2"):
         gaps, excess = [], []
         for seed, e in sorted(by_name.get(name, {}).items()):
-            chunks = _final(e, "held_chunks")
-            gaps.append((lo - chunks) / (lo - hi))
-            excess.append(_final(e, "prose") - ladder_prose(ladder, chunks))
-            md.append(f"| {name} | {seed} | {chunks:.3f} | {gaps[-1]:.0%} | {excess[-1]:+.3f} |")
+            gap, above = _against_ladder(e, ladder)
+            gaps.append(gap)
+            excess.append(above)
+            md.append(f"| {name} | {seed} | {_final(e, 'held_chunks'):.3f} | {gap:.0%} | {above:+.3f} |")
         if len(gaps) > 1:
             md.append(
                 f"| {name} | mean of {len(gaps)} | | {statistics.mean(gaps):.0%} | {statistics.mean(excess):+.3f} |"

@@ -226,8 +226,12 @@ def test_batched_and_layer_by_layer_switches_agree(monkeypatch):
 
     (m1, c1), (m2, c2) = run(True), run(False)
     assert c1.switch_groups() != c2.switch_groups()
+    # The two paths round differently (one batched product and randomized SVD per shape against
+    # one per layer); after 45 AdamW steps at lr 1e-2 and two switches that reaches 1.05e-6 on
+    # weights of ~0.15 on one of this project's CPUs (float32 eps 1.2e-7, amplified by Adam's
+    # normalised steps). A different pair or direction moves a weight by ~1e-2.
     for (n, p), (_, q) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+        torch.testing.assert_close(p, q, atol=5e-6, rtol=0, msg=n)
 
 
 def test_bad_entry_options_are_refused_with_the_fix():

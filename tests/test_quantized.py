@@ -354,11 +354,8 @@ def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exa
     assert all(torch.equal(after[k], v) for k, v in bytes_before.items())
     layer = ctl.layers[ctl.layer_names[0]]
     assert layer.cache.rank == 4  # only the first pairs come from W0's SVD
-    sigma = (
-        layer.target.scaling
-        * layer.target.lora_B[:, ctl.history[-1].slots[0]].norm()
-        * layer.target.lora_A[ctl.history[-1].slots[0]].norm()
-    )
+    entered = next(e for e in reversed(ctl.history) if e.layer == layer.name).slots[0]  # this layer's last switch
+    sigma = layer.target.scaling * layer.target.lora_B[:, entered].norm() * layer.target.lora_A[entered].norm()
     torch.testing.assert_close(float(sigma), 0.5 * float(layer.cache.S.mean()), rtol=1e-5, atol=0)
 
     model2, ctl2, opt2 = build()

@@ -4,6 +4,7 @@ harness, a tiny BERT folder, a fake MR asset and a GLUE folder built here."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,18 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.experiments import assets, tasks
 from srlora.experiments.cache import write_manifest
+
+
+# ---------------------------------------------------------------- running the suite
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker takes its share of the cores (torch's default is all of
+    them in every worker, which oversubscribes them)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_the_cores()
 
 
 class MLP(nn.Module):

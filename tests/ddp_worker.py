@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from launch import init_group
 from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
@@ -19,8 +19,7 @@ from srlora import SRLoRA, SRLoRAConfig
 
 def main() -> None:
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank, _ = init_group()
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
     if rank == 1:

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from launch import init_group
 from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
@@ -132,10 +133,7 @@ def main() -> None:
     if args.reference:
         torch.save(run(None, 0, 1), args.out / "wraps-reference.pt")
         return
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_group()
     results = {}
     for how in args.wraps:
         try:

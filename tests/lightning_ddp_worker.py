@@ -39,13 +39,18 @@ class Module(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=2e-3)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--config", action="store_true")
     ap.add_argument("--deepspeed", type=int, default=0, help="DeepSpeedStrategy at this ZeRO stage (GPU only)")
-    args = ap.parse_args()
+    ap.add_argument("--both", action="store_true", help="the callback given a controller, then a config")
+    args = ap.parse_args(argv)
+    if args.both:  # one launch, two Lightning runs over the same process group
+        for extra in ([], ["--config"]):
+            main([args.out, *extra])
+        return
     world = 1 if args.reference else int(os.environ.get("WORLD_SIZE", 2))
     torch.manual_seed(0)
     model = make_peft(CASES["gpt2"], r=4, alpha=8)

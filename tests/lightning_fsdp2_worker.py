@@ -5,11 +5,11 @@ rank on half of every global batch; or (``--reference``) one process on the full
 SRLoRA comes from ``SRLoRALightningCallback(SRLoRAConfig(...))``, built in its ``setup`` hook
 (before ``configure_model`` shards the model). Writes the effective weights ``W + s B A``, the
 switch history and the PEFT adapter ``export_lora`` makes (every rank calls it). Three epochs
-of 15 steps; ``--stop-after-epoch 2`` ends a run there and saves Lightning's checkpoint, which
-``--resume`` continues.
+of 15 steps: a whole run; a run stopped after epoch 2 that saves Lightning's checkpoint; and
+a run resumed from it, one after the other in one launch. The test runs the one-process
+reference (:func:`fit` with ``world=1``).
 
-    torchrun --nproc_per_node 2 lightning_fsdp2_worker.py OUT
-    python lightning_fsdp2_worker.py OUT --reference
+    torchrun --nproc_per_node 2 lightning_fsdp2_worker.py OUT [--runs whole stop resume]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 from conftest import CASES, make_peft
 from fsdp_wraps_worker import GLOBAL_BATCH, STEPS, batch, effective_weights
+from launch import each
 from procgroup import leave_process_group
 
 from srlora import SRLoRAConfig
@@ -79,22 +80,16 @@ class Module(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def main() -> None:
+def fit(out: Path, world: int, rank: int, stop_after_epoch: int | None = None, resume: bool = False) -> dict:
+    """One Lightning run: FSDP2 over ``world`` ranks (or one process); stopped after an epoch
+    and saved, resumed from that save, or whole. Returns what the test compares."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--reference", action="store_true")
-    ap.add_argument("--stop-after-epoch", type=int, default=None, help="stop there and save a Lightning checkpoint")
-    ap.add_argument("--resume", action="store_true", help="resume from that checkpoint")
-    args = ap.parse_args()
-    world = 1 if args.reference else 2
-    rank = int(os.environ.get("RANK", 0))
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
     callback = SRLoRALightningCallback(SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, total_steps="auto"))
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if world > 1 else "auto"
-    stop = [StopAfterEpoch(args.stop_after_epoch)] if args.stop_after_epoch else []
+    stop = [StopAfterEpoch(stop_after_epoch)] if stop_after_epoch else []
     trainer = pl.Trainer(
         max_epochs=STEPS // EPOCH,
         callbacks=[callback, *stop],
@@ -105,27 +100,36 @@ def main() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        default_root_dir=args.out,
+        default_root_dir=out,
         use_distributed_sampler=False,
     )
     loader = torch.utils.data.DataLoader(Batches(world, rank), batch_size=1, shuffle=False)
-    ckpt = args.out / "lightning-fsdp2-ckpt"  # Lightning's distributed checkpoint (a folder)
-    trainer.fit(Module(model, shard=world > 1), loader, ckpt_path=ckpt if args.resume else None)
+    ckpt = out / "lightning-fsdp2-ckpt"  # Lightning's distributed checkpoint (a folder)
+    trainer.fit(Module(model, shard=world > 1), loader, ckpt_path=ckpt if resume else None)
     ctl = callback.controller
-    if args.stop_after_epoch:
+    if stop_after_epoch:
         trainer.save_checkpoint(ckpt)  # every rank: model and optimizer shards, SRLoRA's per-rank states
-        return
-    tag = "reference" if args.reference else "resumed" if args.resume else "fsdp2"
-    ctl.export_lora(args.out / f"adapter-lightning-{tag}")  # a collective: rank 0 writes, one layer at a time
-    torch.save(
-        {
-            "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
-            "weights": effective_weights(ctl),  # gathered: a collective, every rank calls it
-            "history": [e.to_dict() for e in ctl.history],
-            "steps": ctl.global_step,
-        },
-        args.out / f"lightning-{tag}-rank{rank}.pt",
-    )
+        return {"stopped_at": ctl.global_step}
+    tag = "reference" if world == 1 else "resumed" if resume else "fsdp2"
+    ctl.export_lora(out / f"adapter-lightning-{tag}")  # a collective: rank 0 writes, one layer at a time
+    return {
+        "kinds": sorted({layer.target.kind for layer in ctl.layers.values()}),
+        "weights": effective_weights(ctl),  # gathered: a collective, every rank calls it
+        "history": [e.to_dict() for e in ctl.history],
+        "steps": ctl.global_step,
+    }
+
+
+def main() -> None:
+    """Each ``--runs`` in one launch: ``whole``, ``stop`` (after epoch 2, saved), ``resume``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--runs", nargs="+", default=["whole", "stop", "resume"])
+    args = ap.parse_args()
+    rank = int(os.environ["RANK"])
+    options = {"whole": {}, "stop": {"stop_after_epoch": 2}, "resume": {"resume": True}}
+    results = each(args.runs, lambda name: fit(args.out, 2, rank, **options[name]))
+    torch.save(results, args.out / f"lightning-fsdp2-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from sharded_worker import root_sharded_controller
 def main() -> None:
     out = Path(sys.argv[1])
     ctl, rank = root_sharded_controller()
-    if rank == 1:
-        time.sleep(30)  # busy elsewhere: it never calls export_lora
-        return
+    if rank == 1:  # busy elsewhere: it never calls export_lora; it ends once rank 0 has its error
+        deadline = time.monotonic() + 120
+        while not (out / "rank0-error.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        abandon_process_group()
     try:
         ctl.export_lora(out / "adapter")
         message = None

@@ -1,10 +1,11 @@
 """Run by test_sharded.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
 Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-1/2/3 (``--mode zero1|2|3``), saves
 (every rank), trains on to step 50; then builds everything again, loads the checkpoint and
-trains the same steps 30-50. With ``--kill`` a second save is interrupted by SIGKILL after
-the rank files are written and before the folder is swapped in.
+trains the same steps 30-50; every ``MODE:ENTRY`` given in one launch. With ``--kill`` a
+second save is interrupted by SIGKILL after the rank files are written and before the folder
+is swapped in.
 
-    torchrun --nproc_per_node 2 sharded_ckpt_worker.py OUT --mode fsdp|zero1|zero2|zero3 [--entry subspace] [--kill]
+    torchrun --nproc_per_node 2 sharded_ckpt_worker.py OUT --runs fsdp:paper zero3:subspace ... [--kill]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from launch import each, init_group
 from procgroup import leave_process_group
 from sharded_worker import CONFIGS, GLOBAL_BATCH, MODES, batch, whole_state, zero_engine
 
@@ -58,35 +60,21 @@ def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int)
             opt.zero_grad()
 
 
-def main() -> str:
-    """Returns the mode it ran."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--mode", choices=MODES, required=True)
-    ap.add_argument("--entry", choices=list(CONFIGS), default="paper")
-    ap.add_argument("--kill", action="store_true")
-    args = ap.parse_args()
-    config = CONFIGS[args.entry]
-    import torch.distributed as dist
-
-    if args.mode.startswith("zero"):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ckpt = args.out / f"ckpt-{args.mode}-{args.entry}"
+def checkpointed_run(mode: str, entry: str, out: Path, rank: int, world: int, kill: bool = False) -> dict:
+    """Train to step 30, save, train on to 50; then rebuild, load and train 30-50 again. A
+    checkpoint already in place (left by a killed save) is loaded first, as the survivor."""
+    config = CONFIGS[entry]
+    ckpt = out / f"ckpt-{mode}-{entry}"
     survivor = None
     if (ckpt / "manifest.json").is_file():  # left by an earlier (killed) run: it must load whole
-        model, ctl, opt, engine = build(args.mode, rank, world, config)
-        survivor = {"step": load_checkpoint(ckpt, model, ctl, engine or opt), "state": whole_state(model, args.mode)}
+        model, ctl, opt, engine = build(mode, rank, world, config)
+        survivor = {"step": load_checkpoint(ckpt, model, ctl, engine or opt), "state": whole_state(model, mode)}
 
-    model, ctl, opt, engine = build(args.mode, rank, world, config)
+    model, ctl, opt, engine = build(mode, rank, world, config)
     train(model, ctl, opt, engine, rank, world, 0, 30)
-    at30 = whole_state(model, args.mode)
+    at30 = whole_state(model, mode)
     save_checkpoint(ckpt, model, ctl, engine or opt)
-    if args.kill:
+    if kill:
         train(model, ctl, opt, engine, rank, world, 30, 35)
         calls = {"n": 0}
         original = sharded.barrier
@@ -99,21 +87,47 @@ def main() -> str:
 
         sharded.barrier = dying_barrier
         save_checkpoint(ckpt, model, ctl, engine or opt)  # never returns: rank 1 dies, torchrun stops both
-        return args.mode
+        return {}
     train(model, ctl, opt, engine, rank, world, 30, 50)
-    straight = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode)}
+    straight = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, mode)}
 
-    model, ctl, opt, engine = build(args.mode, rank, world, config)
+    model, ctl, opt, engine = build(mode, rank, world, config)
     step = load_checkpoint(ckpt, model, ctl, engine or opt)
     train(model, ctl, opt, engine, rank, world, step, 50)
-    resumed = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, args.mode), "step": step}
-    result = {"straight": straight, "resumed": resumed, "survivor": survivor, "at30": at30}
-    torch.save(result, args.out / f"ckpt-{args.mode}-{args.entry}-rank{rank}.pt")
-    return args.mode
+    resumed = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, mode), "step": step}
+    return {"straight": straight, "resumed": resumed, "survivor": survivor, "at30": at30}
+
+
+def main() -> bool:
+    """Every ``--runs MODE:ENTRY`` in one launch; returns whether DeepSpeed ran."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument(
+        "--runs", nargs="+", required=True, help="MODE:ENTRY (MODE in " + ", ".join(MODES) + ") or wrong-rank"
+    )
+    ap.add_argument("--kill", action="store_true", help="kill rank 1 inside the second save of the (one) run")
+    args = ap.parse_args()
+    rank, world = init_group()
+    deepspeed_ran = any(run.startswith("zero") for run in args.runs)
+    if deepspeed_ran:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+
+    def one(run: str) -> dict:
+        if run == "wrong-rank":  # the same two ranks: rank 0's state offered to rank 1
+            from wrong_rank_state_worker import state_of_another_rank
+
+            return state_of_another_rank()
+        return checkpointed_run(*run.split(":"), args.out, rank, world, args.kill)
+
+    results = each(args.runs, one)
+    torch.save(results, args.out / f"ckpt-rank{rank}.pt")
+    return deepspeed_ran
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    mode = main()
-    leave_process_group(strict=not mode.startswith("zero"))  # DeepSpeed keeps its groups (tests/procgroup.py)
+    deepspeed_ran = main()
+    leave_process_group(strict=not deepspeed_ran)  # DeepSpeed keeps its groups (tests/procgroup.py)

@@ -1,11 +1,11 @@
 """Run by test_sharded.py: the trained result out of a sharded run. Under torchrun (2
-processes, CPU): SRLoRA on a model sharded by FSDP2 (``--mode fsdp``) or partitioned by
-DeepSpeed ZeRO-3 (``--mode zero3``), each rank on its half of every global batch; then
-``export_lora`` and ``merge_and_unload`` (every rank calls them). Without torchrun
-(``--mode reference``): the same on one process and the full batches.
+processes, CPU): SRLoRA on a model sharded by FSDP2 (``fsdp``) or partitioned by DeepSpeed
+ZeRO-1/2/3 (``zero1``...), each rank on its half of every global batch; then ``export_lora``
+and ``merge_and_unload`` (every rank calls them). Every ``MODE:ENTRY`` given runs in the one
+launch (``tests/launch.py``); the test runs the one-process reference
+(:func:`train_and_export` with mode ``reference``) itself.
 
-    torchrun --nproc_per_node 2 sharded_worker.py OUT --mode fsdp|zero3
-    python sharded_worker.py OUT --mode reference
+    torchrun --nproc_per_node 2 sharded_worker.py OUT --runs fsdp:paper zero3:subspace ...
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from launch import each, init_group
 from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
@@ -60,7 +61,8 @@ def root_sharded_controller() -> tuple[SRLoRA, int]:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        init_group()
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
     fully_shard(model)
@@ -87,33 +89,21 @@ def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
     return {k: full(v).detach().float().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def main() -> str:
-    """Returns the mode it ran."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--mode", choices=[*MODES, "reference"], required=True)
-    ap.add_argument("--entry", choices=list(CONFIGS), default="paper")
-    args = ap.parse_args()
-    config = CONFIGS[args.entry]
+def train_and_export(mode: str, entry: str, out: Path, rank: int = 0, world: int = 1) -> dict:
+    """Train under ``mode`` (fsdp, zero1/2/3; reference: one process, the full batches) with
+    ``entry``'s configuration, export into ``out/adapter-MODE-ENTRY`` and merge."""
+    config = CONFIGS[entry]
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
-    rank, world = 0, 1
     engine = None
-    if args.mode == "fsdp":
-        import torch.distributed as dist
+    if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         for block in model.base_model.model.bert.encoder.layer:
             fully_shard(block)
         fully_shard(model)
-    if args.mode.startswith("zero"):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        engine, opt = zero_engine(model, int(args.mode[-1]), world)
+    if mode.startswith("zero"):
+        engine, opt = zero_engine(model, int(mode[-1]), world)
         ctl = SRLoRA(model, config)
     else:
         ctl = SRLoRA(model, config)
@@ -136,19 +126,31 @@ def main() -> str:
     (engine or model).eval()
     with torch.no_grad():
         trained = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
-    tag = f"{args.mode}-{args.entry}"
-    errors = ctl.export_lora(args.out / f"adapter-{tag}")
+    errors = ctl.export_lora(out / f"adapter-{mode}-{entry}")
     merged = ctl.merge_and_unload()
     with torch.no_grad():  # through the root that was sharded (its hooks gather the parameters)
         after = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
-    state = whole_state(merged, args.mode)
-    result = {"errors": errors, "trained": trained, "merged_logits": after, "merged": state}
-    torch.save(result, args.out / f"{tag}-rank{rank}.pt")
-    return args.mode
+    return {"errors": errors, "trained": trained, "merged_logits": after, "merged": whole_state(merged, mode)}
+
+
+def main() -> bool:
+    """Every ``--runs MODE:ENTRY`` in one launch; returns whether DeepSpeed ran."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--runs", nargs="+", required=True, help="MODE:ENTRY, MODE in " + ", ".join(MODES))
+    args = ap.parse_args()
+    rank, world = init_group()
+    if any(run.startswith("zero") for run in args.runs):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+    results = each(args.runs, lambda run: train_and_export(*run.split(":"), args.out, rank, world))
+    torch.save(results, args.out / f"sharded-rank{rank}.pt")
+    return any(run.startswith("zero") for run in args.runs)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    mode = main()
-    leave_process_group(strict=not mode.startswith("zero"))  # DeepSpeed keeps its groups (tests/procgroup.py)
+    deepspeed_ran = main()
+    leave_process_group(strict=not deepspeed_ran)  # DeepSpeed keeps its groups (tests/procgroup.py)

@@ -13,6 +13,7 @@ from srlora import SRLoRA, SRLoRAConfig
 from srlora.layers import find_lora_targets
 
 pl = pytest.importorskip("lightning.pytorch")
+HERE = Path(__file__).parent
 from srlora.integrations.lightning import SRLoRALightningCallback  # noqa: E402
 
 
@@ -163,31 +164,29 @@ def test_adaptive_state_restored_before_schedule_exists():
     assert all((la.trigger.since_switch, la.trigger.stable) == (7, 3) for la in adaptive.layers.values())
 
 
+@pytest.mark.distributed
 def test_ddp_under_lightning_makes_the_switches_one_process_makes(tmp_path):
     """torchrun, 2 CPU processes, Lightning's DDP strategy (gloo), each rank on half of every
     global batch, against one process on the full batches; the callback given a controller built
-    beforehand, or a config (built in its setup hook, after the process group exists).
+    beforehand, or a config (built in its setup hook, after the process group exists): two
+    Lightning runs in one launch.
 
     The decisions must be identical: the same pairs of the same layers at the same steps. The
     weights agree to 1e-3 relative, not to float32 rounding: the all-reduced gradient differs from
     the one-process gradient in its last bits, and 40 AdamW steps from the PiSSA start (large A
     and B) amplify that to ~1e-4 here whether or not a switch happens (measured: 8.7e-5 with the
     first switch at step 39, 7.9e-5 with three switches), while plain LoRA from B = 0 agrees to 2e-7."""
-    from test_sharded import _python, _torchrun
+    import lightning_ddp_worker
+    from launch import check, in_process, torchrun
 
-    worker = Path(__file__).parent / "lightning_ddp_worker.py"
-    ref = _python(worker, str(tmp_path), "--reference")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    in_process(lightning_ddp_worker.main, [str(tmp_path), "--reference"])
     one = torch.load(tmp_path / "lightning-reference-rank0.pt", weights_only=False)
     assert one["steps"] == 40 and len(one["history"]) == 3 * 8  # 3 switch steps x 8 layers of 2 blocks
     key = [(e.step, e.layer, e.slots, e.directions, e.evicted) for e in one["history"]]
-    for mode in ([], ["--config"]):
-        proc = _torchrun(worker, str(tmp_path), *mode)
-        assert proc.returncode == 0, (mode, proc.stderr[-3000:])
+    check(torchrun(HERE / "lightning_ddp_worker.py", str(tmp_path), "--both"))
+    for mode in ("controller", "config"):
         for k in (0, 1):
-            rank = torch.load(
-                tmp_path / f"lightning-{'config' if mode else 'controller'}-rank{k}.pt", weights_only=False
-            )
+            rank = torch.load(tmp_path / f"lightning-{mode}-rank{k}.pt", weights_only=False)
             assert rank["steps"] == 40
             assert [(e.step, e.layer, e.slots, e.directions, e.evicted) for e in rank["history"]] == key, mode
             for name, w in one["weights"].items():
@@ -195,23 +194,33 @@ def test_ddp_under_lightning_makes_the_switches_one_process_makes(tmp_path):
                 assert err < 1e-3, (mode, name, err)
 
 
-def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory) -> Path:
+    """Lightning's ModelParallelStrategy on 2 CPU ranks: a whole run, a run stopped after epoch 2
+    and saved, and a run resumed from that save, in one launch; and the one-process reference."""
+    import lightning_fsdp2_worker
+    from launch import check, in_process, torchrun
+
+    out = tmp_path_factory.mktemp("lightning-fsdp2")
+    check(torchrun(HERE / "lightning_fsdp2_worker.py", str(out)))
+    torch.save(in_process(lightning_fsdp2_worker.fit, out, 1, 0), out / "reference.pt")
+    return out
+
+
+@pytest.mark.distributed
+def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(fsdp2_runs):
     """torchrun, 2 CPU processes: Lightning's ModelParallelStrategy with the module's
     configure_model applying fully_shard (blocks, then the root, over the data-parallel mesh);
     SRLoRA from the callback's config, built in its setup hook before the shard. Against one
     process on the full batches: the same switches, effective weights within 1e-5, and the PEFT
     adapter exported from the sharded run equal (in plain PEFT) to the one-process export."""
-    from test_sharded import _python, _structure, _torchrun
+    from launch import entry
+    from test_distributed import _structure
 
-    worker = Path(__file__).parent / "lightning_fsdp2_worker.py"
-    ref = _python(worker, str(tmp_path), "--reference")
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = _torchrun(worker, str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = torch.load(tmp_path / "lightning-reference-rank0.pt", weights_only=False)
+    one = torch.load(fsdp2_runs / "reference.pt", weights_only=False)
     assert one["steps"] == 45 and len(one["history"]) == 2 * 12  # switches at steps 20, 40; 12 layers
     for k in (0, 1):
-        rank = torch.load(tmp_path / f"lightning-fsdp2-rank{k}.pt", weights_only=False)
+        rank = entry(fsdp2_runs / f"lightning-fsdp2-rank{k}.pt", "whole")
         assert rank["kinds"] == ["fsdp2"] and rank["steps"] == 45
         assert _structure(rank["history"]) == _structure(one["history"])
         for name, w in one["weights"].items():
@@ -221,27 +230,25 @@ def test_fsdp2_under_lightning_model_parallel_strategy_matches_one_process(tmp_p
     probe = CASES["bert"].batch(torch.Generator().manual_seed(5))
     logits = {}
     for tag in ("reference", "fsdp2"):
-        loaded = peft.PeftModel.from_pretrained(make_base(CASES["bert"]), tmp_path / f"adapter-lightning-{tag}")
+        loaded = peft.PeftModel.from_pretrained(make_base(CASES["bert"]), fsdp2_runs / f"adapter-lightning-{tag}")
         with torch.no_grad():
             logits[tag] = loaded.eval()(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits["fsdp2"], logits["reference"], rtol=1e-4, atol=1e-4)
 
 
-def test_fsdp2_under_lightning_resumes_from_its_checkpoint_exactly(tmp_path):
+@pytest.mark.distributed
+def test_fsdp2_under_lightning_resumes_from_its_checkpoint_exactly(fsdp2_runs):
     """ModelParallelStrategy on 2 CPU ranks, stopped after epoch 2 (step 30, past the first
     switch) and saved with trainer.save_checkpoint (a distributed checkpoint whose callback
     states Lightning writes from rank 0 alone), then trainer.fit(ckpt_path=...): each rank gets
     its own SRLoRA state back (the fused records are row shards) and the run ends where the
     uninterrupted one ends, bit for bit."""
-    from test_sharded import _torchrun
+    from launch import entry
 
-    worker = Path(__file__).parent / "lightning_fsdp2_worker.py"
-    for args in ([], ["--stop-after-epoch", "2"], ["--resume"]):
-        proc = _torchrun(worker, str(tmp_path), *args)
-        assert proc.returncode == 0, (args, proc.stderr[-3000:])
     for k in (0, 1):
-        whole = torch.load(tmp_path / f"lightning-fsdp2-rank{k}.pt", weights_only=False)
-        again = torch.load(tmp_path / f"lightning-resumed-rank{k}.pt", weights_only=False)
+        path = fsdp2_runs / f"lightning-fsdp2-rank{k}.pt"
+        whole, again = entry(path, "whole"), entry(path, "resume")
+        assert entry(path, "stop")["stopped_at"] == 30
         assert again["steps"] == whole["steps"] == 45 and again["history"] == whole["history"]
         for name, w in whole["weights"].items():
             assert torch.equal(again["weights"][name], w), name

@@ -9,27 +9,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_sharded import _python, _structure, _torchrun
+from launch import check, in_process, torchrun
+from test_distributed import _structure
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.distributed
 HERE = Path(__file__).parent
 WORKER = HERE / "trainer_zero3_worker.py"
-ENV = {"DS_ACCELERATOR": "cpu"}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
+    import trainer_zero3_worker
+
     out = tmp_path_factory.mktemp("trainer")
-    ref = _python(WORKER, str(out), "--reference")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    in_process(trainer_zero3_worker.reference, out)
     stages = (
         ["--tag", "s3"],
         ["--stage", "2", "--tag", "s2"],  # stage 1: the same kind (test_distributed runs it in an engine loop)
         ["--stage", "0", "--tag", "s0"],
     )
     for args in stages:
-        proc = _torchrun(WORKER, str(out), *args, env=ENV)
-        assert proc.returncode == 0, (args, proc.stderr[-3000:])
+        check(torchrun(WORKER, str(out), *args), args)
     return out
 
 
@@ -48,15 +49,13 @@ def test_trainer_under_deepspeed_zero_matches_one_process(runs, stage):
 def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
     """Killed after step 33 (its last checkpoint: step 30, with SRLoRA's state per rank), then
     trainer.train(resume_from_checkpoint=True): bit-equal to the uninterrupted run."""
-    killed = _torchrun(WORKER, str(runs), "--stop-at", "33", "--tag", "killed", env=ENV)
-    assert killed.returncode == 0, killed.stderr[-3000:]
+    check(torchrun(WORKER, str(runs), "--stop-at", "33", "--tag", "killed"))
     folder = runs / "trainer-killed"
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-30"]
     assert {"srlora_state.rank00000.pt", "srlora_state.rank00001.pt"} <= {
         p.name for p in (folder / "checkpoint-30").iterdir()
     }
-    resumed = _torchrun(WORKER, str(runs), "--resume", "--tag", "killed", env=ENV)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    check(torchrun(WORKER, str(runs), "--resume", "--tag", "killed"))
     for k in (0, 1):
         straight = torch.load(runs / f"trainer-s3-rank{k}.pt", weights_only=False)
         again = torch.load(runs / f"trainer-killed-rank{k}.pt", weights_only=False)
@@ -67,12 +66,11 @@ def test_trainer_zero3_resumed_after_a_kill_ends_where_the_run_ends(runs):
 
 def test_trl_sft_trainer_under_zero3_zero2_and_ddp_matches_one_process(tmp_path):
     pytest.importorskip("trl")
-    worker = HERE / "trl_zero3_worker.py"
+    import trl_zero3_worker
+
     for extra in ([], ["--stage", "2"], ["--ddp"]):
-        proc = _torchrun(worker, str(tmp_path), *extra, env=ENV)
-        assert proc.returncode == 0, (extra, proc.stderr[-3000:])
-    single = _python(worker, str(tmp_path), "--single")
-    assert single.returncode == 0, single.stderr[-3000:]
+        check(torchrun(HERE / "trl_zero3_worker.py", str(tmp_path), *extra), extra)
+    in_process(trl_zero3_worker.main, [str(tmp_path), "--single"])
     one = torch.load(tmp_path / "trl-single.pt", weights_only=False)
     assert one["kinds"] == ["dense"] and len(one["history"]) == 2 * 6
     for tag, kind in (("trl-zero3", "zero3"), ("trl-zero2", "zero12"), ("trl-ddp", "dense")):
@@ -88,8 +86,7 @@ def test_an_accelerate_loop_under_zero3_zero2_or_ddp_matches_one_process(runs, h
     """A user's loop (accelerator.backward, optimizer.step) with SRLoRA built before prepare and
     attached to the optimizer prepare returns: DeepSpeed ZeRO-3 or ZeRO-2 (its plugin), or DDP."""
     args = {"zero3": [], "zero2": ["--stage", "2"], "ddp": ["--ddp"]}[how]
-    proc = _torchrun(HERE / "accelerate_zero3_worker.py", str(runs), *args, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    check(torchrun(HERE / "accelerate_zero3_worker.py", str(runs), *args))
     one = torch.load(runs / "trainer-reference.pt", weights_only=False)
     for k in (0, 1):
         rank = torch.load(runs / f"accelerate-{how}-rank{k}.pt", weights_only=False)

@@ -42,13 +42,13 @@ def texts() -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(STEPS * GLOBAL)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--single", action="store_true")
     ap.add_argument("--ddp", action="store_true", help="2 processes without DeepSpeed")
     ap.add_argument("--stage", type=int, default=3, help="DeepSpeed ZeRO stage (3, 2 or 1)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     tag = "trl-ddp" if args.ddp else f"trl-zero{args.stage}"
     import peft
     from datasets import Dataset

@@ -18,10 +18,10 @@ from sharded_worker import root_sharded_controller
 from srlora.errors import CheckpointError
 
 
-def main() -> None:
+def state_of_another_rank() -> dict:
+    """Load rank 0's SRLoRA state on every rank: what each rank's ``load_state_dict`` said."""
     import torch.distributed as dist
 
-    out = Path(sys.argv[1])
     ctl, rank = root_sharded_controller()
     shared = [ctl.state_dict() if rank == 0 else None]
     dist.broadcast_object_list(shared, src=0)  # rank 0's state, given to every rank
@@ -30,7 +30,15 @@ def main() -> None:
         message = "loaded"
     except CheckpointError as exc:
         message = str(exc)
-    (out / f"rank{rank}.txt").write_text(message)
+    return {"message": message}
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    out = Path(sys.argv[1])
+    result = state_of_another_rank()
+    (out / f"rank{dist.get_rank()}.txt").write_text(result["message"])
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Run by test_distributed.py under torchrun (2 processes, CPU): SRLoRA under DeepSpeed ZeRO-3,
 attached to the engine's optimizer (``--order after``: built after ``deepspeed.initialize``)
 or driven by hand around the engine (``--order before``), each rank on its half of every
-global batch; also without torchrun, as the single-process reference on the full batches.
+global batch, at ZeRO-3, 2 or 1; every ``ORDER-STAGE`` in one launch. The test runs the
+single-process reference on the full batches (:func:`reference`).
 
-    torchrun --nproc_per_node 2 zero3_worker.py OUT [--order before|after]
-    python zero3_worker.py OUT --reference
+    torchrun --nproc_per_node 2 zero3_worker.py OUT [--runs before-3 after-3 after-2 after-1]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
+from launch import each, init_group
 from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
@@ -45,45 +46,38 @@ def effective_weights(ctl: SRLoRA, model: torch.nn.Module) -> dict[str, torch.Te
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--reference", action="store_true")
-    ap.add_argument("--order", default="after", choices=["before", "after"])
-    ap.add_argument("--stage", type=int, default=3)
-    args = ap.parse_args()
+def reference() -> dict:
+    """One process on the full batches, no DeepSpeed."""
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
-    if args.reference:
-        ctl = SRLoRA(model, CONFIG)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-        for step in range(STEPS):
-            CASES["bert"].loss(model, batch(step)).backward()
-            ctl.update_importance()
-            opt.step()
-            ctl.step(opt)
-            opt.zero_grad()
-        torch.save(
-            {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history]},
-            args.out / "reference.pt",
-        )
-        return
+    ctl = SRLoRA(model, CONFIG)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for step in range(STEPS):
+        CASES["bert"].loss(model, batch(step)).backward()
+        ctl.update_importance()
+        opt.step()
+        ctl.step(opt)
+        opt.zero_grad()
+    return {"weights": effective_weights(ctl, model), "history": [e.to_dict() for e in ctl.history]}
 
+
+def run(order: str, stage: int, rank: int, world: int) -> dict:
+    """SRLoRA built ``before`` or ``after`` ``deepspeed.initialize`` at ZeRO ``stage``."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if args.order == "before":
+    torch.manual_seed(0)
+    model = make_peft(CASES["bert"], r=4, alpha=8)
+    if order == "before":
         ctl = SRLoRA(model, CONFIG)  # on the whole model; DeepSpeed partitions the result
     config = {
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": args.stage},
+        "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
     }
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-    if args.order == "after":
+    if order == "after":
         ctl = SRLoRA(model, CONFIG)  # on the partitioned model: gathered per layer
         ctl.attach(optimizer)  # around the ZeRO optimizer's step: the engine loop needs nothing else
     share = GLOBAL_BATCH // world
@@ -91,17 +85,34 @@ def main() -> None:
         b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
         loss = engine(**b).loss
         engine.backward(loss)
-        if args.order == "before":  # by hand, the same
+        if order == "before":  # by hand, the same
             ctl.update_importance()
         engine.step()
-        if args.order == "before":
+        if order == "before":
             ctl.step(optimizer)
-    result = {
+    return {
         "weights": effective_weights(ctl, model),
         "history": [e.to_dict() for e in ctl.history],
         "attached": ctl.attached,
     }
-    torch.save(result, args.out / f"{args.order}-stage{args.stage}-rank{rank}.pt")
+
+
+def main() -> None:
+    """Each ``--runs ORDER-STAGE`` in one launch."""
+    import deepspeed
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--runs", nargs="+", default=["before-3", "after-3", "after-2", "after-1"])
+    args = ap.parse_args()
+    rank, world = init_group()
+    deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+
+    def one(name: str) -> dict:
+        order, stage = name.split("-")
+        return run(order, int(stage), rank, world)
+
+    torch.save(each(args.runs, one), args.out / f"zero-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ WORKER = Path(__file__).parent / "resume_worker.py"
 
 
 def _run_worker(*args: str) -> int:
-    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True).returncode
+    """The worker in a process of its own, on one thread (as :func:`launch.in_process` runs it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, env=env).returncode
 
 
 def _assert_equal(a, b, path="") -> None:
@@ -35,8 +38,11 @@ def _assert_equal(a, b, path="") -> None:
 
 
 def test_sigkill_and_resume_is_bit_equal(tmp_path):
+    import resume_worker
+    from launch import in_process
+
     ref_out, out = tmp_path / "ref.pt", tmp_path / "resumed.pt"
-    assert _run_worker(str(tmp_path / "ref.ckpt"), str(ref_out)) == 0
+    in_process(resume_worker.main, [str(tmp_path / "ref.ckpt"), str(ref_out)])  # the uninterrupted run
     ckpt = tmp_path / "run.ckpt"
     # Killed at step 37: the last checkpoint is step 30, after the switch at step 30
     # (N_switch = 6, t = 10) and with seeded second moments pending.

@@ -37,16 +37,14 @@ from torch import nn
 
 from ..atomic import atomic_write_json
 from . import assets
-from .adapters import peft_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .methods import build, spectra, trainable_state_bytes
 
 
 @dataclass
 class AbsorbConfig:
     """One absorption run."""
 
-    method: str = "lora"  # lora | pissa | srlora
+    method: str = "lora"  # one of METHODS
     r: int = 2
     r_target: int = 10
     switch_interval: int | None = None  # None: the paper's floor(steps / N_switch)
@@ -64,13 +62,19 @@ class AbsorbConfig:
     direction_policy: str = "spectrum"
     entry_scale: float | None = None
     optimizer_reset: str = "seed"
+    # GaLore's scale of the projected update (its projector is refreshed every switch_interval steps)
+    galore_scale: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.method not in ("lora", "pissa", "srlora"):
-            raise ValueError(f"method must be lora, pissa or srlora, got {self.method!r}.")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
         for name in ("r", "steps", "batch", "block", "train_blocks", "eval_blocks", "evals"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.method == "galore" and not self.switch_interval:
+            raise ValueError("--method galore refreshes its projector every --switch-interval steps: give it.")
+        if not (math.isfinite(self.galore_scale) and self.galore_scale > 0):
+            raise ValueError(f"galore_scale must be a positive number, got {self.galore_scale}.")
 
     def srlora_config(self) -> Any:
         """The :class:`~srlora.SRLoRAConfig` of an SRLoRA run (validated there)."""
@@ -95,7 +99,19 @@ class AbsorbConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-LATER_FIELDS = {"gamma": 0.5, "direction_policy": "spectrum", "entry_scale": None, "optimizer_reset": "seed"}
+LATER_FIELDS = {
+    "gamma": 0.5,
+    "direction_policy": "spectrum",
+    "entry_scale": None,
+    "optimizer_reset": "seed",
+    "galore_scale": 0.25,
+}
+# lora, pissa and srlora: PEFT LoRA (srlora on top); full: the adapted matrices themselves train;
+# galore: those matrices under galore-torch's GaLore AdamW; corda (knowledge-preserved mode), mica,
+# lora_ga: PEFT's own initialisations of a LoRA adapter.
+METHODS = ("lora", "pissa", "srlora", "full", "galore", "corda", "mica", "lora_ga")
+# Each evaluation set; 'news' and 'prose' measure forgetting, on two general texts.
+EVAL_SETS = ("held_chunks", "held_docs", "prose", "news")
 
 
 # ---------------------------------------------------------------------------- data
@@ -105,6 +121,8 @@ class Corpus:
     held_chunks: torch.Tensor
     held_docs: torch.Tensor
     prose: torch.Tensor
+    news: torch.Tensor
+    general: torch.Tensor  # CorDA's covariance source (Amazon review snippets): in no evaluation set
     stats: dict[str, int]
 
 
@@ -116,10 +134,28 @@ def _blocks(ids: list[int], block: int) -> list[list[int]]:
     return [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
 
 
+def snippets(folder: Path, kind: str) -> list[str]:
+    """The texts of one of the vaderSentiment archive's rated snippet files (``id, rating, text``)."""
+    texts = []
+    with open(folder / f"{kind}_GroundTruth.txt", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3 and parts[2].strip():
+                texts.append(parts[2].strip())
+    return texts
+
+
 def build_corpus(
-    tokenizer: Any, cfg: AbsorbConfig, folder: Path | None = None, prose: list[str] | None = None
+    tokenizer: Any,
+    cfg: AbsorbConfig,
+    folder: Path | None = None,
+    prose: list[str] | None = None,
+    news: list[str] | None = None,
+    general: list[str] | None = None,
 ) -> Corpus:
-    """The four token sets (fixed: they do not depend on the run's seed)."""
+    """The token sets (fixed: they do not depend on the run's seed). Forgetting is measured on two
+    general texts, the movie-review sentences (``prose``) and New York Times editorial snippets
+    (``news``); CorDA's covariance comes from a third, Amazon review snippets (``general``)."""
     folder = folder or assets.fetch("trl-source")
     docs = sorted(p for p in folder.rglob("*.py") if p.is_file())
     rng = random.Random(20)
@@ -143,8 +179,13 @@ def build_corpus(
 
         prose, _, _ = load_mr_lines(assets.fetch("vader"))
         prose = prose[:3000]
-    prose_ids = tokenizer("\n".join(prose))["input_ids"]
-    prose_blocks = _blocks(prose_ids, cfg.block)
+    if news is None:
+        news = snippets(assets.fetch("vader"), "nytEditorialSnippets")
+    if general is None:
+        general = snippets(assets.fetch("vader"), "amazonReviewSnippets")
+
+    def text_blocks(texts: list[str]) -> list[list[int]]:
+        return _blocks(tokenizer("\n".join(texts))["input_ids"], cfg.block)
 
     def pick(blocks: list[list[int]], k: int) -> torch.Tensor:
         chosen = random.Random(7).sample(range(len(blocks)), min(k, len(blocks)))
@@ -154,7 +195,9 @@ def build_corpus(
         train=torch.tensor(train, dtype=torch.long),
         held_chunks=pick(held_chunks, cfg.eval_blocks),
         held_docs=pick(held_docs, cfg.eval_blocks),
-        prose=pick(prose_blocks, cfg.eval_blocks),
+        prose=pick(text_blocks(prose), cfg.eval_blocks),
+        news=pick(text_blocks(news), cfg.eval_blocks),
+        general=pick(text_blocks(general), 4 * cfg.eval_blocks),  # 32k tokens: a full-rank covariance
         stats={"train_blocks": len(train), "held_chunk_pool": len(held_chunks), "held_doc_pool": len(held_docs)},
     )
     if len(corpus.train) < cfg.batch:
@@ -191,80 +234,6 @@ def lm_loss(model: nn.Module, blocks: torch.Tensor, batch: int = 8) -> float:
     return total / count
 
 
-@torch.no_grad()
-def update_spectrum(P: torch.Tensor, Q: torch.Tensor, keep: int = 64) -> dict[str, Any]:
-    """Singular values of ``P Q`` (an update given as factors), from the small core
-    ``R_P R_Q^T`` of their QR decompositions; with its effective rank
-    ``exp(H(sigma^2 / sum sigma^2))`` and the ranks holding 90% / 99% of its energy."""
-    _, rp = torch.linalg.qr(P.double())
-    _, rq = torch.linalg.qr(Q.double().T)
-    sv = torch.linalg.svdvals(rp @ rq.T)
-    energy = sv.square()
-    total = float(energy.sum())
-    if total == 0:
-        return {"sv": [], "effective_rank": 0.0, "rank90": 0, "rank99": 0, "norm": 0.0}
-    p = energy / total
-    entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-    cum = torch.cumsum(p, 0)
-    return {
-        "sv": [float(x) for x in sv[:keep]],
-        "effective_rank": math.exp(entropy),
-        "rank90": int((cum < 0.90).sum()) + 1,
-        "rank99": int((cum < 0.99).sum()) + 1,
-        "norm": total**0.5,
-    }
-
-
-def build(cfg: AbsorbConfig, base: nn.Module) -> tuple[nn.Module, Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The PEFT model of ``cfg.method``, its SRLoRA controller (or None), and for PiSSA the
-    initial factors (its learnt update is ``s (B A - B0 A0)``)."""
-    import peft
-
-    from .. import SRLoRA
-
-    torch.manual_seed(cfg.seed)
-    lora = peft.LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.r,
-        lora_dropout=0.0,
-        target_modules=TARGETS,
-        init_lora_weights="pissa" if cfg.method == "pissa" else True,
-    )
-    model = peft_model(base, lora)
-    ctl = SRLoRA(model, cfg.srlora_config()) if cfg.method == "srlora" else None
-    init = {}
-    if cfg.method == "pissa":
-        for name, mod in model.named_modules():
-            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
-                init[name] = (
-                    mod.lora_B["default"].weight.detach().clone(),
-                    mod.lora_A["default"].weight.detach().clone(),
-                )
-    torch.manual_seed(cfg.seed)
-    return model, ctl, init
-
-
-def spectra(model: nn.Module, ctl: Any, init: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    """Each adapted layer's :func:`update_spectrum` (``W_t + s B A - W0``)."""
-    out = {}
-    if ctl is not None:
-        for name, layer in ctl.layers.items():
-            out[name] = update_spectrum(*layer.total_update_factors())
-        return out
-    for name, mod in model.named_modules():
-        if not (hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})):
-            continue
-        s = float(mod.scaling["default"])
-        B, A = mod.lora_B["default"].weight.detach().float(), mod.lora_A["default"].weight.detach().float()
-        if name in init:
-            B0, A0 = init[name]
-            P, Q = torch.cat([s * B, -s * B0.float()], 1), torch.cat([A, A0.float()], 0)
-        else:
-            P, Q = s * B, A
-        out[name] = update_spectrum(P, Q)
-    return out
-
-
 def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool = False) -> dict[str, Any]:
     """Train one method, evaluate, and write ``out/results.json`` (atomically, at the end)."""
     if threads:
@@ -272,9 +241,8 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     started = time.perf_counter()
     base, tok = load_smollm2()
     corpus = build_corpus(tok, cfg)
-    model, ctl, init = build(cfg, base)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    built = build(cfg, base, corpus.general, corpus.train)
+    model, ctl, opt = built.model, built.controller, built.optimizer
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine down to 10%
         if step < cfg.warmup:
@@ -297,7 +265,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
 
     def evaluate(step: int) -> dict[str, float]:
         row = {"step": step}
-        for key in ("held_chunks", "held_docs", "prose"):
+        for key in EVAL_SETS:
             row[key] = lm_loss(model, getattr(corpus, key))
         print(json.dumps(row), file=sys.stderr, flush=True)
         return row
@@ -309,6 +277,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     losses: list[float] = []
     model.train()
     train_s = 0.0
+    memory: dict[str, int] = {}
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
         if len(order) < cfg.batch:
@@ -318,6 +287,13 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
         loss.backward()
         opt.step()
         sched.step()
+        train_s += time.perf_counter() - t0
+        # the most it holds over the run (SRLoRA's sketch lives in the window before a switch, its
+        # records grow at each switch): counted at every step, outside the timed work
+        now = trainable_state_bytes(built)
+        if now["trainable_state_bytes"] >= memory.get("trainable_state_bytes", 0):
+            memory = now
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         train_s += time.perf_counter() - t0
@@ -326,7 +302,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
         if step in eval_steps:
             evals.append(evaluate(step))
     tail = max(1, cfg.steps // 10)
-    layers = spectra(model, ctl, init)
+    layers = spectra(built)
     results = {
         "config": dataclasses.asdict(cfg),
         "digest": cfg.digest(),
@@ -342,6 +318,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
         "directions_used_mean": 0 if ctl is None else sum(ctl.directions_used().values()) / len(ctl.layers),
         "init_s": init_s,
         "train_s": train_s,
+        "memory": memory,
         "wall_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
@@ -357,9 +334,11 @@ def finished(out: Path, cfg: AbsorbConfig) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("digest") == cfg.digest()
+        results = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    # a run from before an evaluation set or the memory count was added is run again
+    return results.get("digest") == cfg.digest() and "memory" in results and set(EVAL_SETS) <= set(results["final"])
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

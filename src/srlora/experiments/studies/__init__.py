@@ -7,7 +7,8 @@ jobs and their commands, ``PARTS``: ``srlora study --part NAME``) and the sectio
 * :mod:`.rank_bound` -- 600 steps where fewer ranks hurt (r = 2 against 8 and 32);
 * :mod:`.known_rank_map` -- where more directions pay: a target of known rank;
 * :mod:`.absorption` -- SmolLM2-135M absorbing a corpus, where LoRA's rank binds;
-* :mod:`.new_pairs` -- what enters at a switch: direction, scale, optimizer state (issue 24).
+* :mod:`.new_pairs` -- what enters at a switch: direction, scale, optimizer state (issue 24);
+* :mod:`.alternatives` -- against full fine-tuning, GaLore and PEFT's initialisations.
 
 ``srlora study --part S`` with a study's name runs all of its parts.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import absorption, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
+from . import absorption, alternatives, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
 
 STUDIES: dict[str, ModuleType] = {
     "short": short,
@@ -26,4 +27,5 @@ STUDIES: dict[str, ModuleType] = {
     "known-rank-map": known_rank_map,
     "absorption": absorption,
     "new-pairs": new_pairs,
+    "alternatives": alternatives,
 }

@@ -123,6 +123,7 @@ def refresh_absorb(root: Path) -> None:
             "directions_used_mean": r["directions_used_mean"],
             "wall_s": r["wall_s"],
             "train_s": r["train_s"],
+            **({"memory": r["memory"]} if "memory" in r else {}),
             "losses": [round(x, 5) for x in r["losses"]],
             **({"diagnosis": r["diagnosis"]} if "diagnosis" in r else {}),
         }

@@ -1,0 +1,119 @@
+"""The methods the absorption runs compare (srlora.experiments.methods), on a tiny Llama: each
+starts from the base model's function, trains only what it should, and its trainable-state
+memory is counted from the tensors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from srlora.experiments.absorb import METHODS, AbsorbConfig
+from srlora.experiments.methods import build, spectra, target_weights, trainable_state_bytes
+
+# A switch every 2 steps, to switch within a few steps: srlora warns that it is short.
+pytestmark = pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _blocks(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _config(method: str) -> AbsorbConfig:
+    return AbsorbConfig(method, 2, r_target=6, switch_interval=2, gamma=1.0, steps=4, batch=2, lr=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_starts_from_the_base_function_and_trains_what_it_should(method):
+    probe = _blocks(2, 9)
+    base = _llama()
+    with torch.no_grad():
+        want = base(input_ids=probe).logits
+    built = build(_config(method), base, general=_blocks(8, 1), train=_blocks(16, 2))
+    with torch.no_grad():
+        got = built.model(input_ids=probe).logits
+    # PiSSA, CorDA and LoRA-GA move their start out of W: the output is kept to float32 rounding
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    trains = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    if method in ("full", "galore"):
+        assert trains == {f"{n}.weight" for n in target_weights(built.model)}
+    else:
+        assert trains and all("lora_" in n for n in trains)
+        assert all("lora_A" in n for n in trains) == (method == "mica")  # MiCA trains A only
+    before = {n: p.detach().clone() for n, p in built.model.named_parameters()}
+    built.model.train()
+    for step in range(3):
+        ids = _blocks(2, 20 + step)
+        built.model(input_ids=ids, labels=ids).loss.backward()
+        built.optimizer.step()
+        built.optimizer.zero_grad()
+    moved = {n for n, p in built.model.named_parameters() if not torch.equal(p, before[n])}
+    if method == "srlora":  # a switch moves pairs into the frozen weight too
+        assert moved >= trains
+    else:
+        assert moved == trains
+    layers = spectra(built)
+    assert len(layers) == 2 * 7 and all(v["norm"] > 0 for v in layers.values())
+
+
+def test_lora_memory_is_its_factors_gradients_and_moments():
+    """AdamW keeps two moments and a 0-dim step per tensor; nothing else is counted."""
+    built = build(_config("lora"), _llama())
+    ids = _blocks(2, 3)
+    built.model(input_ids=ids, labels=ids).loss.backward()
+    built.optimizer.step()
+    params = [p for p in built.model.parameters() if p.requires_grad]
+    numel = sum(p.numel() for p in params)
+    memory = trainable_state_bytes(built)
+    assert memory["params"] == memory["grads"] == 4 * numel
+    assert memory["optimizer"] == 2 * 4 * numel + 4 * len(params)
+    assert memory["method"] == 0
+    assert memory["trainable_state_bytes"] == sum(v for k, v in memory.items() if k != "trainable_state_bytes")
+
+
+def test_srlora_memory_counts_its_own_state_and_galore_its_full_gradients():
+    ids = _blocks(2, 3)
+    counts = {}
+    for method in ("lora", "srlora", "galore", "full"):
+        built = build(_config(method), _llama())
+        built.model(input_ids=ids, labels=ids).loss.backward()
+        built.optimizer.step()
+        counts[method] = trainable_state_bytes(built)
+        if method == "srlora":  # the SVD cache and the importance EMAs, at least
+            assert counts[method]["method"] >= built.controller.svd_cache_bytes() > 0
+    assert counts["srlora"]["params"] == counts["lora"]["params"]
+    weights = sum(w.numel() for w in target_weights(_llama()).values()) * 4
+    # GaLore keeps full-size gradients and low-rank moments; full fine-tuning full-size moments
+    assert counts["galore"]["grads"] == counts["full"]["grads"] == weights
+    assert counts["galore"]["optimizer"] < counts["full"]["optimizer"] == 2 * weights + 4 * 14
+
+
+def test_a_method_whose_package_is_missing_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "galore_torch", None)  # import galore_torch raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'srlora\[galore\]'"):
+        build(_config("galore"), _llama())
+
+
+def test_bad_absorb_options_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="method must be one of"):
+        AbsorbConfig("adalora")
+    with pytest.raises(ValueError, match="--switch-interval"):
+        AbsorbConfig("galore", 2)
+    with pytest.raises(ValueError, match="galore_scale"):
+        AbsorbConfig("galore", 2, switch_interval=10, galore_scale=0.0)

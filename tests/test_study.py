@@ -3,6 +3,7 @@ stated rule, and the doc it renders reports the runs it finds (and keeps the han
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -248,3 +249,30 @@ def test_the_new_pairs_goal_table_measures_against_seed_1s_ladder():
     assert rows[1] == ["x", "2", "2.320", "70%", "+0.000"]
     assert rows[2][1:] == ["mean of 2", "", "60%", "+0.025"]
     assert rows[3] == ["pissa-r2", "1", "2.500", "25%", "+0.100"]
+
+
+def test_the_alternatives_screen_shows_every_run_with_its_memory_and_marks_each_methods_best(tmp_path):
+    from srlora.experiments.studies import alternatives
+
+    entries = []
+    for job in [j for j in alternatives.screen_jobs() if j.config.method in ("full", "lora")]:
+        lr = job.config.lr
+        final = {"step": 400, "held_chunks": 2.0 + lr * 100, "held_docs": 2.5, "prose": 4.2, "news": 4.1}
+        entries.append(
+            {
+                "out": str(job.out),
+                "name": job.name,
+                "config": dataclasses.asdict(job.config),
+                "evals": [{**final, "step": 0, "held_chunks": 2.9}, final],
+                "memory": {"trainable_state_bytes": 3 * 2**20},
+                "wall_s": 1500.0,
+            }
+        )
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    md = "\n".join(alternatives.section(tmp_path))
+    full_rows = [line for line in md.splitlines() if line.startswith("| full-lr")]
+    assert len(full_rows) == 3 and "| 3.0 |" in full_rows[0]  # every point, its memory in MiB
+    best = [line for line in full_rows if "**" in line]
+    assert len(best) == 1 and best[0].startswith("| full-lr1e-05 |")  # the lowest held-out chunk loss
+    assert alternatives.TITLE in md and "news" in md

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..atomic import atomic_write_json, atomic_write_text
 from .jobs import Job, is_finished
 from .rundata import previous_sections, section_key
-from .studies import absorption, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
+from .studies import absorption, alternatives, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "<!-- end of notes -->"
 
@@ -130,6 +130,7 @@ def render(seeds: list[int], root: Path) -> Path:
     absorption.refresh_absorb(root)
     md += known_rank_map.section_known_rank(root) + absorption.section_absorb(root)
     md += new_pairs.render(root, old, seeds)
+    md += alternatives.section(root)
     md += cost.section_llm_init(root) + cost.section_qlora(root) + cost.section_switch_cost(root)
     md += cost.section_gpu(root)
     long += [j for j in new_pairs.paper_regime_jobs(seeds) if is_finished(j, root)]

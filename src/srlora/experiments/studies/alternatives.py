@@ -14,13 +14,15 @@ rate and scale are one knob: the sweep moves the learning rate at galore-torch's
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 from ..absorb import AbsorbConfig
 from ..jobs import run_jobs
 from .absorption import STEPS, AbsorbJob
 from .new_pairs.jobs import BEST, VARIANTS
 
-# The adapters' learning rate before this study (chosen once): its runs keep their names.
+# The adapters' learning rate before this study (chosen once).
 ADAPTER_LR = 5e-4
 # 3 points each, 2.5x apart around the value a user would try first.
 SWEEPS: dict[str, tuple[float, ...]] = {
@@ -44,9 +46,9 @@ def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig
         name = f"galore-r{r}"
     else:
         cfg, name = AbsorbConfig(method, r, steps=STEPS, lr=lr, seed=seed), f"{method}-r{r}"
-    if method in ("full", "galore") or lr != ADAPTER_LR:
-        name += f"-lr{lr:g}"
-    return name, cfg
+    # Every name carries its learning rate: the runs at 5e-4 are new runs beside the absorption
+    # and new-pairs studies' runs of the same configuration, with the second text and the memory.
+    return f"{name}-lr{lr:g}", cfg
 
 
 def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
@@ -61,3 +63,77 @@ def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
 PARTS = {
     "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
 }
+
+
+# ---------------------------------------------------------------------------- the doc section
+TITLE = "Against the alternatives: full fine-tuning, GaLore and PEFT's initialisations"
+EVALS = (("held_chunks", "held-out chunks"), ("held_docs", "held-out docs"), ("prose", "prose"), ("news", "news"))
+LABELS = {
+    "full": "full fine-tuning",
+    "galore": "GaLore",
+    "lora": "LoRA",
+    "pissa": "PiSSA",
+    "srlora": "SRLoRA (gradient subspace, scale 0.25)",
+    "corda": "CorDA (knowledge-preserved)",
+    "mica": "MiCA",
+    "lora_ga": "LoRA-GA",
+}
+
+
+def _mib(entry: dict[str, Any]) -> str:
+    memory = entry.get("memory")
+    return f"{memory['trainable_state_bytes'] / 2**20:,.1f}" if memory else "n/a"
+
+
+def section(root: Path) -> list[str]:
+    """The screen: every method's sweep on seed 1 at r = 2, each run with its memory; the best
+    point of each method (held-out chunks) in bold."""
+    from .absorption import load_absorb
+
+    names = {job.name for job in screen_jobs()}
+    runs = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
+    md = [f"## {TITLE}", ""]
+    if not runs:
+        return [*md, "Not run yet: `srlora study --part alternatives-screen`.", ""]
+    md += [
+        (__doc__ or "").split("\n\n", 2)[2].strip(),
+        "",
+        "Forgetting is measured on two general texts, the movie-review sentences (*prose*) and New "
+        "York Times editorial snippets (*news*); CorDA's covariance comes from a third, Amazon review "
+        "snippets, in no evaluation set. *Memory*: what the method keeps beside the frozen model, "
+        "counted from the tensors at its peak over the run (what trains and its gradients, the "
+        "optimizer's state, SRLoRA's own state; galore-torch's projectors keep the storage of the "
+        "whole SVD factor they slice).",
+        "",
+        "### The screen: seed 1, r = 2, each method's learning rate",
+        "",
+        "| method | seeds | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) | wall time |",
+        "|---|---|---|" + "---|" * (len(EVALS) + 2),
+    ]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for e in runs:
+        by_method.setdefault(e["config"]["method"], []).append(e)
+    for method in LABELS:
+        points = sorted(by_method.get(method, []), key=lambda e: e["config"]["lr"])
+        if not points:
+            continue
+        best = min(points, key=lambda e: e["evals"][-1]["held_chunks"])
+        for e in points:
+            final = e["evals"][-1]
+            cells = [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
+            if e is best and len(points) > 1:
+                cells[0] = f"**{cells[0]}**"
+            md.append(
+                f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} | "
+                f"{e['wall_s'] / 60:.0f} min |"
+            )
+    base = runs[0]["evals"][0]
+    md += [
+        "",
+        f"The untrained model: held-out chunks {base['held_chunks']:.3f}, held-out documents "
+        f"{base['held_docs']:.3f}, prose {base['prose']:.3f}, news {base['news']:.3f} nats per token. "
+        f"Each run's command is in `docs/results/absorb.json`; the sweep's commands: "
+        f"`srlora study --part alternatives-screen` runs the missing ones, two at a time.",
+        "",
+    ]
+    return md

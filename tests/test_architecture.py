@@ -162,3 +162,18 @@ def _raises_not_implemented(fn: object) -> bool:
     except (OSError, TypeError):
         return False
     return "raise NotImplementedError" in source and source.count("\n") < 12
+
+
+def test_the_config_documents_every_field_in_its_docstring_and_in_the_api_table():
+    import dataclasses
+
+    from srlora import SRLoRAConfig
+    from srlora.config import fields_table
+
+    doc = SRLoRAConfig.__doc__ or ""
+    for f in dataclasses.fields(SRLoRAConfig):
+        default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+        assert f"{f.name} ({default}):" in doc, f"SRLoRAConfig's docstring does not list {f.name} ({default})"
+    api = (SRC.parents[1] / "docs/API.md").read_text()
+    table = api.split("<!-- fields_table: begin -->\n", 1)[1].split("\n<!-- fields_table: end -->", 1)[0]
+    assert table == fields_table(), "docs/API.md's field table is stale: write srlora.config.fields_table() into it"

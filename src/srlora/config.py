@@ -53,7 +53,48 @@ class SRLoRAConfig:
 
     Exactly one of ``total_steps`` (the schedule is derived from it, paper Eq. 13-14)
     or ``switch_interval`` (a fixed interval) must normally be given; giving both uses
-    the interval and stops switching before ``total_steps``.
+    the interval and stops switching before ``total_steps``. Each field's full help text is
+    in its ``metadata["help"]`` (the ``srlora`` command and docs/API.md show it).
+
+    Args:
+        r_target (required): Largest number of singular directions of W0 that one layer may
+            explore (the paper's r_target); more than the LoRA rank r.
+        gamma (default 0.5): Fusion ratio: the fraction of the r pairs recycled at each
+            switch, r' = gamma * r (a whole number).
+        beta1 (default 0.85): EMA coefficient of the sensitivity |w * grad| (paper Eq. 4).
+        beta2 (default 0.85): EMA coefficient of the sensitivity's uncertainty (paper Eq. 5).
+        total_steps (default None): Total number of optimizer steps N_all, from which the
+            switch interval follows; 'auto': an integration supplies it when training starts.
+        switch_interval (default None): Switch every this many optimizer steps (when the
+            total number of steps is not known).
+        adaptive_switch (default False): Switch a layer once the set of its r' lowest-scoring
+            pairs has settled (the paper's future work), within the same budget.
+        adaptive_patience (default 10): Steps the lowest-scoring set must stay the same
+            before an adaptive switch.
+        optimizer_reset (default 'seed'): The optimizer state of recycled pairs: 'seed'
+            (moments zeroed, Adam's second moment seeded from the entry's next gradient),
+            'zero' (moments zeroed), 'none'.
+        direction_policy (default 'spectrum'): What a switch brings in: W0's next singular
+            directions ('spectrum', the paper's), the unused ones best aligned with the
+            gradient ('gradient'), or the gradient's own top singular vectors
+            ('gradient_subspace').
+        entry_scale (default None): The singular value a new pair enters with, as a multiple
+            of the layer's first pairs'; None: its W0 direction's own.
+        sketch_oversample (default 8): 'gradient_subspace': columns the gradient's range
+            sketch keeps beyond r'.
+        reset_scores (default 'recycled'): Whose importance EMAs a switch resets: the
+            'recycled' pairs or 'all'.
+        svd_method (default 'full'): 'full' (torch.linalg.svd) or 'randomized'
+            (torch.svd_lowrank of the top r_target triplets).
+        svd_niter (default 4): Subspace iterations of the randomized SVD.
+        svd_oversample (default 16): Extra columns the randomized SVD samples beyond
+            r_target.
+        svd_device (default None): Where the SVD cache lives (None: beside each weight; a
+            quantized base's waits on the CPU).
+        side_factor_dtype (default 'bfloat16'): Storage dtype of a quantized base's side
+            factors.
+        seed (default 0): Seed of the randomized SVD and sketches (the same on every rank).
+        adapter_name (default 'default'): The PEFT adapter to turn into SRLoRA.
     """
 
     r_target: int = field(
@@ -327,3 +368,14 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def fields_table() -> str:
+    """Every :class:`SRLoRAConfig` field as a Markdown table (name, default, help): the table in
+    docs/API.md (a test keeps the two in step)."""
+    rows = ["| field | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(SRLoRAConfig):
+        default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
+        help_ = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {default} | {help_} |")
+    return "\n".join(rows)

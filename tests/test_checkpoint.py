@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,9 @@ WORKER = Path(__file__).parent / "resume_worker.py"
 
 def _run_worker(*args: str) -> int:
     """The worker in a process of its own, on one thread (as :func:`launch.in_process` runs it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(WORKER), *args], capture_output=True, text=True, env=env).returncode
+    from launch import python
+
+    return python(WORKER, *args).returncode
 
 
 def _assert_equal(a, b, path="") -> None:

@@ -10,7 +10,7 @@ That group is held by a *weak* reference: torch.distributed owns it and frees it
 ``destroy_process_group()``. A strong one would keep the group's gloo threads running into
 interpreter shutdown, where a thread that finishes a piece of work and needs the GIL to
 free its tensors is killed mid-destructor: ``terminate called without an active
-exception``, SIGABRT at exit, about one run in ten (issue 25).
+exception``, SIGABRT at exit, about one run in ten.
 """
 
 from __future__ import annotations

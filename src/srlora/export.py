@@ -9,7 +9,8 @@ low-rank::
 
 where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorded by each
 :class:`~srlora.layer_state.LayerState` at its switches). Its rank is at most
-``(p - r) + r + p = 2p``, as SPEC section 6 says. :func:`export_lora` writes it as PEFT LoRA factors (scaling 1), exact
+``(p - r) + r + p = 2p``, as PiSSA's conversion to LoRA doubles r. :func:`export_lora`
+writes it as PEFT LoRA factors (scaling 1), exact
 when ``rank`` is ``None``, else truncated by SVD with the per-layer relative error
 reported.
 """

@@ -1,4 +1,4 @@
-"""EMA importance of every rank-1 LoRA pair (paper Eq. 3-7, SPEC section 2).
+"""EMA importance of every rank-1 LoRA pair (paper Eq. 3-7; docs/METHOD.md section 2).
 
 For every element ``w`` of ``A (r, n)`` and ``B (m, r)``, once per optimizer step and
 with the gradient that step applies::

@@ -1,4 +1,4 @@
-"""Optimizer-state surgery for recycled pairs (SPEC section 3, step 5).
+"""Optimizer-state surgery for recycled pairs (docs/METHOD.md section 3, the optimizer state).
 
 A recycled pair is a new direction; momentum left over from the fused one would push
 it along the old one's history. At a switch the recycled rows of ``A`` and columns of

@@ -1,5 +1,5 @@
 """The weight surgery of SRLoRA on plain tensors: PiSSA factors and the fused update
-(SPEC sections 1, 3). Each kind of layer (:mod:`srlora.kinds`) applies them to the tensors
+(docs/METHOD.md sections 1 and 3). Each kind of layer (:mod:`srlora.kinds`) applies them to the tensors
 it holds.
 
 Notation, for one layer with ``y = x W^T + s x A^T B^T``:

@@ -1,4 +1,4 @@
-"""When switches happen (paper Eq. 13-14, SPEC section 4).
+"""When switches happen (paper Eq. 13-14; docs/METHOD.md section 4).
 
 With ``r' = gamma * r``::
 

@@ -2,7 +2,7 @@
 
     srlora absorb --method srlora --r 2 --r-target 10 --steps 400 --seed 1 --out runs/absorb/x
 
-The task (issue 20; "LoRA Learns Less and Forgets Less", Biderman et al. 2024, measures the
+The task ("LoRA Learns Less and Forgets Less", Biderman et al. 2024, measures the
 same three things): SmolLM2-135M (all seven projections of every block adapted) trains as a
 causal LM on the Python source of a library released after the model (TRL 1.16.0, a pinned
 wheel, :mod:`srlora.experiments.assets`). Each file is a document, cut into blocks of
@@ -58,7 +58,7 @@ class AbsorbConfig:
     train_blocks: int = 800
     eval_blocks: int = 64
     evals: int = 4  # evaluations after step 0 (evenly spaced, the last at the end)
-    # SRLoRA's entries (issue 24; SRLoRAConfig's fields of the same names)
+    # SRLoRA's entry options (SRLoRAConfig's fields of the same names)
     direction_policy: str = "spectrum"
     entry_scale: float | None = None
     optimizer_reset: str = "seed"

@@ -28,7 +28,7 @@ SRLORA = [sys.executable, "-m", "srlora.experiments"]
 # The quick preset (150 steps, r=8, r_target=32, gamma=0.5, batch 16, 1000 dev examples),
 # evaluated once, at the last step: the 150-step runs' options, a job's default.
 COMMON = ["--preset", "quick", "--eval-every", "1000"]
-# The 600-step runs (issue 13): same seed = same data order, head init and dropout masks
+# The 600-step runs: same seed = same data order, head init and dropout masks
 # for every variant, so differences are paired by seed.
 LONG_COMMON = ["--preset", "quick", "--max-steps", "600", "--warmup-steps", "60", "--eval-every", "10000"]
 

@@ -75,7 +75,7 @@ class KnownRankRun:
     lr: float = 2e-3
     batch: int = 64
     seed: int = 1
-    direction_policy: str = "spectrum"  # SRLoRA's entries (issue 24): SRLoRAConfig's fields
+    direction_policy: str = "spectrum"  # SRLoRA's entry options: SRLoRAConfig's fields
     entry_scale: float | None = None
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""What the SRLoRA paper uses and reports (SPEC sections 4 and 5), for presets and tables."""
+"""What the SRLoRA paper uses and reports (its setup and its tables), for presets and tables."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ jobs and their commands, ``PARTS``: ``srlora study --part NAME``) and the sectio
 * :mod:`.rank_bound` -- 600 steps where fewer ranks hurt (r = 2 against 8 and 32);
 * :mod:`.known_rank_map` -- where more directions pay: a target of known rank;
 * :mod:`.absorption` -- SmolLM2-135M absorbing a corpus, where LoRA's rank binds;
-* :mod:`.new_pairs` -- what enters at a switch: direction, scale, optimizer state (issue 24);
+* :mod:`.new_pairs` -- what enters at a switch: direction, scale, optimizer state;
 * :mod:`.alternatives` -- against full fine-tuning, GaLore and PEFT's initialisations.
 
 ``srlora study --part S`` with a study's name runs all of its parts.

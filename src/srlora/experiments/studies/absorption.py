@@ -1,4 +1,4 @@
-"""Corpus absorption where LoRA's rank is short (issue 20): SmolLM2-135M learning TRL's source.
+"""Corpus absorption where LoRA's rank is short: SmolLM2-135M learning TRL's source.
 
     srlora study --part absorb          # the runs that are missing (~25 min each, two at a time)
 

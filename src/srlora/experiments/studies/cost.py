@@ -190,7 +190,7 @@ def section_llm_init(root: Path) -> list[str]:
 
 def section_qlora(root: Path) -> list[str]:
     """The QLoRA benchmark's figures (``docs/results/qlora.json``, SmolLM2 shapes, and
-    ``qlora_7b.json``, 7B shapes), and the layout before issue 18 for comparison."""
+    ``qlora_7b.json``, 7B shapes), and the earlier layout for comparison."""
     small, big = _load(root / "docs/results/qlora.json"), _load(root / "docs/results/qlora_7b.json")
     if small is None or "start" not in small:
         return []

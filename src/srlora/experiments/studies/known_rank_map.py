@@ -1,4 +1,4 @@
-"""Where more directions pay: the known-rank benchmark's map (issue 20). One layer (or a GELU
+"""Where more directions pay: the known-rank benchmark's map. One layer (or a GELU
 stack) learns a target update of known rank K; LoRA at r, 4r, 8r, PiSSA and SRLoRA over
 intervals (:mod:`srlora.experiments.known_rank`, the runner).
 

@@ -1,4 +1,4 @@
-"""The paper's regime at 600 steps (issue 13): MiniLM on mr and mr-reg, r = 8, r_target = 64,
+"""The paper's regime at 600 steps: MiniLM on mr and mr-reg, r = 8, r_target = 64,
 LoRA, PiSSA and SRLoRA (both direction policies; the paper's score reset on mr), 3 seeds
 paired by seed.
 
@@ -102,7 +102,7 @@ def section_paper(root: Path) -> list[str]:
 
 
 def section_decision(root: Path) -> list[str]:
-    """The rule of issue 13: "gradient" becomes the default only if it beats "spectrum" beyond
+    """The decision rule: "gradient" becomes the default only if it beats "spectrum" beyond
     the paired interval on at least two tasks and loses beyond it on none."""
     verdicts = []
     cells = [(task, f"long-{task}", f"long-{task}-gradient") for task in PAPER_REGIME]
@@ -123,7 +123,7 @@ def section_decision(root: Path) -> list[str]:
     md = [
         DECISION_TITLE,
         "",
-        'Rule (issue 13): `direction_policy="gradient"` becomes the default only if it beats `"spectrum"` '
+        'Rule: `direction_policy="gradient"` becomes the default only if it beats `"spectrum"` '
         "by more than the paired 95% interval on at least two tasks without losing beyond it on any.",
         "",
         "| task | Δ (gradient − spectrum) [95% interval] | beyond the interval |",

@@ -1,4 +1,4 @@
-"""The rank-bound regime at 600 steps (issue 13): a task where the number of trainable ranks
+"""The rank-bound regime at 600 steps: a task where the number of trainable ranks
 limits learning (scaling s = alpha / r = 1 at every rank), LoRA at r = 2, 8, 32, PiSSA and
 SRLoRA (both direction policies) at r = 2.
 

@@ -33,7 +33,7 @@ TASKS: dict[str, list[str]] = {
 }
 
 
-# Closest task of the paper (SPEC section 5; GLUE dev with DeBERTa-v3-base, ViT for MNIST).
+# Closest task of the paper (its tables: GLUE dev with DeBERTa-v3-base, ViT for MNIST).
 PAPER: dict[str, tuple[str, dict[str, str]]] = {
     "mr": ("SST-2 acc", GLUE_SCORES["sst2"]),
     "mr-reg": ("STS-B Pearson/Spearman", GLUE_SCORES["stsb"]),
@@ -101,7 +101,7 @@ def section_setup(seeds: list[int]) -> list[str]:
     schedule = SwitchSchedule.build(budget, q.max_steps, None)
     at = schedule.steps()
     dropped = (
-        f" (SPEC drops switch {', '.join(str(k) for k in range(len(at) + 1, schedule.num_switches + 1))}, "
+        f" (the schedule drops switch {', '.join(str(k) for k in range(len(at) + 1, schedule.num_switches + 1))}, "
         "which would fall on or after the last step)"
         if len(at) < schedule.num_switches
         else ""
@@ -318,7 +318,7 @@ def section_paper_scale(root: Path, done_main: list[Job]) -> list[str]:
         "",
         long_estimate(root, done_main),
         "",
-        "The paper trains DeBERTa-v3-base on GLUE for 10-50 epochs (SPEC section 4). That is days of",
+        "The paper trains DeBERTa-v3-base on GLUE for 10-50 epochs (docs/METHOD.md section 4). That is days of",
         "this 2-core machine per task, and neither the model nor GLUE can be fetched here. Where both",
         "are at hand (GLUE in the official TSV layout: `GLUE/SST-2/train.tsv`, ...; a GPU):",
         "",

@@ -1,4 +1,4 @@
-"""What enters at a switch (issue 24): new pairs that point where the loss needs them and learn
+"""What enters at a switch: new pairs that point where the loss needs them and learn
 as fast as the pairs they replace, measured where LoRA's rank binds (corpus absorption).
 
     srlora study --part new-pairs-screen      # seed 1: the diagnosis and every option (~25 min a run)

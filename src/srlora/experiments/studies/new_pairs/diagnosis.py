@@ -1,6 +1,6 @@
 """What happens to the pairs that enter at a switch, measured inside an absorption run.
 
-``srlora absorb ... --diagnose`` (issue 24, point 1) records, every ``T`` steps (SRLoRA's
+``srlora absorb ... --diagnose`` records, every ``T`` steps (SRLoRA's
 switch steps; the same steps for LoRA and PiSSA, whose pairs are compared with them):
 
 * the loss of a fixed probe batch right before the switch and right after it (a switch

@@ -26,7 +26,7 @@ def srlora(gamma: float = 1.0, **entry: object) -> AbsorbConfig:
 
 # name: (config, diagnosed)
 VARIANTS: dict[str, tuple[AbsorbConfig, bool]] = {
-    "srlora-r2-T40-g1": (srlora(), True),  # the baseline of issue 20
+    "srlora-r2-T40-g1": (srlora(), True),  # the absorption study's SRLoRA run
     "srlora-r2-T40-g1-w0scale1": (srlora(entry_scale=1.0), True),  # (b): W0's directions, the first pairs' scale
     "srlora-r2-T40-g1-gsub": (srlora(direction_policy="gradient_subspace"), True),  # (a) + (b)
     "srlora-r2-T40-g1-gsub-s0.25": (srlora(direction_policy="gradient_subspace", entry_scale=0.25), False),

@@ -196,7 +196,7 @@ def _confirm_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> 
 
 
 def _goal_table(by_name: dict[str, dict[int, dict[str, Any]]], best: str) -> list[str]:
-    """The issue's two absorption criteria per seed, for ``best`` and PiSSA r = 2: the share of
+    """The study's two absorption criteria per seed, for ``best`` and PiSSA r = 2: the share of
     the LoRA r = 2 -> 32 gap closed on held-out chunks, and the prose loss above the LoRA ladder
     at the same held-out-chunk loss (both against seed 1's ladder, the only seed of r = 32)."""
     ladder = _seed1_ladder(by_name)
@@ -340,7 +340,7 @@ def render(root: Path, old: dict[str, list[str]], seeds: list[int]) -> list[str]
             _confirm_table(by_name, BEST),
         ),
         (
-            f"The issue's goal on absorption, seed by seed (`{BEST}` and PiSSA r = 2; seed 1's LoRA ladder)",
+            f"The study's goal on absorption, seed by seed (`{BEST}` and PiSSA r = 2; seed 1's LoRA ladder)",
             _goal_table(by_name, BEST),
         ),
         (

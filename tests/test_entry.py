@@ -212,11 +212,11 @@ def test_export_of_a_gradient_subspace_run_loads_in_plain_peft(tmp_path):
 
 def test_batched_and_layer_by_layer_switches_agree(monkeypatch):
     """The groups' batched switch with vectors of their own equals the per-layer path."""
-    import srlora.controller as controller_module
+    from srlora.kinds.dense import DenseTarget
 
     def run(batched: bool):
         if not batched:
-            monkeypatch.setattr(controller_module, "build_groups", lambda layers: ([], {}))
+            monkeypatch.setattr(DenseTarget, "batch_key", lambda self: None)
         kw = dict(r=2, r_target=12, gamma=1.0, switch_interval=20, direction_policy="gradient_subspace")
         model, ctl = build("bert", **kw)
         monkeypatch.undo()

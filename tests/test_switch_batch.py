@@ -132,7 +132,7 @@ def test_batched_switches_equal_layer_by_layer(monkeypatch, reset, scores):
     with monkeypatch.context() as m:
         _layer_by_layer(m)
         twin_model, twin, twin_opt = _build(9, optimizer_reset=reset, reset_scores=scores)
-    assert twin._groups == [] and len(ctl._groups) == 3
+    assert [len(g) for g in twin._groups] == [1] * 9 and len(ctl._groups) == 3  # layer by layer: batches of one
     # The first switch (after step 25, and the seeding at step 26): the same up to rounding
     # (one batched product against one per layer: float32 rounding of the switch's update).
     for m_, o_ in ((model, opt), (twin_model, twin_opt)):

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import collective
 from .config import SRLoRAConfig, SwitchBudget
-from .directions import capture_for
+from .directions import policy_class, policy_for
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
 from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
@@ -90,9 +90,10 @@ class SRLoRA:
         schedules = self._schedules(budgets, total_steps) if scheduled else None
 
         self._layers: dict[str, LayerState] = {}
+        full_rows = policy_class(config).full_rows
         for target in targets:
             cache = (svd_caches or {}).get(target.name)
-            self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache)
+            self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache, full_rows)
 
         collective.prepare()  # the group that checks that every rank makes a collective call
         self._groups, self._group_of = build_groups(list(self._layers.values()))  # batched switches
@@ -105,7 +106,7 @@ class SRLoRA:
                 ScheduleWarning,
                 stacklevel=2,
             )
-        self.directions = capture_for(self._layers, config)  # the gradient policies' hooks
+        self.directions = policy_for(self._layers, config)  # what enters at a switch
         if schedules is not None:
             self._install_schedules(schedules, stacklevel=3)
         logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
@@ -138,8 +139,7 @@ class SRLoRA:
         for name, layer in self._layers.items():
             layer.set_schedule(schedules[name], adaptive_trigger(config, schedules[name]))
         warn_short_interval(config, schedules.values(), stacklevel + 1)
-        if self.directions is not None:
-            self.directions.update_windows(self.global_step + 1)
+        self.directions.update_windows(self.global_step + 1)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -249,8 +249,7 @@ class SRLoRA:
         if unload is None:
             raise TypeError("merge_and_unload needs the PeftModel (or LoraModel) SRLoRA was built on.")
         self.detach()
-        if self.directions is not None:
-            self.directions.close()
+        self.directions.close()
         from .export import merge_layers_
 
         merge_layers_(self.model, self.layers)  # each kind's own merge (sharded: each rank its rows)
@@ -266,10 +265,10 @@ class SRLoRA:
 
     # ------------------------------------------------------------------ internals
     def _check_kinds(self) -> None:
-        """Follow (or refuse) layers whose kind changed since SRLoRA was built; a group
-        whose layers changed kind switches them one by one from then on."""
-        check_build_order(self._layers.values(), pristine=self.global_step == 0 and not self.history)
-        self._group_of = {n: g for n, g in self._group_of.items() if g.kind is type(self._layers[n].target)}
+        """Follow (or refuse) layers whose kind changed since SRLoRA was built, and group the
+        layers again for their new kinds."""
+        if check_build_order(self._layers.values(), pristine=self.global_step == 0 and not self.history):
+            self._groups, self._group_of = build_groups(list(self._layers.values()))
 
     def _bind(self, optimizer: torch.optim.Optimizer) -> None:
         self._check_kinds()
@@ -321,8 +320,7 @@ class SRLoRA:
         if self.global_step == 0 and self._optimizer is None:
             self._check_kinds()  # the manual protocol binds the optimizer only after this
         if not update_importance_from_targets_([ly.importance for ly in layers], [ly.target for ly in layers]):
-            if self.directions is not None:
-                self.directions.discard()
+            self.directions.discard()
             self.skipped_steps += 1
             self._warn_once(
                 "nonfinite",
@@ -332,8 +330,7 @@ class SRLoRA:
                 stacklevel=4,
             )
             return False
-        if self.directions is not None:
-            self.directions.fold()
+        self.directions.fold()
         if self.optimizer_reset.pending:
             self.optimizer_reset.before_step({name: layer.target for name, layer in self._layers.items()})
         return True
@@ -349,8 +346,7 @@ class SRLoRA:
         else:
             due = [layer for layer in self._layers.values() if layer.schedule.is_switch_step(self.global_step)]  # type: ignore[union-attr]
         events = self._switch(due) if due else []
-        if self.directions is not None:
-            self.directions.update_windows(self.global_step + 1)
+        self.directions.update_windows(self.global_step + 1)
         return events
 
     @torch.no_grad()
@@ -362,11 +358,10 @@ class SRLoRA:
             message += "(r_target clamped to min(m, n) or reached); it stops switching."
             warnings.warn(message, DirectionsExhaustedWarning, stacklevel=3)
         layers = [layer for layer in layers if layer.can_switch]
-        emas = None if self.directions is None else [self.directions.ema(layer.name) for layer in layers]
         # One device-to-host transfer for every switching layer (not a few per layer).
-        scores, finite, emas_host = switch_inputs(layers, self._group_of, emas)
+        scores, finite, host = switch_inputs(layers, self._group_of, self.directions.host_reads(layers))
         planned: list[tuple[LayerState, SwitchEvent]] = []
-        for layer, layer_scores, ok, ema in zip(layers, scores, finite, emas_host, strict=True):
+        for layer, layer_scores, ok, reads in zip(layers, scores, finite, host, strict=True):
             if not ok:
                 # Fusing a diverged pair would write NaN/inf into the frozen weight for good.
                 self.skipped_switches += 1
@@ -379,14 +374,13 @@ class SRLoRA:
                     stacklevel=3,
                 )
                 continue
-            directions = None if self.directions is None else self.directions.choose(layer.name, ema).tolist()
+            directions = self.directions.choose(layer, reads)
             planned.append((layer, layer.plan(self.global_step, layer_scores, directions)))
-        vectors = None if self.directions is None else self.directions.vectors([layer for layer, _ in planned])
+        vectors = self.directions.vectors([layer for layer, _ in planned])
         apply_switches(planned, self._group_of, reset_all, self.optimizer_reset, vectors)
         for layer, event in planned:
             layer.commit(event)
-            if self.directions is not None:
-                self.directions.switched(layer.name)
+            self.directions.switched(layer.name)
             events.append(event)
         self.history.extend(events)
         return events
@@ -402,7 +396,7 @@ class SRLoRA:
             "history": [event.to_dict() for event in self.history],
             "layers": {name: layer.state_dict() for name, layer in self._layers.items()},
             "optimizer_reset": self.optimizer_reset.state_dict(),
-            "directions": None if self.directions is None else self.directions.state_dict(),
+            "directions": self.directions.state_dict(),
             "warned": sorted(self._warned),
             "rank": collective.rank_stamp(is_sharded_model([la.target for la in self._layers.values()])),
         }
@@ -439,8 +433,7 @@ class SRLoRA:
         for name, layer in self._layers.items():
             layer.load_state_dict(state["layers"][name])
         self.optimizer_reset.load_state_dict(state["optimizer_reset"])
-        if self.directions is not None:
-            self.directions.load_state_dict(state["directions"])
+        self.directions.load_state_dict(state["directions"])
         self.global_step = int(state["global_step"])
         self.skipped_steps = int(state["skipped_steps"])
         self.skipped_switches = int(state.get("skipped_switches", 0))

@@ -1,7 +1,7 @@
 """Operations over many layers at once: what a switch step reads on the host in one
 device-to-host transfer (and, under FSDP2, one all-reduce), the adaptive trigger's scores,
-and the checks that apply to every layer. Grouped layers (:mod:`srlora.layer_group`) are
-read through their group's stacked storage."""
+and the checks that apply to every layer. The layers' scores are
+read through their group's stacked storage (:mod:`srlora.layer_group`)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ from .layers import LoraTarget, current_kind
 
 def pair_scores(layers: Sequence[LayerState], groups: Mapping[str, LayerGroup], reduce: bool = True) -> torch.Tensor:
     """Every layer's pair scores ``S_k``, concatenated in the order of ``layers`` (float32, on
-    the first layer's device): a grouped layer's from its group's stacked EMAs (a few batched
-    operations per group), the others' one by one; summed over processes where a layer's
-    importance is split among them."""
+    the first layer's device), from its group's stacked EMAs (a few batched operations per
+    group); summed over processes where a layer's importance is split among them."""
     device = layers[0].importance.ibar_A.device
     rows: dict[str, torch.Tensor] = {}
     for group in {id(g): g for g in groups.values()}.values():
         rows.update(zip(group.names, group.pair_scores().unbind(0), strict=True))
-    pieces = [rows[layer.name] if layer.name in rows else layer.importance.pair_scores() for layer in layers]
-    flat = torch.cat([p.float().to(device, non_blocking=True) for p in pieces])
+    flat = torch.cat([rows[layer.name].float().to(device, non_blocking=True) for layer in layers])
     if reduce:
         _reduce_partial(layers, flat)
     return flat
@@ -52,7 +50,7 @@ def switch_inputs(
 ) -> tuple[list[list[float]], list[bool], list[torch.Tensor | None]]:
     """What the switches of ``layers`` read on the host, in one device-to-host transfer:
     each layer's pair scores (a list of floats), whether its ``A`` and ``B`` are finite,
-    and an ``extra`` float vector per layer (the gradient policy's alignment EMA). Batched:
+    and an ``extra`` float vector per layer (the direction policy's host_reads). Batched:
     the number of tensor operations grows with the number of groups, not of layers."""
     if not layers:
         return [], [], []
@@ -100,10 +98,10 @@ def mark_exhausted(layers: Iterable[LayerState]) -> list[LayerState]:
     return out
 
 
-def check_build_order(layers: Iterable[LayerState], pristine: bool = False) -> None:
+def check_build_order(layers: Iterable[LayerState], pristine: bool = False) -> bool:
     """Follow layers whose kind changed since SRLoRA was built where SRLoRA's state can
     follow (:func:`~srlora.layers.current_kind`; ``pristine``: nothing trained or switched
-    yet); refuse the others before anything changes."""
+    yet); refuse the others before anything changes. Returns whether some layer changed kind."""
     layers = list(layers)
     moved = {layer.name: new for layer in layers if (new := current_kind(layer.target)) is not None}
     split = [name for layer in layers if (new := moved.get(name := layer.name)) and layer.layout != _layout(new)]
@@ -116,6 +114,7 @@ def check_build_order(layers: Iterable[LayerState], pristine: bool = False) -> N
     for layer in layers:
         if layer.name in moved:
             layer.retarget(moved[layer.name])
+    return bool(moved)
 
 
 def _layout(target: LoraTarget) -> tuple[tuple[int, int], tuple[int, int]]:

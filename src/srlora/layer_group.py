@@ -1,25 +1,27 @@
-"""Layers that switch as one batch: every q/k/v projection of a transformer, every MLP-in...
+"""The switch: fuse the least important pairs into ``W`` and re-initialise their slots, for a
+batch of layers at once (a layer that switches on its own is a batch of one).
 
 A switch is a handful of small operations per layer (gather the slots, two rank-``r'``
 products, the weight update, the factor writes, the record, the importance reset, the
-optimizer's moments). Looping over layers makes its cost grow with their number, not with
-the work. A :class:`LayerGroup` holds layers of a kind that can be batched
+optimizer's moments). Looping over layers would make its cost grow with their number, not
+with the work. A :class:`LayerGroup` holds layers whose kind can switch them together
 (:meth:`~srlora.kinds.base.LoraTarget.batch_key`: same shape, rank, ``r'``, dtypes and
-device) and keeps their SVD caches, importance EMAs and fused records *stacked*, each
+device), or one layer whose kind cannot (FSDP2 shards, ZeRO partitions, quantized bases),
+and keeps their SVD caches, importance EMAs and records *stacked*, each
 :class:`~srlora.layer_state.LayerState` holding views of its row, so that for the ``L``
 layers of a group::
 
-    U (L, m, k), S (L, k), V (L, n, k)                 the SVD caches
-    I_bar_A, U_bar_A (L, r, n), I_bar_B, U_bar_B (L, m, r)   the importance EMAs
-    F_B^T (L, cap, m), F_A (L, cap, n)                  the fused records
+    U (L, rows, k), S (L, k), V (L, n, k)                     the SVD caches
+    I_bar_A, U_bar_A (L, pairs held, n), I_bar_B, U_bar_B (L, rows held, r)   the importance EMAs
+    F_B^T (L, cap, rows held), F_A (L, cap, n)               the fused records (and the entered)
 
 and one switch of any of its layers is a fixed number of batched operations: gather the new
-directions (``U[l, :, d]``...), the PiSSA factors, ``bmm`` for the fused update, ``_foreach``
-writes into the parameters, one indexed write into the records, one masked product per EMA
-and per optimizer moment. Each layer still decides its own switch (:meth:`LayerState.plan`,
-plain Python) and keeps its own books (:meth:`LayerState.commit`); the group only does the
-tensor side. Kinds that cannot be batched (FSDP2 shards, ZeRO-3 partitions, quantized
-bases) switch layer by layer.
+directions (``U[l, :, d]``...), the kind's writes (:meth:`~srlora.kinds.base.LoraTarget.switch_batched_`:
+one batched product for a dense group, the layer's own write for the others), one indexed
+write into each record, one masked product per EMA, and the optimizer's moments
+(:meth:`~srlora.optim_state.OptimizerStateReset.on_switch`). Each layer still decides its own
+switch (:meth:`LayerState.plan`, plain Python) and keeps its own books
+(:meth:`LayerState.commit`); the group does the tensor side.
 """
 
 from __future__ import annotations
@@ -40,8 +42,50 @@ from .svd import SVDCache
 CHUNK_ELEMENTS = 1 << 26
 
 
+class _StackedRecords:
+    """The records (fused, or entered) of a group's layers in one stacked storage
+    ``Bt (L, cap, rows)``, ``A (L, cap, n)``; each record keeps views of its row."""
+
+    def __init__(self, records: Sequence[FusedRecord]) -> None:
+        self.records = list(records)
+        self._stack(min(rec.capacity for rec in self.records))
+
+    def _stack(self, capacity: int) -> None:
+        """Stack the records' current values with room for ``capacity`` pairs each."""
+        rows, n, dtype = self.records[0].rows, self.records[0].n, self.records[0].dtype
+        device = self.records[0].storage()[1].device
+        L = len(self.records)
+        self.Bt = torch.zeros(L, capacity, rows, dtype=dtype, device=device)
+        self.A = torch.zeros(L, capacity, n, dtype=dtype, device=device)
+        for i, rec in enumerate(self.records):
+            Bt, A = rec.storage()
+            self.Bt[i, : min(capacity, Bt.shape[0])] = Bt[:capacity]
+            self.A[i, : min(capacity, A.shape[0])] = A[:capacity]
+            rec.use_storage(self.Bt[i], self.A[i])
+
+    def write(self, sel: torch.Tensor, B_new: torch.Tensor, A_new: torch.Tensor, rows: Sequence[int]) -> None:
+        """Write pairs ``B_new (L', rows, r')``, ``A_new (L', r', n)`` into the next ``r'``
+        places of the records ``rows`` (``sel``: the same on the storage's device): one indexed
+        write each. A record that grows as it goes (nothing allocated up front), or whose
+        storage a checkpoint replaced, is stacked again first."""
+        records = [self.records[i] for i in rows]
+        r_prime = int(A_new.shape[1])
+        need = max(rec.count for rec in records) + r_prime
+        row_bytes = self.A.stride(0) * self.A.element_size()  # where row i starts (no tensor op)
+        start = self.A.data_ptr()
+        moved = any(rec.storage()[1].data_ptr() != start + i * row_bytes for i, rec in enumerate(self.records))
+        if need > self.A.shape[1] or moved:
+            self._stack(max(need, min(rec.capacity for rec in self.records)))
+        pos = to_device(torch.tensor([[rec.count + j for j in range(r_prime)] for rec in records]), self.A.device)
+        self.Bt[sel[:, None], pos] = B_new.transpose(1, 2).to(self.Bt.dtype)
+        self.A[sel[:, None], pos] = A_new.to(self.A.dtype)
+        for rec in records:
+            rec.counted(r_prime)
+
+
 class LayerGroup:
-    """Layers of one batchable kind and shape that switch together (see the module doc).
+    """Layers that switch together (see the module doc): several of one batchable kind and
+    shape, or one.
 
     Args:
         layers: the layers, in the controller's order; their caches, EMAs and records move
@@ -57,25 +101,20 @@ class LayerGroup:
         self.r, self.r_prime = first.r, first.r_prime
         self.device = first.target.device
         self.kind = type(first.target)
+        self.row_span, self.pair_span = first.target.row_span, first.target.pair_span
         caches = [layer.cache for layer in self.layers]
+        self.row_offset = caches[0].row_offset
         self.U = torch.stack([c.U for c in caches])
         self.S = torch.stack([c.S for c in caches])
         self.V = torch.stack([c.V for c in caches])
         ema = [torch.stack([layer.importance.tensors()[j] for layer in self.layers]) for j in range(4)]
         self.ibar_A, self.ubar_A, self.ibar_B, self.ubar_B = ema
-        stores = [layer.record.storage() for layer in self.layers]
-        self.F_Bt = torch.stack([Bt for Bt, _ in stores])
-        self.F_A = torch.stack([A for _, A in stores])
-        # The records of the entered pairs, where the layers keep them (entries not the cache's).
-        entered = [layer.entered.storage() for layer in self.layers if layer.entered is not None]
-        self.E_Bt = torch.stack([Bt for Bt, _ in entered]) if entered else None
-        self.E_A = torch.stack([A for _, A in entered]) if entered else None
         for i, layer in enumerate(self.layers):
             layer.use_cache(SVDCache(self.U[i], self.S[i], self.V[i], caches[i].row_offset))
             layer.importance.use_storage(*(t[i] for t in ema))
-            layer.record.use_storage(self.F_Bt[i], self.F_A[i])
-            if layer.entered is not None and self.E_Bt is not None and self.E_A is not None:
-                layer.entered.use_storage(self.E_Bt[i], self.E_A[i])
+        self.fused = _StackedRecords([layer.record for layer in self.layers])
+        entered = [layer.entered for layer in self.layers]
+        self.entered = _StackedRecords(entered) if entered[0] is not None else None  # type: ignore[arg-type]
         self.scaling = torch.tensor([layer.target.scaling for layer in self.layers], device=self.device)
         sigma = [layer.entry_sigma for layer in self.layers]
         self.entry_sigma = None if sigma[0] is None else torch.tensor(sigma, device=self.device)
@@ -90,7 +129,10 @@ class LayerGroup:
         return [layer.name for layer in self.layers]
 
     def pair_scores(self) -> torch.Tensor:
-        """``S_k`` of every layer, ``(L, r)`` float32, in a few batched operations."""
+        """``S_k`` of every layer, ``(L, r)`` float32, in a few batched operations (a layer whose
+        importance is split among processes: this process's share, which they sum)."""
+        if len(self.layers) == 1 and self.layers[0].importance.partial:
+            return self.layers[0].importance.partial_scores()[None]
         score_A = (self.ibar_A * self.ubar_A).mean(dim=2)
         return score_A.add_((self.ibar_B * self.ubar_B).mean(dim=1))
 
@@ -99,116 +141,99 @@ class LayerGroup:
         self,
         events: Sequence[SwitchEvent],
         reset_all_scores: bool,
-        optimizer_reset: OptimizerStateReset | None = None,
+        optimizer_reset: OptimizerStateReset,
         vectors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         """The tensor side of ``events`` (planned by the group's layers, at most one each):
-        the kind's batched writes, the records, the importance reset, the moments.
-        ``vectors``: each layer's new pairs ``(U (m, r'), V (n, r'))`` where they do not come
-        from the cache (:meth:`LayerState.new_pairs`)."""
+        the kind's writes, the records, the importance reset, the moments. ``vectors``: each
+        layer's new pairs ``(U (m, r'), V (n, r'))`` where they do not come from the cache."""
         for start in range(0, len(events), self.chunk):
             self._apply(events[start : start + self.chunk], reset_all_scores, optimizer_reset, vectors)
 
     def _new_pairs(
         self, events: Sequence[SwitchEvent], sel: torch.Tensor, vectors: Mapping[str, tuple] | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(U_new (L', r', m), S_new (L', r'), V_new (L', r', n))`` on the group's device: the
-        given vectors stacked, or the directions gathered from the stacked caches; with the
-        layers' entry singular value where they have one."""
-        sel_d = to_device(sel, self.device)
+        """What enters the slots: ``(U_new (L', r', rows held), S_new (L', r'), V_new (L', r', n))``
+        in float32 on the group's device, unit vectors, so that a slot receives ``s B_new A_new =
+        u sigma v^T``: the given vectors, or ``W0``'s directions gathered from the stacked caches;
+        with the layers' entry singular value where they have one."""
+        w0, w1 = self.row_span
         if vectors is not None:
-            U_new = torch.stack([vectors[e.layer][0] for e in events]).transpose(1, 2).to(self.device).float()
+            U_new = torch.stack([vectors[e.layer][0][w0:w1] for e in events]).transpose(1, 2).to(self.device).float()
             V_new = torch.stack([vectors[e.layer][1] for e in events]).transpose(1, 2).to(self.device).float()
             S_new = U_new.new_ones(U_new.shape[:2])
         else:
+            if max(max(e.directions) for e in events) >= self.U.shape[2]:
+                raise ValueError(
+                    f"layer {events[0].layer!r}: directions beyond the SVD cache; under direction_policy="
+                    f"'gradient_subspace' the new pairs' vectors come from the policy's sketch."
+                )
             directions = torch.tensor([e.directions for e in events], dtype=torch.long)
             where = self.U.device
             sel_c, dir_c = to_device(sel, where)[:, None], to_device(directions, where)
             U_new = to_device(self.U[sel_c, :, dir_c], self.device)
+            if self.U.shape[1] != w1 - w0:  # the cache holds more rows than this process's
+                U_new = U_new[:, :, w0 - self.row_offset : w1 - self.row_offset]
             S_new = to_device(self.S[sel_c, dir_c], self.device)
             V_new = to_device(self.V[sel_c, :, dir_c], self.device)
         if self.entry_sigma is not None:
-            S_new = self.entry_sigma[sel_d][:, None].expand(-1, self.r_prime).contiguous()
+            S_new = self.entry_sigma[to_device(sel, self.device)][:, None].expand(-1, self.r_prime).contiguous()
         return U_new, S_new, V_new
 
     def _apply(
         self,
         events: Sequence[SwitchEvent],
         reset_all_scores: bool,
-        optimizer_reset: OptimizerStateReset | None,
+        optimizer_reset: OptimizerStateReset,
         vectors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None,
     ) -> None:
         rows = [self.position[e.layer] for e in events]
         layers = [self.layers[i] for i in rows]
         whole = rows == list(range(len(self.layers)))
-        slots = to_device(torch.tensor([e.slots for e in events], dtype=torch.long), self.device)
+        slots = torch.tensor([e.slots for e in events], dtype=torch.long)  # on the host
         sel = torch.tensor(rows, dtype=torch.long)
         U_new, S_new, V_new = self._new_pairs(events, sel, vectors)
         sel_d = to_device(sel, self.device)
         scaling = self.scaling if whole else self.scaling[sel_d]
         targets = [layer.target for layer in layers]
         B_old, A_old, B_new, A_new = self.kind.switch_batched_(targets, U_new, S_new, V_new, slots, scaling)
-        # The records: each layer's next r' columns (of the fused pairs, and of the entered ones).
-        _write_records(self.F_Bt, self.F_A, [layer.record for layer in layers], sel_d, B_old, A_old)
-        if self.E_Bt is not None and self.E_A is not None:
-            entered = [layer.entered for layer in layers]
-            _write_records(self.E_Bt, self.E_A, entered, sel_d, B_new, A_new)  # type: ignore[arg-type]
-        # The recycled slots' EMAs (every slot's with reset_all_scores), by a 0/1 mask.
+        # The records: each layer's next r' places (of the fused pairs, and of the entered ones).
+        self.fused.write(to_device(sel, self.fused.A.device), B_old, A_old, rows)
+        if self.entered is not None:
+            self.entered.write(to_device(sel, self.entered.A.device), B_new, A_new, rows)
+        # The recycled slots' EMAs (every slot's with reset_all_scores), by a 0/1 mask; the A
+        # side only for the pairs this process holds.
         keep = [[1.0] * self.r for _ in self.layers]
         for i, e in zip(rows, events, strict=True):
             for k in range(self.r) if reset_all_scores else e.slots:
                 keep[i][k] = 0.0
-        mask = to_device(torch.tensor(keep), self.device)
-        self.ibar_A.mul_(mask[:, :, None])
-        self.ubar_A.mul_(mask[:, :, None])
+        mask = to_device(torch.tensor(keep), self.ibar_A.device)
+        a0, a1 = self.pair_span
+        self.ibar_A.mul_(mask[:, a0:a1, None])
+        self.ubar_A.mul_(mask[:, a0:a1, None])
         self.ibar_B.mul_(mask[:, None, :])
         self.ubar_B.mul_(mask[:, None, :])
-        if optimizer_reset is not None:
-            recycled = [[0.0] * self.r for _ in events]
-            for row, e in zip(recycled, events, strict=True):
-                for k in e.slots:
-                    row[k] = 1.0
-            optimizer_reset.on_switch_batch(
-                [e.layer for e in events], targets, to_device(torch.tensor(recycled), self.device), events
-            )
-
-
-def _write_records(
-    Bt: torch.Tensor,
-    A: torch.Tensor,
-    records: Sequence[FusedRecord],
-    sel: torch.Tensor,
-    B_new: torch.Tensor,
-    A_new: torch.Tensor,
-) -> None:
-    """Write pairs ``B_new (L', m, r')``, ``A_new (L', r', n)`` into the next ``r'`` places of
-    each layer's record, stacked as ``Bt (L, cap, m)``, ``A (L, cap, n)``: one indexed write each."""
-    r_prime = int(A_new.shape[1])
-    pos = to_device(torch.tensor([[rec.count + j for j in range(r_prime)] for rec in records]), Bt.device)
-    Bt[sel[:, None], pos] = B_new.transpose(1, 2).to(Bt.dtype)
-    A[sel[:, None], pos] = A_new.to(A.dtype)
-    for rec in records:
-        rec.counted(r_prime)
+        optimizer_reset.on_switch([e.layer for e in events], targets, slots)
 
 
 def switch_groups(names: Sequence[str], group_of: Mapping[str, LayerGroup]) -> list[list[str]]:
     """The layer names by switch operation, in the controller's order: the layers of one group
-    together, a layer without a group alone."""
+    together."""
     groups: dict[int, list[str]] = {}
     for name in names:
-        group = group_of.get(name)
-        groups.setdefault(id(group) if group is not None else id(name), []).append(name)
+        groups.setdefault(id(group_of[name]), []).append(name)
     return list(groups.values())
 
 
 def build_groups(layers: Sequence[LayerState]) -> tuple[list[LayerGroup], dict[str, LayerGroup]]:
     """Group the layers whose kind can batch them (:meth:`~srlora.kinds.base.LoraTarget.batch_key`),
-    keeping the controller's order; returns the groups and each grouped layer's group."""
+    each other layer alone, keeping the controller's order; returns the groups and each
+    layer's group."""
     keyed: dict[object, list[LayerState]] = {}
     for layer in layers:
         key = layer.target.batch_key()
-        if key is not None:
-            keyed.setdefault((key, layer.r, layer.r_prime, layer.limit, layer.cache.U.device), []).append(layer)
+        key = ("alone", layer.name) if key is None else (key, layer.r, layer.r_prime, layer.limit, layer.cache.U.device)
+        keyed.setdefault(key, []).append(layer)
     groups = [LayerGroup(members) for members in keyed.values()]
     return groups, {layer.name: group for group in groups for layer in group.layers}
 
@@ -220,16 +245,11 @@ def apply_switches(
     optimizer_reset: OptimizerStateReset,
     vectors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
-    """The tensor side of planned switches: a group's layers in a few batched operations
-    (:meth:`LayerGroup.apply`), the others one by one (:meth:`LayerState.apply`); ``vectors``:
-    the new pairs of each layer where they do not come from the SVD cache."""
+    """The tensor side of planned switches, group by group (:meth:`LayerGroup.apply`);
+    ``vectors``: the new pairs of each layer where they do not come from the SVD cache."""
     batches: dict[int, tuple[LayerGroup, list[SwitchEvent]]] = {}
     for layer, event in planned:
-        group = groups.get(layer.name)
-        if group is not None:
-            batches.setdefault(id(group), (group, []))[1].append(event)
-            continue
-        layer.apply(event, reset_all_scores, None if vectors is None else vectors[layer.name])
-        optimizer_reset.on_switch(layer.name, layer.target, torch.tensor(event.slots, dtype=torch.long))
+        group = groups[layer.name]
+        batches.setdefault(id(group), (group, []))[1].append(event)
     for group, events in batches.values():
         group.apply(events, reset_all_scores, optimizer_reset, vectors)

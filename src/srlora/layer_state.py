@@ -34,7 +34,6 @@ from typing import Any
 import torch
 
 from .config import SRLoRAConfig, SwitchBudget
-from .devices import to_device
 from .errors import CheckpointError
 from .events import SwitchEvent
 from .importance import PairImportance
@@ -102,10 +101,16 @@ class LayerState:
 
     @classmethod
     def create(
-        cls, target: LoraTarget, budget: SwitchBudget, config: SRLoRAConfig, cache: SVDCache | None = None
+        cls,
+        target: LoraTarget,
+        budget: SwitchBudget,
+        config: SRLoRAConfig,
+        cache: SVDCache | None = None,
+        full_rows: bool = False,
     ) -> LayerState:
         """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
-        given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it."""
+        given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it.
+        ``full_rows``: the cache keeps every row of ``U`` (the direction policy needs them)."""
         target.setup(config)
         with target.whole(modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept
             w_eff = target.effective_weight()
@@ -114,7 +119,6 @@ class LayerState:
                 k = budget.directions if config.entries_from_w0 else budget.r
                 cache = distributed_top_triplets(w_eff, k, config)
             del w_eff
-            full_rows = config.direction_policy == "gradient"
             cache = target.prepare_cache(cache, full_rows=full_rows)
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
@@ -247,35 +251,14 @@ class LayerState:
         return torch.tensor([k for k, u in enumerate(self._used) if not u], dtype=torch.long)
 
     # ------------------------------------------------------------------ the switch
-    @torch.no_grad()
-    def switch(
-        self,
-        step: int,
-        reset_all_scores: bool = False,
-        directions: torch.Tensor | Sequence[int] | None = None,
-        scores: torch.Tensor | Sequence[float] | None = None,
-        vectors: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> SwitchEvent:
-        """Fuse the ``r'`` lowest-scoring pairs into ``W`` and re-initialise their slots from
-        ``directions`` (default: the next unused ones in singular-value order) or from
-        ``vectors`` (:meth:`new_pairs`); reset the importance of those slots (of every slot
-        with ``reset_all_scores``). ``scores``: the pair scores already on the host
-        (:func:`~srlora.layer_batch.switch_inputs`), to save a device sync.
-
-        The layer's function is unchanged up to float rounding. Raises ``RuntimeError``
-        when no direction is left (check :attr:`can_switch`) and ``ValueError`` for
-        ``directions`` that are not ``r'`` distinct unused ones. (A :class:`LayerGroup`
-        switches its layers together: :meth:`plan` for each, one batched write, :meth:`commit`.)"""
-        if scores is None:
-            scores = self.pair_scores().cpu()
-        event = self.plan(step, _as_list(scores), None if directions is None else _as_list(directions))
-        self.apply(event, reset_all_scores, vectors)
-        self.commit(event)
-        return event
-
     def plan(self, step: int, scores: Sequence[float], directions: Sequence[int] | None = None) -> SwitchEvent:
         """The switch this layer would make now, in plain Python: the ``r'`` lowest-scoring
-        slots, and the directions they receive (default: the next unused ones). Changes nothing."""
+        slots, and the directions they receive (default: the next unused ones). Changes nothing;
+        the tensor side is its group's (:meth:`~srlora.layer_group.LayerGroup.apply`), the
+        books are :meth:`commit`'s.
+
+        Raises ``RuntimeError`` when no direction is left (check :attr:`can_switch`) and
+        ``ValueError`` for ``directions`` that are not ``r'`` distinct unused ones."""
         if not self.can_switch:
             raise RuntimeError(f"layer {self.name!r} has no unused direction left ({self.pointer} of {self.limit}).")
         if directions is None:
@@ -297,45 +280,6 @@ class LayerState:
             evicted=tuple(self._slots[k] for k in slots),
             scores=tuple(float(scores[k]) for k in slots),
         )
-
-    def new_pairs(
-        self, event: SwitchEvent, vectors: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What enters the slots of ``event``: ``(U (rows held, r'), S (r',), V (n, r'))`` in
-        float32, unit columns, so that the slots receive ``s B_new A_new = U diag(S) V^T``.
-
-        The directions are ``W0``'s ``event.directions`` from the cache, or ``vectors =
-        (U (m, r'), V (n, r'))`` (``direction_policy="gradient_subspace"``); the singular
-        values are the directions' own (the paper's) or :attr:`entry_sigma`."""
-        device = self.target.device
-        if vectors is not None:
-            w0, w1 = self.target.row_span
-            U, V = to_device(vectors[0][w0:w1].float(), device), to_device(vectors[1].float(), device)
-            S = torch.ones(U.shape[1], dtype=torch.float32, device=device)
-        elif max(event.directions) < self.cache.rank:
-            U, S, V = self.cache.directions(torch.tensor(event.directions), device, rows=self.target.row_span)
-        else:
-            raise ValueError(
-                f"layer {self.name!r}: directions {list(event.directions)} are not in the SVD cache; under "
-                f"direction_policy='gradient_subspace' the new pairs' vectors come from the controller's sketch."
-            )
-        if self.entry_sigma is not None:
-            S = torch.full_like(S, self.entry_sigma)
-        return U, S, V
-
-    @torch.no_grad()
-    def apply(
-        self, event: SwitchEvent, reset_all_scores: bool, vectors: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
-        """The tensor side of ``event``, for this layer alone: the kind's writes, the records
-        of the fused and the entered pairs, the importance reset."""
-        slots = torch.tensor(event.slots, dtype=torch.long)
-        with self.target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
-            B_old, A_old, B_new, A_new = self.target.switch_pairs_(slots, *self.new_pairs(event, vectors))
-        self.record.append_(B_old, A_old)
-        if self.entered is not None:
-            self.entered.append_(B_new, A_new)
-        self.importance.reset(None if reset_all_scores else to_device(slots, self.importance.ibar_A.device))
 
     def commit(self, event: SwitchEvent) -> None:
         """The host bookkeeping of ``event`` (plain Python): pointer, slots, used directions."""
@@ -419,7 +363,3 @@ class LayerState:
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)
-
-
-def _as_list(values: torch.Tensor | Sequence[Any]) -> list[Any]:
-    return values.flatten().tolist() if isinstance(values, torch.Tensor) else list(values)

@@ -266,51 +266,33 @@ class OptimizerStateReset:
         self.optimizer = None
         self.optimizer_kind = None
 
-    def on_switch(self, key: str, target: LoraTarget, slots: torch.Tensor) -> None:
-        """Pairs ``slots`` (rows of ``A (r, n)``, columns of ``B (m, r)``) of layer ``target``
-        were recycled."""
+    def on_switch(self, keys: Sequence[str], targets: Sequence[LoraTarget], slots: torch.Tensor) -> None:
+        """Pairs ``slots[i]`` (rows of ``A (r, n)``, columns of ``B (m, r)``; ``slots (L, r')``
+        on the host) of layers ``targets`` (of one kind, named ``keys``) were recycled: their
+        moments are zeroed (by the kind, batched where it can), and under ``"seed"`` they wait
+        for their seed."""
         if self.optimizer is None or self.mode == "none" or self.optimizer_kind == "other":
             return
-        target.zero_moments_(self.optimizer, slots)
-        if self.mode == "seed" and self.optimizer_kind == "adam" and target.seeds_moments:
-            self.pending.setdefault(key, set()).update(int(k) for k in slots.tolist())
-
-    def on_switch_batch(
-        self, keys: Sequence[str], targets: Sequence[LoraTarget], recycled: torch.Tensor, slots: Sequence[Any]
-    ) -> None:
-        """:meth:`on_switch` of many layers of a batching kind at once: ``recycled (L, r)``
-        is 1 at each layer's recycled pairs, ``slots[i].slots`` the same as indices."""
-        if self.optimizer is None or self.mode == "none" or self.optimizer_kind == "other":
-            return
-        zero_moments_batched_(self.optimizer, targets, 1.0 - recycled)
+        type(targets[0]).zero_moments_batched_(self.optimizer, targets, slots)
         if self.mode == "seed" and self.optimizer_kind == "adam":
-            for key, event in zip(keys, slots, strict=True):
-                self.pending.setdefault(key, set()).update(int(k) for k in event.slots)
+            for key, target, row in zip(keys, targets, slots.tolist(), strict=True):
+                if target.seeds_moments:
+                    self.pending.setdefault(key, set()).update(int(k) for k in row)
 
     def before_step(self, targets: Mapping[str, LoraTarget]) -> None:
         """Seed the second moment of the pending slots from the gradients about to be
-        applied; ``targets[key]`` is the layer. Layers whose kind batches are seeded together."""
+        applied; ``targets[key]`` is the layer. The layers of one kind and rank are seeded
+        together (by the kind, batched where it can)."""
         if not self.pending or self.optimizer is None:
             return
-        batch: list[tuple[LoraTarget, list[int]]] = []
+        batches: dict[tuple[type, int], list[tuple[LoraTarget, list[int]]]] = {}
         for key in list(self.pending):
             target = targets[key]
             if not target.has_grad():
                 continue  # this layer takes no step now; seed at its next one
-            pending = sorted(self.pending.pop(key))
-            if target.batch_key() is not None:
-                batch.append((target, pending))
-            else:
-                target.seed_moments_(self.optimizer, torch.tensor(pending, dtype=torch.long))
-        if batch:
-            rows = [[1.0 if k in set(slots) else 0.0 for k in range(t.r)] for t, slots in batch]
-            by_rank: dict[int, list[int]] = {}
-            for i, (t, _) in enumerate(batch):
-                by_rank.setdefault(t.r, []).append(i)
-            for members in by_rank.values():  # one mask per adapter rank
-                device = batch[members[0]][0].device
-                recycled = torch.tensor([rows[i] for i in members]).to(device, non_blocking=True)
-                seed_second_moments_batched_(self.optimizer, [batch[i][0] for i in members], recycled)
+            batches.setdefault((type(target), target.r), []).append((target, sorted(self.pending.pop(key))))
+        for (kind, _), members in batches.items():
+            kind.seed_moments_batched_(self.optimizer, [t for t, _ in members], [s for _, s in members])
 
     def state_dict(self) -> dict[str, Any]:
         return {"pending": {k: sorted(v) for k, v in self.pending.items() if v}, "warned": self.warned}

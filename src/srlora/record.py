@@ -66,8 +66,9 @@ class FusedRecord:
 
     def use_storage(self, Bt: torch.Tensor, A: torch.Tensor) -> None:
         """Keep the record in ``Bt``, ``A`` (views into a group's stacked storage, holding the
-        same values) from now on."""
-        if Bt.shape != self._Bt.shape or A.shape != self._A.shape:
+        same values, with room for at least the pairs recorded) from now on."""
+        fits = Bt.shape[1:] == self._Bt.shape[1:] and A.shape[1:] == self._A.shape[1:]
+        if not fits or Bt.shape[0] != A.shape[0] or A.shape[0] < self.count:
             raise ValueError(f"storage of shapes {tuple(Bt.shape)}, {tuple(A.shape)} does not fit this record.")
         self._Bt, self._A = Bt, A
 

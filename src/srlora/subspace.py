@@ -38,29 +38,27 @@ directions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from . import collective
-from .capture import WindowedCapture
+from .capture import Probe, WindowedCapture
 from .config import SRLoRAConfig
 from .layer_state import LayerState
 
 
-class SketchProbe:
+class SketchProbe(Probe):
     """The sketches ``Y = G Omega``, ``Z = Psi G`` of one layer's windowed gradient.
 
     Attributes:
         Y: ``(m, k)`` float32, the range sketch summed over the captured steps.
         Z: ``(l, n)`` float32, the co-range sketch.
-        steps_seen: optimizer steps folded in since the window opened.
     """
 
     def __init__(self, layer: LayerState, position: int, config: SRLoRAConfig) -> None:
-        self.layer = layer
+        super().__init__(layer)
         self.position = position
         self.seed = config.seed
         m, n = layer.target.shape
@@ -68,13 +66,10 @@ class SketchProbe:
         self.l = min(2 * self.k + 1, m)
         device = layer.target.device
         # Y is kept transposed, (k, m) row-major, so that its per-step update is a short-wide
-        # product (see _backward).
+        # product (see on_grad).
         self.Yt = torch.zeros(self.k, m, dtype=torch.float32, device=device)
         self.Z = torch.zeros(self.l, n, dtype=torch.float32, device=device)
         self._Yt_step, self._Z_step = torch.zeros_like(self.Yt), torch.zeros_like(self.Z)
-        self.steps_seen = 0
-        self.touched = False
-        self._handle: Any = None
         self._omega_t: torch.Tensor | None = None  # Omega^T, (k, n) row-major
         self._psi: torch.Tensor | None = None
 
@@ -82,10 +77,6 @@ class SketchProbe:
     def Y(self) -> torch.Tensor:
         """``(m, k)``: the range sketch (a transposed view of the stored ``(k, m)`` buffer)."""
         return self.Yt.T
-
-    @property
-    def armed(self) -> bool:
-        return self._handle is not None
 
     def _generator(self) -> torch.Generator:
         """Seeded by the config, the layer and its switch count: the same draw on every rank."""
@@ -101,51 +92,39 @@ class SketchProbe:
         device = self.Y.device
         return omega.to(device), psi.to(device)
 
-    def arm(self, reset: bool = True) -> None:
-        """Open a window: the hooks add each micro-batch to the sketches from now on."""
-        self.disarm()
-        if reset:
-            self.Yt.zero_()
-            self.Z.zero_()
-            self.steps_seen = 0
-        self.discard()
+    def clear_window(self) -> None:
+        self.Yt.zero_()
+        self.Z.zero_()
+
+    def open(self) -> bool:
+        """The window's test matrices."""
         omega, self._psi = self.test_matrices()
         self._omega_t = omega.T.contiguous()
-        self._handle = self.layer.target.module.register_forward_hook(self._forward)
+        return True
 
-    def disarm(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = self._omega_t = self._psi = None
+    def close_window(self) -> None:
+        self._omega_t = self._psi = None
 
-    def _forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return  # evaluation, or a frozen path: no gradient will come
-        output.register_hook(partial(self._backward, args[0].detach()))
+    def on_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-    def _backward(self, x: torch.Tensor, grad: torch.Tensor) -> None:
+    def on_grad(self, x: torch.Tensor, grad: torch.Tensor) -> None:
         assert self._omega_t is not None and self._psi is not None
         m, n = self.layer.target.shape
         x2 = x.reshape(-1, n).float()
-        d = grad.detach().reshape(-1, m).float()
+        d = grad.reshape(-1, m).float()
         # (G Omega)^T = sum_t (Omega^T x_t^T) delta_t; in this order every product is short-wide
         # (k rows), which CPU BLAS runs several times faster than the tall-skinny x Omega.
         self._Yt_step.addmm_(self._omega_t @ x2.T, d)
         self._Z_step.addmm_(self._psi @ d.T, x2)  # Psi G = sum_t (Psi delta_t^T) x_t
-        self.touched = True
 
-    def fold(self) -> None:
-        """Add this optimizer step's sketches (its micro-batches) to the window's (once per step)."""
-        if self.touched:
-            self.Yt.add_(self._Yt_step)
-            self.Z.add_(self._Z_step)
-            self.steps_seen += 1
-        self.discard()
+    def add_step(self) -> None:
+        self.Yt.add_(self._Yt_step)
+        self.Z.add_(self._Z_step)
 
-    def discard(self) -> None:
+    def clear_step(self) -> None:
         self._Yt_step.zero_()
         self._Z_step.zero_()
-        self.touched = False
 
     @property
     def captured(self) -> bool:
@@ -163,17 +142,12 @@ class SketchProbe:
         V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
         return U.float().to(self.Y.device), V.float().to(self.Y.device)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"Y": self.Y.clone(), "Z": self.Z.clone(), "steps_seen": self.steps_seen, "armed": self.armed}
+    def window_state(self) -> dict[str, torch.Tensor]:
+        return {"Y": self.Y.clone(), "Z": self.Z.clone()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_window_state(self, state: dict[str, Any]) -> None:
         self.Y.copy_(state["Y"])
         self.Z.copy_(state["Z"])
-        self.steps_seen = int(state["steps_seen"])
-        if state["armed"]:
-            self.arm(reset=False)
-        else:
-            self.disarm()
 
 
 @torch.no_grad()
@@ -216,26 +190,13 @@ class GradientSubspace(WindowedCapture):
     """``direction_policy="gradient_subspace"`` for a controller's layers: when each layer
     sketches its gradient, and the vectors its new pairs take (see the module doc)."""
 
-    def __init__(self, layers: Mapping[str, LayerState], config: SRLoRAConfig) -> None:
-        probes = {name: SketchProbe(layer, i, config) for i, (name, layer) in enumerate(layers.items())}
-        super().__init__(probes, config.beta1, config.adaptive_switch)
+    probes: dict[str, SketchProbe]
 
-    def fold(self) -> None:
-        """Once per optimizer step, before it: each armed layer adds the step's sketches."""
-        for p in self.probes.values():
-            if p.armed:
-                p.fold()
-
-    def choose(self, name: str, ema: torch.Tensor | None = None) -> torch.Tensor:
-        """The entries' ordinal numbers: the next ``r'`` of the layer."""
-        layer = self.probes[name].layer
-        return layer.unused_directions()[: layer.r_prime]
-
-    def ema(self, name: str) -> None:
-        return None  # nothing to read on the host before the switch
+    def make_probe(self, layer: LayerState, position: int, config: SRLoRAConfig) -> SketchProbe:
+        return SketchProbe(layer, position, config)
 
     @torch.no_grad()
-    def vectors(self, layers: list[LayerState]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def vectors(self, layers: Sequence[LayerState]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{layer: (u (m, r'), v (n, r'))}`` for the layers switching now, the same on every
         rank: the sketches are summed over ranks (one all-reduce), rank 0's vectors broadcast.
         A collective under torch.distributed: every rank calls it with the same layers."""

@@ -24,7 +24,7 @@ tensors...) is one more subclass here and one more case in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +41,32 @@ def local_index(index: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tenso
     start, stop = span
     which = ((index >= start) & (index < stop)).nonzero().flatten()
     return which, index[which] - start
+
+
+@torch.no_grad()
+def switch_each_(
+    targets: Sequence[LoraTarget], U_new: torch.Tensor, S_new: torch.Tensor, V_new: torch.Tensor, slots: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:meth:`LoraTarget.switch_batched_` one layer at a time, each whole (:meth:`LoraTarget.whole`)."""
+    out = []
+    for i, target in enumerate(targets):
+        U, V = U_new[i].T.contiguous(), V_new[i].T.contiguous()
+        with target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
+            out.append(target.switch_pairs_(slots[i], U, S_new[i], V))
+    B_old, A_old, B_new, A_new = (torch.stack(parts) for parts in zip(*out, strict=True))
+    return B_old, A_old, B_new, A_new
+
+
+def zero_each_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: torch.Tensor) -> None:
+    """:meth:`LoraTarget.zero_moments_batched_` one layer at a time."""
+    for target, row in zip(targets, slots, strict=True):
+        target.zero_moments_(optimizer, row)
+
+
+def seed_each_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: Sequence[Sequence[int]]) -> None:
+    """:meth:`LoraTarget.seed_moments_batched_` one layer at a time."""
+    for target, row in zip(targets, slots, strict=True):
+        target.seed_moments_(optimizer, torch.tensor(list(row), dtype=torch.long))
 
 
 class LoraTarget:
@@ -194,8 +220,26 @@ class LoraTarget:
 
     def batch_key(self) -> object | None:
         """Layers with equal keys switch as one batch (:mod:`srlora.layer_group`, through the
-        kind's ``switch_batched_``); ``None``: this layer switches on its own."""
+        kind's :meth:`switch_batched_`); ``None``: this layer switches on its own (a batch of one)."""
         return None
+
+    @classmethod
+    @torch.no_grad()
+    def switch_batched_(
+        cls,
+        targets: Sequence[LoraTarget],
+        U_new: torch.Tensor,
+        S_new: torch.Tensor,
+        V_new: torch.Tensor,
+        slots: torch.Tensor,
+        scaling: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`switch_pairs_` of ``L`` layers of this kind: ``U_new (L, r', rows held)``,
+        ``S_new (L, r')``, ``V_new (L, r', n)``, ``slots (L, r')`` (on the host), ``scaling
+        (L,)``. Returns ``(B_old (L, rows held, r'), A_old (L, r', n), B_new, A_new)`` in
+        float32. This default switches them one by one, each whole (:meth:`whole`); a kind
+        that batches overrides it."""
+        return switch_each_(targets, U_new, S_new, V_new, slots)
 
     # ------------------------------------------------------------------ importance
     def has_grad(self) -> bool:
@@ -223,6 +267,22 @@ class LoraTarget:
     def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         """Seed Adam's second moment of the recycled slices from their gradient (:mod:`srlora.optim_state`)."""
         raise NotImplementedError
+
+    @classmethod
+    def zero_moments_batched_(
+        cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: torch.Tensor
+    ) -> None:
+        """:meth:`zero_moments_` of ``L`` layers of this kind, ``slots (L, r')`` on the host;
+        this default goes layer by layer, a kind that batches overrides it."""
+        zero_each_(optimizer, targets, slots)
+
+    @classmethod
+    def seed_moments_batched_(
+        cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: Sequence[Sequence[int]]
+    ) -> None:
+        """:meth:`seed_moments_` of ``L`` layers of this kind (each its own list of slots);
+        this default goes layer by layer, a kind that batches overrides it."""
+        seed_each_(optimizer, targets, slots)
 
     @classmethod
     def step_hooks(cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> list[Any] | None:

@@ -14,11 +14,17 @@ from collections.abc import Sequence
 import torch
 
 from ..devices import to_device
-from ..optim_state import seed_second_moment_, select, zero_moments_
+from ..optim_state import (
+    seed_second_moment_,
+    seed_second_moments_batched_,
+    select,
+    zero_moments_,
+    zero_moments_batched_,
+)
 from ..recompose import add_to_weight_, fused_delta, pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
-from .base import LoraTarget
+from .base import LoraTarget, seed_each_, switch_each_, zero_each_
 
 
 class DenseTarget(LoraTarget):
@@ -67,16 +73,17 @@ class DenseTarget(LoraTarget):
         W, A, B = self.base_param, self.lora_A, self.lora_B
         return (type(self), self.shape, self.fan_in_fan_out, W.dtype, A.dtype, B.dtype, W.device)
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
     def switch_batched_(
-        targets: Sequence[DenseTarget],
+        cls,
+        targets: Sequence[LoraTarget],
         U_new: torch.Tensor,
         S_new: torch.Tensor,
         V_new: torch.Tensor,
         slots: torch.Tensor,
         scaling: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`switch_pairs_` of ``L`` layers of one :meth:`batch_key` at once.
 
         Args:
@@ -89,6 +96,9 @@ class DenseTarget(LoraTarget):
         and one ``_foreach`` add; the factor writes one scatter and one ``_foreach`` copy per
         factor.
         """
+        if targets[0].batch_key() is None:  # a kind built on this one that switches layer by layer
+            return switch_each_(targets, U_new, S_new, V_new, slots)
+        slots = to_device(slots, targets[0].device)
         root = (S_new / scaling[:, None]).sqrt_()[:, :, None]  # (L, r', 1)
         A_params = [t.lora_A for t in targets]
         B_params = [t.lora_B for t in targets]
@@ -126,6 +136,28 @@ class DenseTarget(LoraTarget):
     def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         seed_second_moment_(optimizer, self.lora_A, select(self.lora_A, slots, 0))
         seed_second_moment_(optimizer, self.lora_B, select(self.lora_B, slots, 1))
+
+    @classmethod
+    def zero_moments_batched_(
+        cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: torch.Tensor
+    ) -> None:
+        """One ``_foreach`` product over every moment of the layers' ``A`` and ``B`` (a 0/1 mask)."""
+        if targets[0].batch_key() is None:
+            return zero_each_(optimizer, targets, slots)
+        rows = zip(targets, slots.tolist(), strict=True)
+        keep = [[0.0 if k in set(row) else 1.0 for k in range(t.r)] for t, row in rows]
+        zero_moments_batched_(optimizer, targets, to_device(torch.tensor(keep), targets[0].device))
+
+    @classmethod
+    def seed_moments_batched_(
+        cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: Sequence[Sequence[int]]
+    ) -> None:
+        """A few ``_foreach`` operations for all the layers (one 0/1 mask per adapter rank)."""
+        if targets[0].batch_key() is None:
+            return seed_each_(optimizer, targets, slots)
+        rows = [[1.0 if k in set(row) else 0.0 for k in range(t.r)] for t, row in zip(targets, slots, strict=True)]
+        recycled = torch.tensor(rows).to(targets[0].device, non_blocking=True)
+        seed_second_moments_batched_(optimizer, targets, recycled)
 
     @torch.no_grad()
     def merge_adapter_(self) -> None:

@@ -1,0 +1,50 @@
+"""Checkpoints written by an earlier version of srlora (tests/data/legacy, recorded by its
+make.py with the code of commit 9b82d8b) still load, and the run goes on exactly as it went
+on under that version: every parameter and buffer bit for bit, the same switches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import adam, build, train
+
+from srlora import load_checkpoint
+
+DATA = Path(__file__).parent / "data" / "legacy"
+RUNS = {
+    "mlp-spectrum": ("mlp", {"optimizer_reset": "seed"}),
+    "mlp-gradient": ("mlp", {"direction_policy": "gradient"}),
+    "mlp-subspace": ("mlp", {"direction_policy": "gradient_subspace", "entry_scale": 0.25}),
+    "bert-spectrum": ("bert", {"reset_scores": "all"}),
+}
+BEFORE, AFTER = 25, 15
+
+
+def test_the_table_is_the_recorders():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("legacy_make", DATA / "make.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.RUNS == RUNS and (module.BEFORE, module.AFTER) == (BEFORE, AFTER)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+@pytest.mark.filterwarnings("ignore::srlora.SRLoRAWarning")
+def test_an_earlier_versions_checkpoint_resumes_exactly(name):
+    case, options = RUNS[name]
+    torch.manual_seed(0)
+    model, ctl = build(case, r=2, r_target=8, switch_interval=10, total_steps=BEFORE + AFTER, **options)
+    opt = adam(model)
+    assert load_checkpoint(DATA / f"{name}.ckpt", model, ctl, opt) == BEFORE
+    train(model, case, opt, steps=AFTER, seed=2, ctl=ctl)
+    final = torch.load(DATA / f"{name}.final.pt", weights_only=True)
+    assert [e.to_dict() for e in ctl.history] == final["history"]
+    assert any(e["step"] > BEFORE for e in final["history"]), "the recorded run must switch after the checkpoint"
+    state = model.state_dict()
+    assert set(state) == set(final["model"])
+    for key, value in final["model"].items():
+        assert torch.equal(state[key], value), key

@@ -27,7 +27,7 @@ from launch import init_group
 from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
-from srlora.kinds.fsdp import full
+from srlora.kinds.fsdp2 import full
 
 STEPS, GLOBAL_BATCH = 45, 8
 WRAPS = ("root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16", "built-before")

@@ -84,7 +84,7 @@ def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
-    from srlora.kinds.fsdp import full
+    from srlora.kinds.fsdp2 import full
 
     return {k: full(v).detach().float().cpu().clone() for k, v in model.state_dict().items()}
 

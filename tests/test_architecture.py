@@ -121,14 +121,14 @@ def test_console_script_stops_at_once_without_its_extras(missing):
     assert "pip install 'srlora[experiments]'" in lines[0] and missing in lines[0]
 
 
-# What tells the kinds of layer apart (srlora.kinds): only layers.py, which picks a layer's
+# What tells the kinds of layer apart (srlora.kinds): only targets.py, which picks a layer's
 # kind, and the kind modules themselves may read it; the rest of the method asks the target.
 KIND_FLAGS = re.compile(
     r"\.(sharded|quantized|zero3)\b|\bis_sharded\(|\bis_partitioned\(|\bkind\s*[!=]=|"
-    r"isinstance\([^)]*\b(DenseTarget|ShardedTarget|Zero3Target|Zero12Target|QuantizedTarget)\b|"
+    r"isinstance\([^)]*\b(DenseTarget|Fsdp2Target|Zero3Target|Zero12Target|BnbTarget)\b|"
     r"from \.+(kinds\.)?(fsdp|zero3|zero12|quantized|dense|sharding) import|import deepspeed"
 )
-KIND_HOMES = ("srlora.layers", "srlora.kinds")
+KIND_HOMES = ("srlora.targets", "srlora.kinds")
 
 
 def test_kind_flags_only_in_layers_and_the_kind_modules():
@@ -144,11 +144,11 @@ def test_kind_flags_only_in_layers_and_the_kind_modules():
 
 
 def test_every_kind_implements_the_whole_interface():
-    from srlora.kinds import DenseTarget, LoraTarget, QuantizedTarget, ShardedTarget, Zero3Target, Zero12Target
+    from srlora.kinds import BnbTarget, DenseTarget, Fsdp2Target, LoraTarget, Zero3Target, Zero12Target
 
     abstract = [n for n, v in vars(LoraTarget).items() if callable(v) and _raises_not_implemented(v)]
     assert abstract  # the interface names what a kind must provide
-    for kind in (DenseTarget, ShardedTarget, Zero3Target, Zero12Target, QuantizedTarget):
+    for kind in (DenseTarget, Fsdp2Target, Zero3Target, Zero12Target, BnbTarget):
         missing = [n for n in abstract if getattr(kind, n) is getattr(LoraTarget, n)]
         assert missing == [], (kind.__name__, missing)
         assert kind.kind != LoraTarget.kind

@@ -11,7 +11,7 @@ import torch
 from conftest import CASES, adam, hand_scores, make_peft
 
 from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

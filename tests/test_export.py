@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import CASES, adam, build, logits, make_base, train
 
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 def _trained(case_name, steps=60):

@@ -9,7 +9,7 @@ import torch
 from conftest import CASES, adam, build, hand_scores
 
 from srlora import SRLoRAWarning
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 @pytest.mark.parametrize("attach", [False, True])

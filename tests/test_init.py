@@ -8,8 +8,8 @@ import torch
 from conftest import CASES, build, logits, make_base, make_peft
 
 from srlora import SRLoRA, SRLoRAConfig
-from srlora.layers import find_lora_targets
 from srlora.svd import top_singular_triplets
+from srlora.targets import find_lora_targets
 
 
 def test_output_unchanged_by_construction(case_name):

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.integrations import SRLoRACallback
 from srlora.integrations.hf import unwrap_optimizer
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 class Tokens(torch.utils.data.Dataset):

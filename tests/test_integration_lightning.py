@@ -10,7 +10,7 @@ import torch
 from conftest import CASES, hand_scores, make_base
 
 from srlora import SRLoRA, SRLoRAConfig
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 pl = pytest.importorskip("lightning.pytorch")
 HERE = Path(__file__).parent

@@ -9,7 +9,7 @@ import torch
 from conftest import adam, build, train
 
 from srlora import UnsupportedOptimizerWarning
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 def _snapshot(opt):

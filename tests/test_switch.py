@@ -7,7 +7,7 @@ import torch
 from conftest import CASES, MLP, adam, build, logits, train
 
 from srlora import SRLoRA, SRLoRAConfig, SRLoRAWarning
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 def test_output_unchanged_by_every_switch(case_name):

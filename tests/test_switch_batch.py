@@ -1,4 +1,4 @@
-"""A switch as a few batched operations (srlora.layer_group): layers of one shape switch
+"""A switch as a few batched operations (srlora.switch): layers of one shape switch
 together, so the work of one switch grows with the number of shape groups, not of layers;
 and the batched switch does what the layer-by-layer one does."""
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from srlora import SRLoRA, SRLoRAConfig, layer_group
+from srlora import SRLoRA, SRLoRAConfig, switch
 from srlora.kinds.dense import DenseTarget
 
 SYNCING = {"aten._local_scalar_dense", "aten.nonzero", "aten.is_nonzero", "aten.equal"}
@@ -160,7 +160,7 @@ def test_a_batched_switch_keeps_the_output_and_chunks_change_nothing(monkeypatch
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
     # The same two switches, the groups cut into chunks of one layer.
-    monkeypatch.setattr(layer_group, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(switch, "CHUNK_ELEMENTS", 1)
     model2, ctl2, opt2 = _build(9)
     _train(model2, opt2, 10)
     assert all(g.chunk == 1 for g in ctl2._groups)

@@ -8,7 +8,7 @@ import torch
 from conftest import CASES, adam, build
 
 from srlora import SRLoRAWarning
-from srlora.layers import find_lora_targets
+from srlora.targets import find_lora_targets
 
 
 def test_only_adapter_parameters_change(case_name):

@@ -18,7 +18,7 @@ from .errors import (
     SRLoRAWarning,
     UnsupportedOptimizerWarning,
 )
-from .layer_state import LayerState, SwitchEvent
+from .layer import LayerState, SwitchEvent
 from .schedule import SwitchSchedule
 
 __all__ = [

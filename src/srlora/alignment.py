@@ -37,7 +37,7 @@ import torch
 from .capture import Probe, WindowedCapture
 from .config import SRLoRAConfig
 from .devices import to_device
-from .layer_state import LayerState
+from .layer import LayerState
 
 
 class GradientProbe(Probe):

@@ -18,7 +18,7 @@ from .schedule import ema_warmup_steps
 
 if TYPE_CHECKING:
     from .config import SRLoRAConfig
-    from .layer_state import LayerState
+    from .layer import LayerState
 
 
 class Probe:
@@ -30,7 +30,7 @@ class Probe:
     window's), :meth:`clear_step` and its tensors in ``state_dict``.
 
     Attributes:
-        layer: the layer's :class:`~srlora.layer_state.LayerState`.
+        layer: the layer's :class:`~srlora.layer.LayerState`.
         steps_seen: optimizer steps folded into the window's sum since it opened.
         touched: the current step has added something.
     """

@@ -30,8 +30,8 @@ from .atomic import atomic_torch_save
 from .checkpoint_io import read_payload, restore_rng_states, rng_states
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .layers import fingerprint, is_sharded_model, same_fingerprint, shard_of, write_shard_
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
+from .targets import fingerprint, is_sharded_model, same_fingerprint, shard_of, write_shard_
 
 FORMAT_VERSION = 2
 STATE_FILE = "srlora_state.pt"
@@ -42,7 +42,7 @@ def _model_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """Tensors to save: the switched frozen weights (and, with ``trainable``, every
     trainable parameter and buffer); fingerprints of the frozen weights not saved. Of a
-    sharded model, what this process holds of each (:func:`~srlora.layers.shard_of`)."""
+    sharded model, what this process holds of each (:func:`~srlora.targets.shard_of`)."""
     names = {id(p): name for name, p in model.named_parameters()}
     state: dict[str, torch.Tensor] = {}
     if trainable:

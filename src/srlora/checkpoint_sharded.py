@@ -36,7 +36,7 @@ from .checkpoint_io import read_payload, restore_rng_states, rng_states
 from .collective import barrier, is_writer
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .layers import fingerprint, same_fingerprint, shard_like, shard_of, write_shard_
+from .targets import fingerprint, same_fingerprint, shard_like, shard_of, write_shard_
 
 FORMAT = "srlora-sharded-1"
 MANIFEST = "manifest.json"

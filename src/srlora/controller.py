@@ -10,7 +10,7 @@ Usage, plain PyTorch loop::
 Without ``attach``: ``loss.backward(); ctl.update_importance(); opt.step(); ctl.step(opt)``.
 
 The controller owns the step count, the switch history and the optimizer-reset policy;
-each layer's state is a :class:`~srlora.layer_state.LayerState` (read-only mapping
+each layer's state is a :class:`~srlora.layer.LayerState` (read-only mapping
 :attr:`SRLoRA.layers`). All of it is in :meth:`SRLoRA.state_dict`; the frozen-weight
 changes are in the model's own ``state_dict`` (PEFT keeps the base weights as parameters).
 """
@@ -32,13 +32,12 @@ from .config import SRLoRAConfig, SwitchBudget
 from .directions import policy_class, policy_for
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
-from .layer_batch import adaptive_due, check_build_order, mark_exhausted, refuse, switch_inputs
-from .layer_group import apply_switches, build_groups, switch_groups
-from .layer_state import LayerState, SwitchEvent
-from .layers import find_lora_targets, is_sharded_model
+from .layer import LayerState, SwitchEvent, check_build_order, refuse
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
 from .svd import SVDCache
+from .switch import adaptive_due, apply_switches, build_groups, mark_exhausted, switch_groups, switch_inputs
+from .targets import find_lora_targets, is_sharded_model
 
 logger = logging.getLogger("srlora")
 

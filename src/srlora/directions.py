@@ -32,7 +32,7 @@ import torch
 
 if TYPE_CHECKING:
     from .config import SRLoRAConfig
-    from .layer_state import LayerState
+    from .layer import LayerState
 
 
 class DirectionPolicy:

@@ -8,7 +8,7 @@ low-rank::
     W_t + s B A - W0 = s F_B F_A + s B A - U[:, :p] diag(S[:p]) V[:, :p]^T
 
 where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorded by each
-:class:`~srlora.layer_state.LayerState` at its switches). Its rank is at most
+:class:`~srlora.layer.LayerState` at its switches). Its rank is at most
 ``(p - r) + r + p = 2p``, as PiSSA's conversion to LoRA doubles r. :func:`export_lora`
 writes it as PEFT LoRA factors (scaling 1), exact
 when ``rank`` is ``None``, else truncated by SVD with the per-layer relative error
@@ -27,8 +27,8 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .collective import barrier, is_writer
-from .layer_state import LayerState
-from .layers import gathered_trainable, whole_tensor
+from .layer import LayerState
+from .targets import gathered_trainable, whole_tensor
 
 
 @torch.no_grad()

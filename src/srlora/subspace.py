@@ -46,7 +46,7 @@ import torch
 from . import collective
 from .capture import Probe, WindowedCapture
 from .config import SRLoRAConfig
-from .layer_state import LayerState
+from .layer import LayerState
 
 
 class SketchProbe(Probe):

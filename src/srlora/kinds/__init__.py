@@ -10,14 +10,14 @@ kind               the layer's tensors
 ``bnb``            a bitsandbytes 4/8-bit base, never written; side factors carry the changes
 =================  ===========================================================================
 
-:func:`srlora.layers.kind_of` picks the kind of a PEFT LoRA layer once, when SRLoRA is built.
+:func:`srlora.targets.kind_of` picks the kind of a PEFT LoRA layer once, when SRLoRA is built.
 """
 
 from .base import LoraTarget
+from .bnb import BnbTarget
 from .dense import DenseTarget
-from .fsdp import ShardedTarget
-from .quantized import QuantizedTarget
+from .fsdp2 import Fsdp2Target
 from .zero3 import Zero3Target
 from .zero12 import Zero12Target
 
-__all__ = ["DenseTarget", "LoraTarget", "QuantizedTarget", "ShardedTarget", "Zero3Target", "Zero12Target"]
+__all__ = ["BnbTarget", "DenseTarget", "Fsdp2Target", "LoraTarget", "Zero3Target", "Zero12Target"]

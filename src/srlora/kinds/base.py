@@ -2,23 +2,23 @@
 
 One PEFT LoRA layer ``y = x W^T + s x A^T B^T`` (``W: (m, n)``, ``A: (r, n)``, ``B: (m, r)``)
 is driven through one :class:`LoraTarget`, whose subclass is chosen once, when the layer is
-found (:func:`srlora.layers.find_lora_targets`), from where its tensors live:
+found (:func:`srlora.targets.find_lora_targets`), from where its tensors live:
 
 * :class:`~srlora.kinds.dense.DenseTarget`: a float weight in this process (``nn.Linear``,
   transformers' ``Conv1D``); DDP replicas are this kind too;
-* :class:`~srlora.kinds.fsdp.ShardedTarget`: FSDP2 (``fully_shard``) row shards;
+* :class:`~srlora.kinds.fsdp2.Fsdp2Target`: FSDP2 (``fully_shard``) row shards;
 * :class:`~srlora.kinds.zero3.Zero3Target`: DeepSpeed ZeRO-3 partitions;
-* :class:`~srlora.kinds.quantized.QuantizedTarget`: a bitsandbytes 4/8-bit base that is
+* :class:`~srlora.kinds.bnb.BnbTarget`: a bitsandbytes 4/8-bit base that is
   never written, with low-rank side factors carrying what SRLoRA adds to ``W``.
 
 A kind owns what differs between them: how the effective weight is read, how the PiSSA
 initialisation and a switch write the layer, which gradients and weights the importance
 reads, how the optimizer's moments of recycled slices are reached, what export and
 checkpoints can take from it, and what it refuses. The method's code
-(:class:`~srlora.layer_state.LayerState`, the controller, importance, export, checkpoint)
+(:class:`~srlora.layer.LayerState`, the controller, importance, export, checkpoint)
 asks the target and never branches on its kind. A fifth kind (GPTQ, torchao's quantized
 tensors...) is one more subclass here and one more case in
-:func:`srlora.layers.kind_of`.
+:func:`srlora.targets.kind_of`.
 """
 
 from __future__ import annotations
@@ -82,11 +82,14 @@ class LoraTarget:
             hold it); ``False`` for a base that is never written.
         records_entries: the kind needs the record of every pair that entered the slots even
             under the paper's entries (a quantized base's side factors subtract it).
+        split_among_processes: the layer or its optimizer state is split among processes
+            (a checkpoint is then a folder with one file per rank).
     """
 
     kind: ClassVar[str] = "abstract"
     writes_base_weight: ClassVar[bool] = True
     records_entries: ClassVar[bool] = False
+    split_among_processes: ClassVar[bool] = False
 
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         self.name = name
@@ -95,6 +98,11 @@ class LoraTarget:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, adapter={self.adapter!r})"
+
+    @classmethod
+    def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:
+        """Raise ``ValueError``, with the way out, when this kind cannot drive PEFT layer
+        ``module`` (``quantized``: over a bitsandbytes base); checked before anything changes."""
 
     # ------------------------------------------------------------------ reads common to every kind
     @property
@@ -219,7 +227,7 @@ class LoraTarget:
         return B.detach()[:, slots].float(), A.detach()[slots].float()
 
     def batch_key(self) -> object | None:
-        """Layers with equal keys switch as one batch (:mod:`srlora.layer_group`, through the
+        """Layers with equal keys switch as one batch (:mod:`srlora.switch`, through the
         kind's :meth:`switch_batched_`); ``None``: this layer switches on its own (a batch of one)."""
         return None
 

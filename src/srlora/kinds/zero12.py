@@ -41,6 +41,7 @@ class Zero12Target(DenseTarget):
     stage 2) gradients DeepSpeed's ZeRO-1/2 optimizer partitions (see the module doc)."""
 
     kind = "zero12"
+    split_among_processes = True
 
     def batch_key(self) -> object | None:
         return None  # the masters are reached parameter by parameter

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
 from ..record import FusedRecord
@@ -163,9 +164,17 @@ class Zero3Target(DenseTarget):
     fp32 masters and moments."""
 
     kind = "zero3"
+    split_among_processes = True
 
     def batch_key(self) -> object | None:
         return None  # switches layer by layer
+
+    @classmethod
+    def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:
+        if quantized or module.fan_in_fan_out:
+            raise ValueError(
+                f"Layer {name!r}: DeepSpeed ZeRO-3 with a quantized or Conv1D (fan_in_fan_out) layer is not supported."
+            )
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..devices import to_device
 from ..optim_state import seed_second_moment_, select, zero_moments_
@@ -105,13 +106,36 @@ def all_reduce_(t: torch.Tensor, like: torch.Tensor, op: str = "sum") -> torch.T
     return t
 
 
-class ShardedTarget(DenseTarget):
+class Fsdp2Target(DenseTarget):
     """A LoRA layer whose ``W``, ``B`` and ``A`` are FSDP2 row shards (see the module doc)."""
 
     kind = "fsdp2"
+    split_among_processes = True
 
     def batch_key(self) -> object | None:
         return None  # switches layer by layer
+
+    @classmethod
+    def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:
+        """FSDP2's default layout, whole PEFT layers over a float base: refused otherwise."""
+        if quantized:
+            raise ValueError(
+                f"Layer {name!r}: FSDP2 with a bitsandbytes quantized base is not supported; train QLoRA on one "
+                f"device or with DDP."
+            )
+        if module.fan_in_fan_out:
+            raise ValueError(
+                f"Layer {name!r}: transformers' Conv1D (fan_in_fan_out) under FSDP2 is not supported; "
+                f"shard a model with nn.Linear layers, or train it with DDP."
+            )
+        weight, A, B = module.get_base_layer().weight, module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        for what, t in (("weight", weight), ("lora_A", A), ("lora_B", B)):
+            check_row_sharded(t, f"Layer {name!r}'s {what}")
+        if not (is_sharded(weight) and is_sharded(A) and is_sharded(B)):
+            raise ValueError(
+                f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
+                f"block that holds the whole PEFT layer)."
+            )
 
     @property
     def weight(self) -> torch.Tensor:

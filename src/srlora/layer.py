@@ -28,7 +28,7 @@ initialisation and of the switch, and the side state a quantized base needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -37,10 +37,10 @@ from .config import SRLoRAConfig, SwitchBudget
 from .errors import CheckpointError
 from .events import SwitchEvent
 from .importance import PairImportance
-from .layers import LoraTarget, fingerprint, same_fingerprint
 from .record import FusedRecord
 from .schedule import AdaptiveTrigger, SwitchSchedule
 from .svd import SVDCache, distributed_top_triplets
+from .targets import LoraTarget, current_kind, fingerprint, same_fingerprint
 
 
 class LayerState:
@@ -52,7 +52,7 @@ class LayerState:
             where new pairs do not come from ``W0``: ``config.entries_from_w0`` is False).
         budget: ``r``, ``r'`` and how many directions the layer may use.
         config: the run's config (EMA coefficients, where new pairs come from, their scale).
-        fingerprint: :func:`~srlora.layers.fingerprint` of the layer's weight ``W0`` (and bias)
+        fingerprint: :func:`~srlora.targets.fingerprint` of the layer's weight ``W0`` (and bias)
             before the PiSSA initialisation: a checkpoint of another base model is refused.
     """
 
@@ -197,7 +197,7 @@ class LayerState:
         self.cache = cache
 
     def retarget(self, target: LoraTarget) -> None:
-        """Drive the same layer through another kind (see :func:`~srlora.layers.current_kind`):
+        """Drive the same layer through another kind (see :func:`~srlora.targets.current_kind`):
         the state stays as it is when its layout is the same; before the first switch and the
         first importance update it is laid out again for the rows the new kind holds."""
         if target.module is not self.target.module:
@@ -254,7 +254,7 @@ class LayerState:
     def plan(self, step: int, scores: Sequence[float], directions: Sequence[int] | None = None) -> SwitchEvent:
         """The switch this layer would make now, in plain Python: the ``r'`` lowest-scoring
         slots, and the directions they receive (default: the next unused ones). Changes nothing;
-        the tensor side is its group's (:meth:`~srlora.layer_group.LayerGroup.apply`), the
+        the tensor side is its group's (:meth:`~srlora.switch.LayerGroup.apply`), the
         books are :meth:`commit`'s.
 
         Raises ``RuntimeError`` when no direction is left (check :attr:`can_switch`) and
@@ -363,3 +363,35 @@ class LayerState:
         self._trigger_state = state.get("trigger")
         if self.trigger is not None and self._trigger_state is not None:
             self.trigger.load_state_dict(self._trigger_state)
+
+
+def check_build_order(layers: Iterable[LayerState], pristine: bool = False) -> bool:
+    """Follow layers whose kind changed since SRLoRA was built where SRLoRA's state can
+    follow (:func:`~srlora.targets.current_kind`; ``pristine``: nothing trained or switched
+    yet); refuse the others before anything changes. Returns whether some layer changed kind."""
+    layers = list(layers)
+    moved = {layer.name: new for layer in layers if (new := current_kind(layer.target)) is not None}
+    split = [name for layer in layers if (new := moved.get(name := layer.name)) and layer.layout != _layout(new)]
+    if split and not pristine:
+        raise RuntimeError(
+            f"{len(split)} adapted layer(s) (e.g. {split[0]!r}) were sharded by fully_shard after SRLoRA had trained "
+            f"or switched on them whole. Build it after sharding: get_peft_model -> fully_shard (each block, then "
+            f"the root) -> SRLoRA(model, config) -> optimizer -> attach (or before it, attached before the first step)."
+        )
+    for layer in layers:
+        if layer.name in moved:
+            layer.retarget(moved[layer.name])
+    return bool(moved)
+
+
+def _layout(target: LoraTarget) -> tuple[tuple[int, int], tuple[int, int]]:
+    return target.row_span, target.pair_span
+
+
+def refuse(layers: Iterable[LayerState], what: str) -> None:
+    """Raise ``NotImplementedError`` with the way out when a layer's kind cannot take part in
+    ``what`` (:meth:`~srlora.kinds.base.LoraTarget.refusal`)."""
+    for layer in layers:
+        reason = layer.target.refusal(what)
+        if reason is not None:
+            raise NotImplementedError(reason)

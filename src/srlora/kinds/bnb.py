@@ -47,7 +47,7 @@ def is_bnb_linear(module: nn.Module) -> bool:
     return any(c.__module__.startswith("bitsandbytes") and c.__name__ in _BNB_LINEAR for c in type(module).__mro__)
 
 
-class QuantizedTarget(DenseTarget):
+class BnbTarget(DenseTarget):
     """A LoRA layer over a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (see the module doc),
     whichever PEFT class wraps it.
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .kinds.base import LoraTarget
+from .kinds.bnb import BnbTarget, is_bnb_linear
 from .kinds.dense import DenseTarget
-from .kinds.fsdp import ShardedTarget, check_row_sharded, full, is_sharded, local
-from .kinds.quantized import QuantizedTarget, is_bnb_linear
+from .kinds.fsdp2 import Fsdp2Target, full, is_sharded, local
 from .kinds.zero3 import Zero3Target, gathered, is_partitioned, write_partition_
 from .kinds.zero12 import Zero12Target, is_linked
 
@@ -46,9 +46,9 @@ def kind_of(module: nn.Module, adapter: str) -> type[LoraTarget]:
     if is_partitioned(weight) or is_partitioned(A):
         return Zero3Target
     if is_sharded(weight) or is_sharded(A) or is_sharded(B):
-        return ShardedTarget
+        return Fsdp2Target
     if _is_quantized_lora(module):
-        return QuantizedTarget
+        return BnbTarget
     if is_linked(A) or is_linked(B):
         return Zero12Target
     return DenseTarget
@@ -56,15 +56,14 @@ def kind_of(module: nn.Module, adapter: str) -> type[LoraTarget]:
 
 def current_kind(target: LoraTarget) -> LoraTarget | None:
     """A target of the layer's kind now, when it differs from ``target``'s (``None``: same);
-    whether SRLoRA's state can follow is :meth:`~srlora.layer_state.LayerState.retarget`'s
+    whether SRLoRA's state can follow is :meth:`~srlora.layer.LayerState.retarget`'s
     call. A kind that keeps state of its own (a quantized base) cannot change."""
     kind = kind_of(target.module, target.adapter)
     if kind is type(target):
         return None
     if target.state_dict():
         raise RuntimeError(f"adapted layer {target.name!r} ({target.kind}) cannot become {kind.kind}.")
-    if kind is ShardedTarget:
-        _check_sharded(target.name, target.module, target.adapter)
+    kind.check_module(target.name, target.module, target.adapter, _is_quantized_lora(target.module))
     return kind(target.name, target.module, target.adapter)
 
 
@@ -86,7 +85,7 @@ def gathered_trainable(model: nn.Module) -> Iterator[None]:
 def is_sharded_model(targets: list[LoraTarget]) -> bool:
     """The model (or its optimizer) is split among processes (FSDP2 shards, ZeRO-3 partitions,
     ZeRO-1/2 optimizer partitions): its checkpoint is a folder with one file per rank."""
-    return any(t.collective or isinstance(t, (Zero3Target, Zero12Target)) for t in targets)
+    return any(t.split_among_processes for t in targets)
 
 
 def shard_of(t: torch.Tensor) -> torch.Tensor:
@@ -265,36 +264,9 @@ def find_lora_targets(model: nn.Module, adapter: str) -> list[LoraTarget]:
             )
         if mod.merged:
             raise ValueError(f"Layer {name!r} has merged adapters; call model.unmerge_adapter() before SRLoRA.")
-        if kind is Zero3Target and (quantized or mod.fan_in_fan_out):
-            raise ValueError(
-                f"Layer {name!r}: DeepSpeed ZeRO-3 with a quantized or Conv1D (fan_in_fan_out) layer is not supported."
-            )
-        if kind is ShardedTarget:
-            if quantized:
-                raise ValueError(
-                    f"Layer {name!r}: FSDP2 with a bitsandbytes quantized base is not supported; train QLoRA on one "
-                    f"device or with DDP."
-                )
-            _check_sharded(name, mod, adapter)
+        kind.check_module(name, mod, adapter, quantized)  # what this kind refuses, with the way out
         target = kind(name, mod, adapter)
         if target.base_param.device.type == "meta":
             raise ValueError(f"Layer {name!r} lives on the meta device; load real weights before SRLoRA.")
         targets.append(target)
     return targets
-
-
-def _check_sharded(name: str, mod: nn.Module, adapter: str) -> None:
-    """FSDP2's default layout, whole PEFT layers: refused otherwise, with the way out."""
-    if mod.fan_in_fan_out:
-        raise ValueError(
-            f"Layer {name!r}: transformers' Conv1D (fan_in_fan_out) under FSDP2 is not supported; "
-            f"shard a model with nn.Linear layers, or train it with DDP."
-        )
-    weight, A, B = mod.get_base_layer().weight, mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
-    for what, t in (("weight", weight), ("lora_A", A), ("lora_B", B)):
-        check_row_sharded(t, f"Layer {name!r}'s {what}")
-    if not (is_sharded(weight) and is_sharded(A) and is_sharded(B)):
-        raise ValueError(
-            f"Layer {name!r}: its base weight and LoRA A/B must be sharded together (fully_shard the "
-            f"block that holds the whole PEFT layer)."
-        )

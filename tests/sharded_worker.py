@@ -11,6 +11,7 @@ launch (``tests/launch.py``); the test runs the one-process reference
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ SUBSPACE = SRLoRAConfig(
     direction_policy="gradient_subspace",
     entry_scale=0.5,
 )
-CONFIGS = {"paper": CONFIG, "subspace": SUBSPACE}
+# The same, with W0's top 4 singular directions projected out of the sketched gradient (the
+# cache keeps every row of U_4 on every rank; each rank projects the whole activations).
+LEFT_ALONE = dataclasses.replace(SUBSPACE, subspace_exclude=4)
+CONFIGS = {"paper": CONFIG, "subspace": SUBSPACE, "left-alone": LEFT_ALONE}
 MODES = ["fsdp", "zero1", "zero2", "zero3"]
 
 

@@ -18,6 +18,9 @@ OPTIONS = {
     "gradient-aligned W0, scale 2": dict(direction_policy="gradient", entry_scale=2.0),
     "gradient subspace": dict(direction_policy="gradient_subspace"),
     "gradient subspace, scale 0.25": dict(direction_policy="gradient_subspace", entry_scale=0.25),
+    "gradient subspace, W0's top 4 left alone": dict(
+        direction_policy="gradient_subspace", entry_scale=0.25, subspace_exclude=4
+    ),
 }
 
 
@@ -121,6 +124,49 @@ def test_the_new_pair_lies_along_the_gradients_top_singular_vectors():
     assert layer.cache.rank == 2  # only the first pairs come from W0's SVD
 
 
+def test_w0s_top_directions_are_left_alone():
+    """A windowed gradient along W0's top direction (strong) and along a random pair (u, v)
+    (weak): without subspace_exclude the pair that enters is W0's top direction; with
+    subspace_exclude=4 it is (u, v) with W0's top-4 subspace projected out of both sides."""
+    g0 = torch.Generator().manual_seed(0)  # W0 = U diag(16..1) V^T of _layer_with_gradient_along
+    U = torch.linalg.qr(torch.randn(16, 16, generator=g0, dtype=torch.float64)).Q.float()
+    V = torch.linalg.qr(torch.randn(16, 16, generator=g0, dtype=torch.float64)).Q.float()
+    g = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    v = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+
+    def entered(exclude: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model, ctl = _layer_with_gradient_along(u, v, "gradient_subspace", subspace_exclude=exclude)
+        layer = ctl.layers[ctl.layer_names[0]]
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ctl.attach(opt)
+        for _ in range(20):
+            strong = V[:, 0] * (1 + torch.rand(8, 1, generator=g))
+            weak = v * (1 + torch.rand(8, 1, generator=g))
+            (-3 * (model(strong) @ U[:, 0]).sum() - (model(weak) @ u).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+        (event,) = ctl.history
+        b, a = layer.target.lora_B.detach()[:, event.slots[0]], layer.target.lora_A.detach()[event.slots[0]]
+        return b / b.norm(), a / a.norm()
+
+    b, a = entered(0)  # G's top pair: W0's top direction, tilted by the weak part (u is not orthogonal to it)
+    assert abs(float(b @ U[:, 0])) > 0.95 and abs(float(a @ V[:, 0])) > 0.95
+    b, a = entered(4)
+    torch.testing.assert_close(U[:, :4].T @ b, torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(V[:, :4].T @ a, torch.zeros(4), atol=1e-5, rtol=0)
+    u_out = torch.nn.functional.normalize(u - U[:, :4] @ (U[:, :4].T @ u), dim=0)
+    v_out = torch.nn.functional.normalize(v - V[:, :4] @ (V[:, :4].T @ v), dim=0)
+    assert abs(float(b @ u_out)) > 1 - 1e-4 and abs(float(a @ v_out)) > 1 - 1e-4
+
+
+def test_subspace_exclude_is_refused_outside_the_gradient_subspace():
+    with pytest.raises(ValueError, match="direction_policy='gradient_subspace'"):
+        SRLoRAConfig(r_target=8, total_steps=10, subspace_exclude=4)
+    with pytest.raises(ValueError, match="subspace_exclude"):
+        SRLoRAConfig(r_target=8, total_steps=10, direction_policy="gradient_subspace", subspace_exclude=-1)
+
+
 def test_the_sketches_are_of_the_accumulated_full_weight_gradient():
     """Two micro-batches in a window: Y = G Omega and Z = Psi G with G = dL/dW from autograd;
     and the randomized SVD of the sketches gives G's top vectors when G has low rank."""
@@ -170,7 +216,9 @@ def test_the_hooks_exist_only_in_the_windows():
     assert [i + 1 for i, a in enumerate(armed) if a] == list(range(22, 41))
 
 
-@pytest.mark.parametrize("option", ["gradient subspace", "spectrum, first pairs' scale"])
+@pytest.mark.parametrize(
+    "option", ["gradient subspace", "spectrum, first pairs' scale", "gradient subspace, W0's top 4 left alone"]
+)
 def test_resume_inside_a_window_is_bit_equal(tmp_path, option):
     """A run checkpointed inside a capture window, after two switches, resumed in a fresh
     model and controller, ends bit-equal to the uninterrupted run (the sketches, their test

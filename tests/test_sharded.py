@@ -42,7 +42,16 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
 # (how the model is split, what enters at a switch): FSDP2 and ZeRO-1/2/3 with the paper's
 # entries; FSDP2, ZeRO-2 and ZeRO-3 with issue 24's (the gradient subspace at half the first
 # pairs' scale: sketches summed over ranks, records of the entered pairs).
-EXPORTED = [("fsdp", "paper"), ("zero2", "paper"), ("zero3", "paper"), ("fsdp", "subspace"), ("zero3", "subspace")]
+# The same gradient subspace with W0's top 4 directions left alone, on FSDP2, ZeRO-2 and ZeRO-3.
+EXPORTED = [
+    ("fsdp", "paper"),
+    ("zero2", "paper"),
+    ("zero3", "paper"),
+    ("fsdp", "subspace"),
+    ("zero3", "subspace"),
+    ("fsdp", "left-alone"),
+    ("zero3", "left-alone"),
+]
 CHECKPOINTED = [
     ("fsdp", "paper"),
     ("zero1", "paper"),
@@ -50,6 +59,8 @@ CHECKPOINTED = [
     ("fsdp", "subspace"),
     ("zero2", "subspace"),
     ("zero3", "subspace"),
+    ("fsdp", "left-alone"),
+    ("zero2", "left-alone"),
 ]
 
 

@@ -112,7 +112,10 @@ class GradientDirections(WindowedCapture):
     """``direction_policy="gradient"`` for a controller's layers: when each layer captures,
     and which of ``W0``'s directions it brings in."""
 
-    full_rows = True  # the alignment projects the whole gradient on W0's left vectors
+    @classmethod
+    def full_rows(cls, config: SRLoRAConfig) -> bool:
+        return True  # the alignment projects the whole gradient on W0's left vectors
+
     probes: dict[str, GradientProbe]
 
     def make_probe(self, layer: LayerState, position: int, config: SRLoRAConfig) -> GradientProbe:

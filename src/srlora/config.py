@@ -38,6 +38,9 @@ class SwitchBudget:
         directions: singular directions the layer may use, ``min(r_target, m, n)``.
         num_switches: ``N_switch = floor((directions - r) / r')``.
         clamped: ``directions < r_target`` (a layer narrower than ``r_target``).
+        cached: the top singular triplets of ``W0`` the layer keeps: ``directions`` where new
+            pairs are ``W0``'s directions; under ``gradient_subspace`` the first ``r`` pairs'
+            and the ``subspace_exclude`` directions left alone.
     """
 
     r: int
@@ -45,6 +48,11 @@ class SwitchBudget:
     directions: int
     num_switches: int
     clamped: bool = False
+    cached: int = 0  # triplets of W0's SVD the layer keeps (0: directions)
+
+    def __post_init__(self) -> None:
+        if self.cached == 0:
+            object.__setattr__(self, "cached", self.directions)  # frozen
 
 
 @dataclass
@@ -82,6 +90,8 @@ class SRLoRAConfig:
             of the layer's first pairs'; None: its W0 direction's own.
         sketch_oversample (default 8): 'gradient_subspace': columns the gradient's range
             sketch keeps beyond r'.
+        subspace_exclude (default 0): 'gradient_subspace': W0's top k singular directions
+            are projected out of the captured gradient, so no new pair moves along them.
         reset_scores (default 'recycled'): Whose importance EMAs a switch resets: the
             'recycled' pairs or 'all'.
         svd_method (default 'full'): 'full' (torch.linalg.svd) or 'randomized'
@@ -180,6 +190,14 @@ class SRLoRAConfig:
             "co-range sketch has 2k + 1 rows)."
         },
     )
+    subspace_exclude: int = field(
+        default=0,
+        metadata={
+            "help": "'gradient_subspace': leave W0's top k singular directions alone: they are projected out of the "
+            "captured gradient on both sides before its top vectors are taken, so no new pair moves along the "
+            "directions W0 uses most (0: off; the SVD cache keeps max(r, k) triplets)."
+        },
+    )
     reset_scores: ScoreReset = field(
         default="recycled",
         metadata={"help": "Whose importance EMAs are reset at a switch: 'recycled' pairs only, or 'all' pairs."},
@@ -257,6 +275,12 @@ class SRLoRAConfig:
                     f"got {self.entry_scale}; None keeps the paper's scale."
                 )
         _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
+        _check_int("subspace_exclude", self.subspace_exclude, minimum=0)
+        if self.subspace_exclude and self.direction_policy != "gradient_subspace":
+            raise ValueError(
+                f"subspace_exclude={self.subspace_exclude} shapes the gradient's subspace: set "
+                f"direction_policy='gradient_subspace' with it, or leave it at 0."
+            )
         _check_choice("side_factor_dtype", self.side_factor_dtype, _SIDE_DTYPES)
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
@@ -336,6 +360,9 @@ class SRLoRAConfig:
             directions=directions,
             num_switches=(directions - r) // r_prime,
             clamped=directions < self.r_target,
+            cached=directions
+            if self.entries_from_w0
+            else max(r, self.subspace_exclude if width is None else min(self.subspace_exclude, width)),
         )
 
     def differences(self, other: SRLoRAConfig, ignore: tuple[str, ...] = ()) -> list[str]:

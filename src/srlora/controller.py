@@ -81,7 +81,7 @@ class SRLoRA:
         budgets = {t.name: config.budget(t.r, min(t.shape)) for t in targets}
         for target in targets:
             cache = (svd_caches or {}).get(target.name)
-            k, (m, n) = budgets[target.name].directions if config.entries_from_w0 else target.r, target.shape
+            k, (m, n) = budgets[target.name].cached, target.shape
             if cache is not None and (cache.U.shape != (m, k) or cache.V.shape != (n, k)):
                 raise ValueError(f"svd_caches[{target.name!r}] does not match the layer's shape ({m}x{n}, k={k}).")
         scheduled = config.total_steps != "auto" or config.switch_interval is not None
@@ -89,7 +89,7 @@ class SRLoRA:
         schedules = self._schedules(budgets, total_steps) if scheduled else None
 
         self._layers: dict[str, LayerState] = {}
-        full_rows = policy_class(config).full_rows
+        full_rows = policy_class(config).full_rows(config)
         for target in targets:
             cache = (svd_caches or {}).get(target.name)
             self._layers[target.name] = LayerState.create(target, budgets[target.name], config, cache, full_rows)

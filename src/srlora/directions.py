@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,12 +39,13 @@ class DirectionPolicy:
     """What enters at a switch, for a controller's layers (see the module doc). This base is
     the paper's behaviour at every point: a subclass overrides what it changes.
 
-    Attributes:
-        full_rows: the layers' SVD caches keep every row of ``U``, also where a process holds
-            only some rows of the layer (a policy that projects the whole gradient needs them).
     """
 
-    full_rows: ClassVar[bool] = False
+    @classmethod
+    def full_rows(cls, config: SRLoRAConfig) -> bool:
+        """The layers' SVD caches keep every row of ``U``, also where a process holds only some
+        rows of the layer (a policy that projects the whole gradient on them needs them)."""
+        return False
 
     def __init__(self, layers: Mapping[str, LayerState], config: SRLoRAConfig) -> None:
         self.layers = layers

@@ -48,8 +48,7 @@ class LayerState:
 
     Args:
         target: the PEFT LoRA layer (already PiSSA-initialised from ``cache``).
-        cache: the top ``budget.directions`` singular triplets of its ``W0`` (the top ``r``
-            where new pairs do not come from ``W0``: ``config.entries_from_w0`` is False).
+        cache: the top ``budget.cached`` singular triplets of its ``W0``.
         budget: ``r``, ``r'`` and how many directions the layer may use.
         config: the run's config (EMA coefficients, where new pairs come from, their scale).
         fingerprint: :func:`~srlora.targets.fingerprint` of the layer's weight ``W0`` (and bias)
@@ -65,7 +64,7 @@ class LayerState:
         fingerprint: list[float] | None = None,
         full_rows: bool = False,
     ) -> None:
-        expected = budget.directions if config.entries_from_w0 else budget.r
+        expected = budget.cached
         if cache.rank != expected:
             raise ValueError(f"layer {target.name!r}: SVD cache of rank {cache.rank}, expected {expected}.")
         self.target = target
@@ -116,8 +115,7 @@ class LayerState:
             w_eff = target.effective_weight()
             print_ = fingerprint(w_eff, target.bias)
             if cache is None:
-                k = budget.directions if config.entries_from_w0 else budget.r
-                cache = distributed_top_triplets(w_eff, k, config)
+                cache = distributed_top_triplets(w_eff, budget.cached, config)
             del w_eff
             cache = target.prepare_cache(cache, full_rows=full_rows)
             if config.svd_device is not None:

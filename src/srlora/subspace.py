@@ -72,6 +72,8 @@ class SketchProbe(Probe):
         self._Yt_step, self._Z_step = torch.zeros_like(self.Yt), torch.zeros_like(self.Z)
         self._omega_t: torch.Tensor | None = None  # Omega^T, (k, n) row-major
         self._psi: torch.Tensor | None = None
+        self.exclude = min(config.subspace_exclude, layer.cache.rank)
+        self._left: tuple[torch.Tensor, torch.Tensor] | None = None  # W0's top (U_k, V_k), left alone
 
     @property
     def Y(self) -> torch.Tensor:
@@ -97,13 +99,21 @@ class SketchProbe(Probe):
         self.Z.zero_()
 
     def open(self) -> bool:
-        """The window's test matrices."""
+        """The window's test matrices (and W0's directions left alone)."""
         omega, self._psi = self.test_matrices()
         self._omega_t = omega.T.contiguous()
+        self._left = self.left_alone() if self.exclude else None
         return True
 
     def close_window(self) -> None:
         self._omega_t = self._psi = None
+        self._left = None
+
+    def left_alone(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U_k (m, k), V_k (n, k))``: ``W0``'s top ``subspace_exclude`` singular vectors."""
+        index = torch.arange(self.exclude)
+        U, _, V = self.layer.cache.directions(index, self.Yt.device)
+        return U.float(), V.float()
 
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -113,6 +123,11 @@ class SketchProbe(Probe):
         m, n = self.layer.target.shape
         x2 = x.reshape(-1, n).float()
         d = grad.reshape(-1, m).float()
+        if self._left is not None:
+            # G' = (I - U_k U_k^T) G (I - V_k V_k^T) = sum_t delta'_t^T x'_t: each side projected.
+            Uk, Vk = self._left
+            x2 = x2 - (x2 @ Vk) @ Vk.T
+            d = d - (d @ Uk) @ Uk.T
         # (G Omega)^T = sum_t (Omega^T x_t^T) delta_t; in this order every product is short-wide
         # (k rows), which CPU BLAS runs several times faster than the tall-skinny x Omega.
         self._Yt_step.addmm_(self._omega_t @ x2.T, d)
@@ -138,8 +153,11 @@ class SketchProbe(Probe):
         r = self.layer.r_prime
         m, n = self.layer.target.shape
         g = self._generator()
-        U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
-        V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+        U, V = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
+        if self.exclude:  # outside W0's directions left alone, as a captured pair would be
+            Uk, Vk = (t.cpu().double() for t in self.left_alone())
+            U, V = U - Uk @ (Uk.T @ U), V - Vk @ (Vk.T @ V)
+        U, V = torch.linalg.qr(U).Q, torch.linalg.qr(V).Q
         return U.float().to(self.Y.device), V.float().to(self.Y.device)
 
     def window_state(self) -> dict[str, torch.Tensor]:
@@ -191,6 +209,10 @@ class GradientSubspace(WindowedCapture):
     sketches its gradient, and the vectors its new pairs take (see the module doc)."""
 
     probes: dict[str, SketchProbe]
+
+    @classmethod
+    def full_rows(cls, config: SRLoRAConfig) -> bool:
+        return config.subspace_exclude > 0  # W0's top left vectors project the whole output gradient
 
     def make_probe(self, layer: LayerState, position: int, config: SRLoRAConfig) -> SketchProbe:
         return SketchProbe(layer, position, config)

@@ -28,7 +28,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from torch import nn
 from ..atomic import atomic_write_json
 from . import assets
 from .methods import build, spectra, trainable_state_bytes
+from .options import add_srlora_options, srlora_given, srlora_passthrough
 
 
 @dataclass
@@ -64,6 +65,9 @@ class AbsorbConfig:
     optimizer_reset: str = "seed"
     # GaLore's scale of the projected update (its projector is refreshed every switch_interval steps)
     galore_scale: float = 0.25
+    # Every other SRLoRAConfig field of an SRLoRA run, where it differs from the config's default
+    # (each is an option of the same name: srlora.experiments.options.srlora_passthrough)
+    srlora: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -88,7 +92,15 @@ class AbsorbConfig:
             direction_policy=self.direction_policy,  # type: ignore[arg-type]
             entry_scale=self.entry_scale,
             optimizer_reset=self.optimizer_reset,  # type: ignore[arg-type]
+            **self.srlora,
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, ``srlora`` only where it holds something."""
+        values = dataclasses.asdict(self)
+        if not values["srlora"]:
+            del values["srlora"]
+        return values
 
     def digest(self) -> str:
         values = dataclasses.asdict(self)
@@ -96,9 +108,13 @@ class AbsorbConfig:
         for name, default in LATER_FIELDS.items():
             if values[name] == default:
                 del values[name]
+        if not values["srlora"]:
+            del values["srlora"]
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# The SRLoRAConfig fields that are AbsorbConfig's own (the rest pass through in ``srlora``).
+OWN_SRLORA_FIELDS = ("r_target", "gamma", "direction_policy", "entry_scale", "optimizer_reset")
 LATER_FIELDS = {
     "gamma": 0.5,
     "direction_policy": "spectrum",
@@ -304,7 +320,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     tail = max(1, cfg.steps // 10)
     layers = spectra(built)
     results = {
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
         "digest": cfg.digest(),
         "corpus": corpus.stats,
         "train_loss_tail": sum(losses[-tail:]) / tail,
@@ -343,8 +359,11 @@ def finished(out: Path, cfg: AbsorbConfig) -> bool:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(AbsorbConfig):
+        if f.name == "srlora":
+            continue
         kind = float if f.name == "entry_scale" else type(f.default) if f.default is not None else int
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    add_srlora_options(ap, own=OWN_SRLORA_FIELDS)
     ap.add_argument("--out", required=True, help="Run folder (results.json is written there).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     ap.add_argument(
@@ -356,8 +375,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(AbsorbConfig)}
-    cfg = AbsorbConfig(**values)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(AbsorbConfig) if f.name != "srlora"}
+    names = [f.name for f in srlora_passthrough(OWN_SRLORA_FIELDS)]
+    cfg = AbsorbConfig(**values, srlora=srlora_given(ns, names))
     out = Path(ns.out)
     if finished(out, cfg):
         print(f"{out}: finished earlier with the same configuration, kept", file=sys.stderr)

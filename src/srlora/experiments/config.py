@@ -2,7 +2,7 @@
 
 A :class:`RunConfig` holds what the harness adds (task, model, optimisation, LoRA rank
 and targets, evaluation) and, in its ``srlora`` field, the :class:`~srlora.SRLoRAConfig`
-fields a run may set (:data:`SRLORA_OPTIONS`). Those are not copied here: the command
+fields a run may set (:data:`PASSTHROUGH`: all but those a runner sets). Those are not copied here: the command
 line builds their options from ``SRLoRAConfig``'s own fields and help texts, and
 :meth:`RunConfig.srlora_config` builds the ``SRLoRAConfig`` with ``total_steps`` set to
 the run's ``max_steps``.
@@ -20,7 +20,13 @@ from .paper import GLUE_HPARAMS
 
 METHODS = ("lora", "pissa", "srlora")
 
-# SRLoRAConfig fields a run may set (each becomes a command-line option of the same name).
+# SRLoRAConfig fields that a runner sets itself, never from an option.
+RUNNER_OWNED = ("total_steps", "switch_interval", "adapter_name", "svd_device", "seed")
+# Every other SRLoRAConfig field is an option of every runner (the same name); a new field
+# of the config is one with no edit in the harness.
+PASSTHROUGH = tuple(f.name for f in dataclasses.fields(SRLoRAConfig) if f.name not in RUNNER_OWNED)
+# The options a run always records, resolved to their values (the first runs' set: a run
+# records another option only where it differs from the config's default).
 SRLORA_OPTIONS = (
     "r_target",
     "gamma",
@@ -86,7 +92,7 @@ class RunConfig:
     )
     srlora: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": f"SRLoRAConfig fields of the run: {', '.join(SRLORA_OPTIONS)}."},
+        metadata={"help": "SRLoRAConfig fields of the run (every field but the ones a runner sets itself)."},
     )
 
     def __post_init__(self) -> None:
@@ -103,13 +109,17 @@ class RunConfig:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
-        unknown = sorted(set(self.srlora) - set(SRLORA_OPTIONS))
+        unknown = sorted(set(self.srlora) - set(PASSTHROUGH))
         if unknown:
-            raise ValueError(f"RunConfig.srlora: unknown options {unknown}; a run may set {list(SRLORA_OPTIONS)}.")
-        # Normalised to every option's value, so that two configs are equal exactly when
-        # they describe the same run (resume compares them).
+            raise ValueError(f"RunConfig.srlora: unknown options {unknown}; a run may set {list(PASSTHROUGH)}.")
+        # Normalised (the recorded options' values, the others' where not at the default), so
+        # that two configs are equal exactly when they describe the same run (resume compares them).
         resolved = self.srlora_config()
-        self.srlora = {name: getattr(resolved, name) for name in SRLORA_OPTIONS}
+        defaults = SRLoRAConfig.__dataclass_fields__
+        others = {n: getattr(resolved, n) for n in PASSTHROUGH if n not in SRLORA_OPTIONS and n in self.srlora}
+        self.srlora = {name: getattr(resolved, name) for name in SRLORA_OPTIONS} | {
+            n: v for n, v in others.items() if v != defaults[n].default
+        }
         if self.method == "srlora":
             resolved.budget(self.r)  # r_target / gamma / r must leave room for a switch
 
@@ -121,8 +131,8 @@ class RunConfig:
     def from_flat(cls, values: dict[str, Any]) -> RunConfig:
         """Build from one flat mapping in which the SRLoRA options sit beside the others
         (as on the command line and in the presets)."""
-        srlora = {k: values[k] for k in SRLORA_OPTIONS if k in values}
-        return cls(**{k: v for k, v in values.items() if k not in SRLORA_OPTIONS}, srlora=srlora)
+        srlora = {k: values[k] for k in PASSTHROUGH if k in values}
+        return cls(**{k: v for k, v in values.items() if k not in PASSTHROUGH}, srlora=srlora)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,10 +10,10 @@ import typing
 from typing import Any
 
 from ..config import SRLoRAConfig
-from .config import METHODS, PRESETS, SRLORA_OPTIONS, RunConfig, apply_preset
+from .config import METHODS, PASSTHROUGH, PRESETS, RUNNER_OWNED, RunConfig, apply_preset
 
 _RUN_FIELDS = [f for f in dataclasses.fields(RunConfig) if f.name not in ("method", "srlora")]
-_SRLORA_FIELDS = [f for f in dataclasses.fields(SRLoRAConfig) if f.name in SRLORA_OPTIONS]
+_SRLORA_FIELDS = [f for f in dataclasses.fields(SRLoRAConfig) if f.name in PASSTHROUGH]
 
 
 def _option(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
@@ -36,6 +36,30 @@ def _comma_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def srlora_passthrough(own: tuple[str, ...] | list[str] = ()) -> list[dataclasses.Field]:
+    """The ``SRLoRAConfig`` fields a runner passes through as options of the same name: all of
+    them but :data:`RUNNER_OWNED` and the runner's ``own`` fields (a new field of the config is
+    an option of every runner with no edit here)."""
+    return [f for f in dataclasses.fields(SRLoRAConfig) if f.name not in RUNNER_OWNED and f.name not in own]
+
+
+def add_srlora_options(p: argparse.ArgumentParser, own: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """An option for each :func:`srlora_passthrough` field (its type hint, its help text;
+    default ``None``: not given); returns their names."""
+    group = p.add_argument_group("SRLoRA (the fields of srlora.SRLoRAConfig)")
+    hints = typing.get_type_hints(SRLoRAConfig)
+    fields = srlora_passthrough(own)
+    for f in fields:
+        _option(group, f, hints[f.name])  # type: ignore[arg-type]
+    return [f.name for f in fields]
+
+
+def srlora_given(ns: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The SRLoRA options given on the command line, at values other than the config's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SRLoRAConfig)}
+    return {n: v for n in names if (v := getattr(ns, n, None)) is not None and v != defaults[n]}
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"Start from a preset: {', '.join(sorted(PRESETS))} (options given win).")
     hints = typing.get_type_hints(RunConfig)
@@ -49,7 +73,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def run_values(ns: argparse.Namespace, default_preset: str | None) -> dict[str, Any]:
     """The flat run values of parsed options: the preset's, then the options given."""
-    names = [f.name for f in _RUN_FIELDS] + list(SRLORA_OPTIONS)
+    names = [f.name for f in _RUN_FIELDS] + list(PASSTHROUGH)
     overrides = {name: getattr(ns, name) for name in names if getattr(ns, name, None) is not None}
     preset = ns.preset or default_preset
     if preset is None:

@@ -60,8 +60,26 @@ def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
     return [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in order]
 
 
+# SRLoRA's options aimed at forgetting, each on the chosen entry (BEST) at the adapters' learning
+# rate, seed 1: the tag in the run name, the SRLoRAConfig fields it sets, what it does.
+OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
+    "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
+}
+
+
+def option_jobs(seed: int = 1) -> list[AbsorbJob]:
+    """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
+    base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
+    return [
+        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(fields)))
+        for tag, (fields, _) in OPTIONS.items()
+    ]
+
+
 PARTS = {
     "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
 }
 
 
@@ -124,6 +142,7 @@ def section(root: Path) -> list[str]:
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
+    md += _options_table(root, runs)
     base = runs[0]["evals"][0]
     md += [
         "",
@@ -135,4 +154,28 @@ def section(root: Path) -> list[str]:
         f"SRLoRA against LoRA is measured in its own section).",
         "",
     ]
+    return md
+
+
+def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
+    """SRLoRA's options beside the chosen entry at the same learning rate (seed 1)."""
+    from .absorption import load_absorb
+
+    names = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True)}
+    options = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
+    plain = [e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR]
+    if not options:
+        return []
+    md = [
+        "",
+        f"### SRLoRA's options aimed at forgetting: seed 1, r = 2, lr {ADAPTER_LR:g}",
+        "",
+        "| run | option | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
+        "|---|---|" + "---|" * (len(EVALS) + 1),
+    ]
+    for e in plain + options:
+        final = e["evals"][-1]
+        cells = [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
+        what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
+        md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
     return md

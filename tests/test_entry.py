@@ -16,7 +16,7 @@ from srlora.subspace import sketch_top_vectors
 OPTIONS = {
     "spectrum, first pairs' scale": dict(entry_scale=1.0),
     "gradient-aligned W0, scale 2": dict(direction_policy="gradient", entry_scale=2.0),
-    "gradient subspace": dict(direction_policy="gradient_subspace"),
+    "gradient subspace": dict(direction_policy="gradient_subspace", entry_scale=1.0),
     "gradient subspace, scale 0.25": dict(direction_policy="gradient_subspace", entry_scale=0.25),
     "gradient subspace, W0's top 4 left alone": dict(
         direction_policy="gradient_subspace", entry_scale=0.25, subspace_exclude=4
@@ -99,7 +99,7 @@ def _layer_with_gradient_along(u: torch.Tensor, v: torch.Tensor, policy: str, **
 def test_the_new_pair_lies_along_the_gradients_top_singular_vectors():
     """Inputs along v and an output gradient along -u (u, v random: not W0's directions), so the
     windowed gradient is rank one, G = -T u v^T: the pair that enters is (u, v) up to sign, at
-    the first pairs' singular value."""
+    the default scale, 0.25 of the first pairs' singular value."""
     g = torch.Generator().manual_seed(5)
     u = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
     v = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
@@ -118,9 +118,9 @@ def test_the_new_pair_lies_along_the_gradients_top_singular_vectors():
     b, a = layer.target.lora_B.detach()[:, slot], layer.target.lora_A.detach()[slot]
     assert abs(float(torch.dot(b / b.norm(), u))) > 1 - 1e-5
     assert abs(float(torch.dot(a / a.norm(), v))) > 1 - 1e-5
-    sigma = layer.target.scaling * float(b.norm() * a.norm())
-    torch.testing.assert_close(sigma, float(layer.cache.S[:2].mean()), rtol=1e-5, atol=0)
-    assert layer.entry_sigma == pytest.approx(float(layer.cache.S[:2].mean()))
+    sigma = layer.target.scaling * float(b.norm() * a.norm())  # the default scale: 0.25 of the first pairs'
+    torch.testing.assert_close(sigma, 0.25 * float(layer.cache.S[:2].mean()), rtol=1e-5, atol=0)
+    assert layer.entry_sigma == pytest.approx(0.25 * float(layer.cache.S[:2].mean()))
     assert layer.cache.rank == 2  # only the first pairs come from W0's SVD
 
 

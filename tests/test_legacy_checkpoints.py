@@ -17,9 +17,13 @@ RUNS = {
     "mlp-spectrum": ("mlp", {"optimizer_reset": "seed"}),
     "mlp-gradient": ("mlp", {"direction_policy": "gradient"}),
     "mlp-subspace": ("mlp", {"direction_policy": "gradient_subspace", "entry_scale": 0.25}),
+    "mlp-subspace-unscaled": ("mlp", {"direction_policy": "gradient_subspace"}),  # entry_scale None: 1.0 then
     "bert-spectrum": ("bert", {"reset_scores": "all"}),
 }
 BEFORE, AFTER = 25, 15
+# What a recorded option meant then, where its meaning changed since: under gradient_subspace,
+# entry_scale=None was 1.0 (it is 0.25 now).
+MEANT = {"mlp-subspace-unscaled": {"entry_scale": 1.0}}
 
 
 @pytest.fixture
@@ -45,6 +49,7 @@ def test_the_table_is_the_recorders():
 @pytest.mark.filterwarnings("ignore::srlora.SRLoRAWarning")
 def test_an_earlier_versions_checkpoint_resumes_exactly(name, one_thread):
     case, options = RUNS[name]
+    options = {**options, **MEANT.get(name, {})}
     torch.manual_seed(0)
     model, ctl = build(case, r=2, r_target=8, switch_interval=10, total_steps=BEFORE + AFTER, **options)
     opt = adam(model)
@@ -68,3 +73,16 @@ def test_an_earlier_versions_checkpoint_resumes_exactly(name, one_thread):
     # switch or a lost moment moves weights by ~1e-2).
     for key, value in final["model"].items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.filterwarnings("ignore::srlora.SRLoRAWarning")
+def test_a_checkpoint_saved_when_the_default_scale_was_1_refuses_todays_default():
+    """A gradient-subspace run saved with entry_scale=None (1.0 then) is refused by a controller
+    built with today's default (0.25), with the fix named; built with 1.0 it loads (above)."""
+    from srlora.errors import CheckpointError
+
+    case, options = RUNS["mlp-subspace-unscaled"]
+    model, ctl = build(case, r=2, r_target=8, switch_interval=10, total_steps=BEFORE + AFTER, **options)
+    assert ctl.config.entry_scale == 0.25
+    with pytest.raises(CheckpointError, match=r"entry_scale=1\.0 \(here 0\.25\)"):
+        load_checkpoint(DATA / "mlp-subspace-unscaled.ckpt", model, ctl, adam(model))

@@ -24,6 +24,9 @@ SideFactorDType = Literal["bfloat16", "float16", "float32"]
 _OPTIMIZER_RESET = ("seed", "zero", "none")
 _SCORE_RESET = ("recycled", "all")
 _SVD_METHODS = ("full", "randomized")
+# entry_scale under direction_policy="gradient_subspace" where none is given: the measured safe
+# scale (1.0 broke training in the paper's regime; docs/RESULTS.md, "What enters at a switch").
+SUBSPACE_ENTRY_SCALE = 0.25
 _DIRECTION_POLICIES = ("spectrum", "gradient", "gradient_subspace")
 _SIDE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -87,7 +90,8 @@ class SRLoRAConfig:
             gradient ('gradient'), or the gradient's own top singular vectors
             ('gradient_subspace').
         entry_scale (default None): The singular value a new pair enters with, as a multiple
-            of the layer's first pairs'; None: its W0 direction's own.
+            of the layer's first pairs'; None: its W0 direction's own (under
+            'gradient_subspace': 0.25, the measured safe scale).
         sketch_oversample (default 8): 'gradient_subspace': columns the gradient's range
             sketch keeps beyond r'.
         subspace_exclude (default 0): 'gradient_subspace': W0's top k singular directions
@@ -177,10 +181,12 @@ class SRLoRAConfig:
         default=None,
         metadata={
             "help": "Singular value sigma a new pair enters with (s B_new A_new = sigma u v^T). None: the paper's, the "
-            "singular value of its W0 direction, smaller at every switch on a decaying spectrum ('gradient_subspace': "
-            "as 1.0). A number c: c times the mean of the layer's top r singular values, the scale of its first pairs. "
-            "Along the gradient, measured (docs/RESULTS.md, 'What enters at a switch'): 1.0 learns most and forgets "
-            "most, and broke training in the paper's regime; 0.25 is the measured compromise."
+            "singular value of its W0 direction, smaller at every switch on a decaying spectrum; under "
+            "'gradient_subspace', whose pairs have no W0 value, None means 0.25 (set on the config). A number c: c "
+            "times the mean of the layer's top r singular values, the scale of its first pairs. Along the gradient, "
+            "measured (docs/RESULTS.md, 'What enters at a switch'): 1.0 learns most and forgets most, and broke "
+            "training in the paper's regime (mr at chance); 0.25 learns as much as LoRA r = 8 on absorption and ties "
+            "LoRA in the paper's regime."
         },
     )
     sketch_oversample: int = field(
@@ -274,6 +280,9 @@ class SRLoRAConfig:
                     f"entry_scale must be a positive finite number (a multiple of the first pairs' singular value), "
                     f"got {self.entry_scale}; None keeps the paper's scale."
                 )
+        if self.entry_scale is None and self.direction_policy == "gradient_subspace":
+            # The gradient's pairs have no singular value of W0 to enter with: the measured safe scale.
+            self.entry_scale = SUBSPACE_ENTRY_SCALE
         _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
         _check_int("subspace_exclude", self.subspace_exclude, minimum=0)
         if self.subspace_exclude and self.direction_policy != "gradient_subspace":
@@ -306,9 +315,9 @@ class SRLoRAConfig:
     def entry_sigma(self, top: torch.Tensor) -> float | None:
         """The singular value every new pair enters with, from the layer's top ``r`` singular values
         ``top``; ``None``: each pair's own (the paper's)."""
-        if self.entry_scale is None and self.entries_from_w0:
+        if self.entry_scale is None:  # never under gradient_subspace (__post_init__ sets it)
             return None
-        return (1.0 if self.entry_scale is None else float(self.entry_scale)) * float(top.float().mean())
+        return float(self.entry_scale) * float(top.float().mean())
 
     def recycled_per_switch(self, r: int) -> int:
         """``r' = gamma * r``, the number of pairs fused and re-initialised per switch.
@@ -378,10 +387,14 @@ class SRLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SRLoRAConfig:
+        """The config :meth:`to_dict` wrote, by this version or an earlier one (a checkpoint's)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown SRLoRAConfig fields {unknown}; known fields: {sorted(known)}.")
+        if data.get("direction_policy") == "gradient_subspace" and data.get("entry_scale") is None:
+            # Saved before None had a scale of its own under gradient_subspace: it meant 1.0 then.
+            data = {**data, "entry_scale": 1.0}
         return cls(**data)
 
 

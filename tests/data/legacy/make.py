@@ -24,6 +24,7 @@ RUNS = {
     "mlp-spectrum": ("mlp", {"optimizer_reset": "seed"}),
     "mlp-gradient": ("mlp", {"direction_policy": "gradient"}),
     "mlp-subspace": ("mlp", {"direction_policy": "gradient_subspace", "entry_scale": 0.25}),
+    "mlp-subspace-unscaled": ("mlp", {"direction_policy": "gradient_subspace"}),  # entry_scale None: 1.0 then
     "bert-spectrum": ("bert", {"reset_scores": "all"}),
 }
 BEFORE, AFTER = 25, 15  # steps before the checkpoint (switches after 10 and 20) and after it

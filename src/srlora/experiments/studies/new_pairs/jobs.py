@@ -28,10 +28,10 @@ def srlora(gamma: float = 1.0, **entry: object) -> AbsorbConfig:
 VARIANTS: dict[str, tuple[AbsorbConfig, bool]] = {
     "srlora-r2-T40-g1": (srlora(), True),  # the absorption study's SRLoRA run
     "srlora-r2-T40-g1-w0scale1": (srlora(entry_scale=1.0), True),  # (b): W0's directions, the first pairs' scale
-    "srlora-r2-T40-g1-gsub": (srlora(direction_policy="gradient_subspace"), True),  # (a) + (b)
+    "srlora-r2-T40-g1-gsub": (srlora(direction_policy="gradient_subspace", entry_scale=1.0), True),  # (a) + (b)
     "srlora-r2-T40-g1-gsub-s0.25": (srlora(direction_policy="gradient_subspace", entry_scale=0.25), False),
     "srlora-r2-T40-g1-gsub-s0.05": (srlora(direction_policy="gradient_subspace", entry_scale=0.05), False),
-    "srlora-r2-T40-g0.5-gsub": (srlora(0.5, direction_policy="gradient_subspace"), False),
+    "srlora-r2-T40-g0.5-gsub": (srlora(0.5, direction_policy="gradient_subspace", entry_scale=1.0), False),
     "srlora-r2-T40-g1-reset-none": (srlora(optimizer_reset="none"), False),  # (c): the moments kept
     "srlora-r2-T40": (srlora(0.5), False),  # the paper's gamma
 }
@@ -59,9 +59,10 @@ def confirm_jobs(seeds: list[int], best: str) -> list[AbsorbJob]:
 # ---------------------------------------------------------------------------- the paper regime
 # What the gradient-subspace entry costs where the rank does not bind: the paper-regime study's
 # runs (MiniLM, r = 8, r_target = 64, 600 steps), with the new pairs along the gradient's subspace
-# at the first pairs' scale (the default) and at BEST's scale, 0.25.
+# at the first pairs' scale (1.0, the default under gradient_subspace when these ran) and at BEST's
+# scale, 0.25 (the default since).
 PAPER_ENTRIES = {  # row label -> (cell suffix, srlora train options)
-    "SRLoRA gradient subspace": ("gsub", ["--direction-policy", "gradient_subspace"]),
+    "SRLoRA gradient subspace": ("gsub", ["--direction-policy", "gradient_subspace", "--entry-scale", "1.0"]),
     "SRLoRA gradient subspace, scale 0.25": (
         "gsub-s0.25",
         ["--direction-policy", "gradient_subspace", "--entry-scale", "0.25"],
@@ -97,7 +98,7 @@ KNOWN_RANK_FILE = "runs/known-rank/new_pairs.jsonl"
 KNOWN_RANK_ENTRIES: dict[str, dict[str, object]] = {
     "paper": {},
     "w0 scale 1": {"entry_scale": 1.0},
-    "gradient subspace": {"direction_policy": "gradient_subspace"},
+    "gradient subspace": {"direction_policy": "gradient_subspace", "entry_scale": 1.0},
     "gradient subspace, scale 0.25": {"direction_policy": "gradient_subspace", "entry_scale": 0.25},
 }
 

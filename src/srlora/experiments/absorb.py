@@ -269,9 +269,11 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     diagnosis = None
     if diagnose:  # hooks right after each optimizer step: one before SRLoRA's switch, one after it
-        from .studies.new_pairs.diagnosis import SwitchDiagnosis
+        from .diagnosis import SwitchDiagnosis
 
-        diagnosis = SwitchDiagnosis(model, ctl, corpus.held_chunks[:4], cfg.switch_interval or 40, sched)
+        if ctl is None:
+            raise ValueError("--diagnose records SRLoRA's switches: use it with --method srlora.")
+        diagnosis = SwitchDiagnosis(model, ctl, corpus.held_chunks[:4], ctl.schedule().interval, sched)
         diagnosis.attach(opt, after=False)
     if ctl is not None:
         ctl.attach(opt)

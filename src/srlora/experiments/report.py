@@ -14,9 +14,9 @@ import platform
 from pathlib import Path
 
 from ..atomic import atomic_write_json, atomic_write_text
-from .jobs import Job, is_finished
-from .rundata import previous_sections, section_key
-from .studies import absorption, alternatives, cost, known_rank_map, new_pairs, paper_regime, rank_bound, short
+from .jobs import Job
+from .rundata import RenderContext, previous_sections
+from .studies import DOC_ORDER, STUDIES
 
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when this file is regenerated -->", "<!-- end of notes -->"
 
@@ -110,31 +110,14 @@ def write_runs_json(root: Path, jobs: list[Job]) -> None:
 
 
 def render(seeds: list[int], root: Path) -> Path:
-    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``."""
+    """Write docs/RESULTS.md (and its figures and runs.json) from the runs under ``root``: the
+    header, then every study's sections in :data:`~srlora.experiments.studies.DOC_ORDER`."""
     (root / "docs/results").mkdir(parents=True, exist_ok=True)
-    old = previous_sections(root)
-
-    def keep(fresh: list[str], has_runs: bool) -> list[str]:
-        key = section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
-        return fresh if has_runs or key not in old else [*old[key], ""] if old[key][-1] else old[key]
-
+    ctx = RenderContext(root, seeds, previous_sections(root))
     md = section_header(root)
-    short_md, done = short.render(root, seeds, keep)
-    md += short_md
-    have_perf = any((root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in cost.PERF)
-    md += keep(cost.section_perf(root), have_perf)
-    md += short.render_commands(root, seeds, done, keep)
-    long = [j for j in paper_regime.long_study_all_jobs(seeds) if is_finished(j, root)]
-    md += paper_regime.render_long(root, seeds, old)
-    known_rank_map.refresh_known_rank(root)
-    absorption.refresh_absorb(root)
-    md += known_rank_map.section_known_rank(root) + absorption.section_absorb(root)
-    md += new_pairs.render(root, old, seeds)
-    md += alternatives.section(root)
-    md += cost.section_llm_init(root) + cost.section_qlora(root) + cost.section_switch_cost(root)
-    md += cost.section_gpu(root)
-    long += [j for j in new_pairs.paper_regime_jobs(seeds) if is_finished(j, root)]
-    write_runs_json(root, done + long)
+    for study, section in DOC_ORDER:
+        md += STUDIES[study].SECTIONS[section](ctx)
+    write_runs_json(root, ctx.train_runs)
     path = root / "docs/RESULTS.md"
     md = with_study_notes(md, path.read_text() if path.is_file() else "")
     atomic_write_text(path, "\n".join(md).rstrip("\n") + "\n")
@@ -144,5 +127,6 @@ def render(seeds: list[int], root: Path) -> Path:
 def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     """Where every row of docs/RESULTS.md's run tables (those with a ``seeds`` column, built
     from ``srlora train`` runs) takes its runs: (section title, subsection title or None) ->
-    {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries."""
-    return short.row_sources() | paper_regime.row_sources() | rank_bound.row_sources() | new_pairs.row_sources()
+    {row label: (cell, method)}, the keys of ``docs/results/runs.json``'s entries; every
+    study's :func:`row_sources`."""
+    return {key: rows for study in STUDIES.values() for key, rows in study.row_sources().items()}

@@ -8,6 +8,8 @@ import json
 import math
 import re
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +83,42 @@ def section_key(title: str) -> str:
     """A section's title up to its first '(' or ':' ("Performance (SRLoRA against ...)" and
     "Performance" are the same section)."""
     return re.split(r"[(:]", title.removeprefix("## "), maxsplit=1)[0].strip()
+
+
+@dataclass
+class RenderContext:
+    """What every study's sections read when docs/RESULTS.md is written (a study's
+    ``SECTIONS`` are functions of it).
+
+    Attributes:
+        root: the repository root (``runs/`` and ``docs/`` live there).
+        seeds: the seeds the document shows.
+        old: the current doc's sections (:func:`previous_sections`): a section whose runs are
+            not on this machine keeps its text.
+        train_runs: the finished ``srlora train`` runs the sections used, in the doc's order
+            (their figures go to ``docs/results/runs.json``).
+    """
+
+    root: Path
+    seeds: list[int]
+    old: dict[str, list[str]]
+    train_runs: list[Any] = field(default_factory=list)
+
+    def keep(self, fresh: list[str], has_runs: bool) -> list[str]:
+        """``fresh``, or the current doc's text of that section where its runs are not here."""
+        key = section_key(fresh[0]) if fresh and fresh[0].startswith("## ") else None
+        if has_runs or key not in self.old:
+            return fresh
+        return [*self.old[key], ""] if self.old[key][-1] else self.old[key]
+
+    def kept(self, title: str, fresh: list[str], whole_only: bool = False, cut: str | None = None) -> list[str]:
+        """``fresh``, or where it is empty the current doc's section of that whole title (with
+        ``whole_only`` False, else of its first words), up to the line ``cut``."""
+        whole = title.removeprefix("## ")
+        kept = self.old.get(whole, [] if whole_only else self.old.get(section_key(title), []))
+        if cut is not None and cut in kept:
+            kept = kept[: kept.index(cut)]
+        return fresh or kept
+
+
+Section = Callable[[RenderContext], list[str]]

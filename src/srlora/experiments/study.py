@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from .studies import STUDIES
-from .studies.rank_bound import RANK_CANDIDATES, RANK_CHOSEN
 
 # What --part all runs, in order: everything but the parts that take hours each.
 ALL = ("perf", "main", "ablations", "long", "rank", "known-rank")
@@ -47,12 +46,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "absorb-pilot, absorb: SmolLM2 corpus absorption, ~5 h; new-pairs-screen, new-pairs-confirm, "
         "new-pairs-known-rank, new-pairs-long: what enters at a switch), or render (nothing).",
     )
-    ap.add_argument(
-        "--rank-task",
-        choices=list(RANK_CANDIDATES),
-        default=RANK_CHOSEN,
-        help="The task of --part rank (the rank-bound regime); the report shows every task that has runs.",
-    )
+    for module in STUDIES.values():  # a study's own options
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(ap)
     ap.add_argument(
         "--seeds",
         default=",".join(map(str, DOC_SEEDS)),

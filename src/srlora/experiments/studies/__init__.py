@@ -1,5 +1,8 @@
-"""The studies behind docs/RESULTS.md, one module each, in the doc's order: what it runs (its
-jobs and their commands, ``PARTS``: ``srlora study --part NAME``) and the sections it writes.
+"""The studies behind docs/RESULTS.md, one module each, in the doc's order. A study is one
+interface: ``PARTS`` (what it runs: ``srlora study --part NAME``), ``SECTIONS`` (the places of
+the doc it writes, each a function of a :class:`~srlora.experiments.rundata.RenderContext`)
+and ``row_sources()`` (its run-table rows' runs, which tests/test_results_data.py checks);
+:data:`DOC_ORDER` puts the sections in order and the report loops over it.
 
 * :mod:`.short` -- the 150-step comparison on four tasks, its ablations and switch dynamics;
 * :mod:`.cost` -- SRLoRA against plain PEFT LoRA: step, switch, whole run, QLoRA, GPU;
@@ -29,3 +32,22 @@ STUDIES: dict[str, ModuleType] = {
     "new-pairs": new_pairs,
     "alternatives": alternatives,
 }
+# The doc, in order: (study, section). The cost study writes two places (the step benchmark
+# beside the 150-step study; whole runs, QLoRA and GPUs at the end), the short study two (its
+# results; its commands after the cost's), the paper regime two (around the rank-bound regime's).
+DOC_ORDER: tuple[tuple[str, str], ...] = (
+    ("short", "results"),
+    ("cost", "perf"),
+    ("short", "commands"),
+    ("paper-regime", "paper"),
+    ("rank-bound", "rank"),
+    ("paper-regime", "decision"),
+    ("known-rank-map", "map"),
+    ("absorption", "absorb"),
+    ("new-pairs", "new-pairs"),
+    ("alternatives", "alternatives"),
+    ("cost", "llm-init"),
+    ("cost", "qlora"),
+    ("cost", "switch-cost"),
+    ("cost", "gpu"),
+)

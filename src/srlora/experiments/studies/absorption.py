@@ -18,6 +18,7 @@ from typing import Any
 
 from ..absorb import AbsorbConfig, finished
 from ..jobs import run_jobs
+from ..rundata import RenderContext, Section
 from ..stats import fmt, fmt_paired, mean_std, paired
 
 STEPS = 400
@@ -263,3 +264,16 @@ PARTS = {
     "absorb-pilot": lambda root, seeds, ns: run_jobs(absorb_jobs(seeds, pilot=True), ns.jobs, root),
     "absorb": lambda root, seeds, ns: run_jobs(absorb_jobs(seeds), ns.jobs, root),
 }
+
+
+def _absorb(ctx: RenderContext) -> list[str]:
+    refresh_absorb(ctx.root)  # the runs here into docs/results/absorb.json first (later studies read it)
+    return section_absorb(ctx.root)
+
+
+SECTIONS: dict[str, Section] = {"absorb": _absorb}
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows built from ``srlora train`` runs: none."""
+    return {}

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..absorb import AbsorbConfig
 from ..jobs import run_jobs
+from ..rundata import Section
 from .absorption import STEPS, AbsorbJob
 from .new_pairs.jobs import BEST, VARIANTS
 
@@ -179,3 +180,11 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
         what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
         md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
     return md
+
+
+SECTIONS: dict[str, Section] = {"alternatives": lambda ctx: section(ctx.root)}
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows built from ``srlora train`` runs: none."""
+    return {}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ...atomic import atomic_write_json
+from ..rundata import RenderContext, Section
 
 PERF = [
     # (name, options of benchmarks/step_overhead.py)
@@ -314,3 +315,23 @@ def section_switch_cost(root: Path) -> list[str]:
 
 
 PARTS = {"perf": lambda root, seeds, ns: run_perf(root)}
+
+
+def _perf(ctx: RenderContext) -> list[str]:
+    have_perf = any((ctx.root / "runs/study/perf" / f"{name}.json").is_file() for name, _ in PERF)
+    return ctx.keep(section_perf(ctx.root), have_perf)
+
+
+# The doc's places this study writes (srlora.experiments.studies.DOC_ORDER puts them in order).
+SECTIONS: dict[str, Section] = {
+    "perf": _perf,
+    "llm-init": lambda ctx: section_llm_init(ctx.root),
+    "qlora": lambda ctx: section_qlora(ctx.root),
+    "switch-cost": lambda ctx: section_switch_cost(ctx.root),
+    "gpu": lambda ctx: section_gpu(ctx.root),
+}
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows built from ``srlora train`` runs: none."""
+    return {}

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..rundata import RenderContext, Section
 from ..stats import fmt, fmt_paired, mean_std, paired
 
 KNOWN_RANK = "docs/results/known_rank.jsonl"
@@ -198,3 +199,16 @@ def run(root: Path, seeds: list[int]) -> None:
 
 
 PARTS = {"known-rank": lambda root, seeds, ns: run(root, seeds)}
+
+
+def _map(ctx: RenderContext) -> list[str]:
+    refresh_known_rank(ctx.root)  # the runs here into docs/results/known_rank.jsonl first
+    return section_known_rank(ctx.root)
+
+
+SECTIONS: dict[str, Section] = {"map": _map}
+
+
+def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
+    """This study's run-table rows built from ``srlora train`` runs: none."""
+    return {}

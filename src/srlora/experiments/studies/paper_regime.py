@@ -17,10 +17,10 @@ from pathlib import Path
 
 from ..config import PRESETS
 from ..jobs import LONG_COMMON, Job, is_finished, run_jobs
-from ..rundata import load_runs, section_key
+from ..rundata import RenderContext, Section, load_runs
 from ..stats import beyond, fmt_paired, paired
 from ..tables import by_seed, dynamics_table, paired_table, runs_of, slot_figures, variant_table
-from .rank_bound import RANK_CANDIDATES, RANK_CHOSEN, RANK_TITLE, rank_fresh, rank_jobs, rank_pilot_jobs, rank_tasks
+from .rank_bound import RANK_CANDIDATES, RANK_CHOSEN, rank_jobs, rank_pilot_jobs
 
 # The paper's regime: MiniLM, r=8, r_target=64 (r'=4: 14 switches, t_interval 42).
 PAPER_REGIME: dict[str, list[str]] = {"mr": ["--r-target", "64"], "mr-reg": ["--r-target", "64"]}
@@ -171,24 +171,20 @@ def section_long_commands(root: Path, seeds: list[int]) -> list[str]:
     ]
 
 
-def render_long(root: Path, seeds: list[int], old: dict[str, list[str]]) -> list[str]:
-    """The 600-step study's sections; a section with no run here keeps its text from ``old``
-    (looked up by its whole title: the rank-bound sections of two tasks share their first words;
-    a rank-bound section whose variant runs are not here keeps its text even if pilot runs are)."""
-    md: list[str] = []
-    with_runs = rank_tasks(root)
-    for title, fresh in (
-        (PAPER_TITLE, section_paper(root)),
-        *((RANK_TITLE.format(task=task), rank_fresh(root, task, task in with_runs, old)) for task in RANK_CANDIDATES),
-        (DECISION_TITLE, section_decision(root)),
-    ):
-        whole = title.removeprefix("## ")
-        kept = old.get(whole, [] if title.startswith(RANK_TITLE[:20]) else old.get(section_key(title), []))
-        if COMMANDS_TITLE in kept:  # the commands are listed afresh below, from every run known
-            kept = kept[: kept.index(COMMANDS_TITLE)]
-        md += fresh or kept
-    md += section_long_commands(root, seeds)
-    return md
+def _paper(ctx: RenderContext) -> list[str]:
+    return ctx.kept(PAPER_TITLE, section_paper(ctx.root), cut=COMMANDS_TITLE)
+
+
+def _decision(ctx: RenderContext) -> list[str]:
+    """The decision, then every 600-step run's command (listed afresh, from every run known)."""
+    md = ctx.kept(DECISION_TITLE, section_decision(ctx.root), cut=COMMANDS_TITLE)
+    ctx.train_runs += [j for j in long_study_all_jobs(ctx.seeds) if is_finished(j, ctx.root)]
+    return md + section_long_commands(ctx.root, ctx.seeds)
+
+
+# The doc's places this study writes (srlora.experiments.studies.DOC_ORDER puts them in order;
+# the rank-bound regime's sections sit between them).
+SECTIONS: dict[str, Section] = {"paper": _paper, "decision": _decision}
 
 
 def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:

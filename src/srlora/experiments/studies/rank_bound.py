@@ -12,11 +12,12 @@ regime's (:mod:`srlora.experiments.studies.paper_regime`).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from ..jobs import LONG_COMMON, Job, run_jobs
-from ..rundata import load_runs
+from ..rundata import RenderContext, Section, load_runs
 from ..stats import fmt_paired, paired
 from ..tables import by_seed, dynamics_table, paired_table, runs_of, slot_figures, variant_table
 
@@ -214,7 +215,31 @@ def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     }
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """This study's own option of ``srlora study``."""
+    ap.add_argument(
+        "--rank-task",
+        choices=list(RANK_CANDIDATES),
+        default=RANK_CHOSEN,
+        help="The task of --part rank (the rank-bound regime); the report shows every task that has runs.",
+    )
+
+
 PARTS = {
     "rank-pilot": lambda root, seeds, ns: run_jobs(rank_pilot_jobs(seeds), ns.jobs, root),
     "rank": lambda root, seeds, ns: run_jobs(rank_jobs(seeds, ns.rank_task), ns.jobs, root),
 }
+
+
+def _rank(ctx: RenderContext) -> list[str]:
+    """Each candidate task's section (a task with no run here keeps its text, by whole title:
+    the sections of two tasks share their first words)."""
+    with_runs = rank_tasks(ctx.root)
+    md: list[str] = []
+    for task in RANK_CANDIDATES:
+        fresh = rank_fresh(ctx.root, task, task in with_runs, ctx.old)
+        md += ctx.kept(RANK_TITLE.format(task=task), fresh, whole_only=True)
+    return md
+
+
+SECTIONS: dict[str, Section] = {"rank": _rank}

@@ -21,7 +21,7 @@ from ...schedule import SwitchSchedule
 from ..config import PRESETS, RunConfig
 from ..jobs import Job, is_finished, run_jobs
 from ..paper import GLUE_SCORES, VIT_SCORES
-from ..rundata import dynamics_row, load_runs
+from ..rundata import RenderContext, Section, dynamics_row, load_runs
 from ..runs import train_losses
 from ..stats import fmt, mean_std, verdict
 
@@ -380,6 +380,21 @@ def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     out: dict[tuple[str, str | None], dict[str, tuple[str, str]]] = {("Main table", t): main_variants(t) for t in TASKS}
     out[ABLATIONS_TITLE.removeprefix("## "), None] = ablation_variants()
     return out
+
+
+def _results(ctx: RenderContext) -> list[str]:
+    md, done = render(ctx.root, ctx.seeds, ctx.keep)
+    ctx.train_runs += done
+    return md
+
+
+def _commands(ctx: RenderContext) -> list[str]:
+    done = [j for j in main_jobs(ctx.seeds) + ablation_jobs(ctx.seeds) if is_finished(j, ctx.root)]
+    return render_commands(ctx.root, ctx.seeds, done, ctx.keep)
+
+
+# The doc's places this study writes (srlora.experiments.studies.DOC_ORDER puts them in order).
+SECTIONS: dict[str, Section] = {"results": _results, "commands": _commands}
 
 
 def _run(jobs: Any) -> Any:

@@ -16,17 +16,27 @@ baseline; each option changes one thing about the pairs that enter (docs/METHOD.
 * what the optimizer keeps of the recycled slots (``optimizer_reset``).
 
 The baseline and the main options run with ``--diagnose``
-(:mod:`.diagnosis`): the loss before and after each switch, and
+(:mod:`srlora.experiments.diagnosis`, the runner's): the loss before and after each switch, and
 the alignment, size and speed of the pairs that enter and leave.
 
-The package: :mod:`.jobs` (what runs), :mod:`.diagnosis` (what ``--diagnose`` records inside a
-run), :mod:`.section` (the doc's section).
+The package: :mod:`.jobs` (what runs), :mod:`.section` (the doc's section).
 """
 
 from __future__ import annotations
 
+from ...jobs import is_finished
+from ...rundata import RenderContext, Section
 from .jobs import BEST, PARTS, VARIANTS, confirm_jobs, paper_regime_jobs, screen_jobs
 from .section import TITLE, render, row_sources
+
+
+def _new_pairs(ctx: RenderContext) -> list[str]:
+    md = render(ctx.root, ctx.old, ctx.seeds)
+    ctx.train_runs += [j for j in paper_regime_jobs(ctx.seeds) if is_finished(j, ctx.root)]
+    return md
+
+
+SECTIONS: dict[str, Section] = {"new-pairs": _new_pairs}
 
 __all__ = [
     "BEST",

@@ -39,6 +39,7 @@ from ..atomic import atomic_write_json
 from . import assets
 from .methods import build, spectra, trainable_state_bytes
 from .options import add_srlora_options, srlora_given, srlora_passthrough
+from .spec import digest
 
 
 @dataclass
@@ -103,25 +104,29 @@ class AbsorbConfig:
         return values
 
     def digest(self) -> str:
-        values = dataclasses.asdict(self)
-        # Fields added after the first runs are left out at their defaults, so those runs stay valid.
-        for name, default in LATER_FIELDS.items():
-            if values[name] == default:
-                del values[name]
-        if not values["srlora"]:
-            del values["srlora"]
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        """The run's identity (:mod:`srlora.experiments.spec`): fields added after the first
+        runs count only where set."""
+        return digest(self, FIRST_FIELDS)
 
 
 # The SRLoRAConfig fields that are AbsorbConfig's own (the rest pass through in ``srlora``).
 OWN_SRLORA_FIELDS = ("r_target", "gamma", "direction_policy", "entry_scale", "optimizer_reset")
-LATER_FIELDS = {
-    "gamma": 0.5,
-    "direction_policy": "spectrum",
-    "entry_scale": None,
-    "optimizer_reset": "seed",
-    "galore_scale": 0.25,
-}
+# The fields of the first absorption runs (the others identify a run only where set).
+FIRST_FIELDS = (
+    "method",
+    "r",
+    "r_target",
+    "switch_interval",
+    "steps",
+    "batch",
+    "block",
+    "lr",
+    "warmup",
+    "seed",
+    "train_blocks",
+    "eval_blocks",
+    "evals",
+)
 # lora, pissa and srlora: PEFT LoRA (srlora on top); full: the adapted matrices themselves train;
 # galore: those matrices under galore-torch's GaLore AdamW; corda (knowledge-preserved mode), mica,
 # lora_ga: PEFT's own initialisations of a LoRA adapter.

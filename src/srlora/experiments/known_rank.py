@@ -27,7 +27,6 @@ untrained stack. For one layer the best any rank-``r`` adapter can reach is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -37,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .spec import digest
 
 METHODS = ("lora", "pissa", "srlora")
 
@@ -100,11 +101,10 @@ class KnownRankRun:
 
     @property
     def key(self) -> str:
-        values = dataclasses.asdict(self)
-        for name, default in (("direction_policy", "spectrum"), ("entry_scale", None)):  # added later
-            if values[name] == default:
-                del values[name]
-        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+        """The run's identity (:mod:`srlora.experiments.spec`): SRLoRA's entry options count
+        only where set (they came after the first runs)."""
+        first = [f.name for f in dataclasses.fields(self) if f.name not in ("direction_policy", "entry_scale")]
+        return digest(self, first)
 
     def label(self) -> str:
         if self.method != "srlora":

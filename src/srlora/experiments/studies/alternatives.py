@@ -144,6 +144,16 @@ def section(root: Path) -> list[str]:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
+    if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
+        md += [
+            "",
+            "![learning against forgetting, every method](results/alternatives_frontier.png)",
+            "",
+            "Learning (held-out chunks) against forgetting (left: prose; right: news), seed 1, r = 2: "
+            "each method's runs (every learning rate), SRLoRA's options, and LoRA's curve through its "
+            "runs (r = 2, 8, 32 at 5e-4, and r = 2 at every learning rate of the sweep); lower is "
+            "better on both axes, and a point below LoRA's curve forgets less at that absorption.",
+        ]
     base = runs[0]["evals"][0]
     md += [
         "",
@@ -188,3 +198,45 @@ SECTIONS: dict[str, Section] = {"alternatives": lambda ctx: section(ctx.root)}
 def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     """This study's run-table rows built from ``srlora train`` runs: none."""
     return {}
+
+
+def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path | None:
+    """Each forgetting text's loss against held-out-chunk loss for every seed-1 run of the
+    screen and of SRLoRA's options, with LoRA's curve: its runs joined in order of learning."""
+    from ..plots import pyplot, save_figure
+    from .absorption import load_absorb
+
+    options = {job.name for job in option_jobs()}
+    ladder_names = {"lora-r2", "lora-r8", "lora-r32"}
+    everything = load_absorb(root)
+    runs = screen + [e for e in everything if e["name"] in options and e["config"]["seed"] == 1]
+    lora = [e for e in everything if e["name"] in ladder_names and e["config"]["seed"] == 1]
+    lora += [e for e in screen if e["config"]["method"] == "lora"]
+    if len(runs) < 2:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (key, label) in zip(axes, EVALS[2:], strict=True):
+        curve = sorted((e for e in lora if key in e["evals"][-1]), key=lambda e: e["evals"][-1]["held_chunks"])
+        if len(curve) >= 2:
+            xs, ys = [e["evals"][-1]["held_chunks"] for e in curve], [e["evals"][-1][key] for e in curve]
+            ax.plot(xs, ys, "k--", lw=1, label="LoRA's curve")
+        for method in LABELS:
+            points = [e for e in runs if e["config"]["method"] == method and e["name"] not in options]
+            points = [e for e in points if key in e["evals"][-1]]
+            if points:
+                xs = [e["evals"][-1]["held_chunks"] for e in points]
+                ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
+        for e in runs:
+            if e["name"] in options and key in e["evals"][-1]:
+                tag = OPTIONS[next(t for t in OPTIONS if f"-{t}-" in e["name"])][1]
+                ax.scatter([e["evals"][-1]["held_chunks"]], [e["evals"][-1][key]], marker="*", s=60, label=tag)
+        start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
+        if key in start:
+            ax.scatter([start["held_chunks"]], [start[key]], marker="x", c="k", s=40, label="untrained")
+        ax.set_xlabel("held-out chunks (nats/token): learnt, lower is better")
+        ax.set_ylabel(f"{label} (nats/token): forgotten, lower is better")
+        ax.invert_xaxis()
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)

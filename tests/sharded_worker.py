@@ -40,7 +40,12 @@ SUBSPACE = SRLoRAConfig(
 # The same, with W0's top 4 singular directions projected out of the sketched gradient (the
 # cache keeps every row of U_4 on every rank; each rank projects the whole activations).
 LEFT_ALONE = dataclasses.replace(SUBSPACE, subspace_exclude=4)
-CONFIGS = {"paper": CONFIG, "subspace": SUBSPACE, "left-alone": LEFT_ALONE}
+CONFIGS = {
+    "paper": CONFIG,
+    "subspace": SUBSPACE,
+    "left-alone": LEFT_ALONE,
+    "lora-start": dataclasses.replace(SUBSPACE, first_pairs="lora"),  # the slots start as PEFT built them
+}
 MODES = ["fsdp", "zero1", "zero2", "zero3"]
 
 

@@ -21,6 +21,7 @@ OPTIONS = {
     "gradient subspace, W0's top 4 left alone": dict(
         direction_policy="gradient_subspace", entry_scale=0.25, subspace_exclude=4
     ),
+    "gradient subspace, LoRA's first pairs": dict(direction_policy="gradient_subspace", first_pairs="lora"),
 }
 
 
@@ -160,11 +161,30 @@ def test_w0s_top_directions_are_left_alone():
     assert abs(float(b @ u_out)) > 1 - 1e-4 and abs(float(a @ v_out)) > 1 - 1e-4
 
 
+def test_lora_first_pairs_leave_the_model_and_the_adapter_as_peft_built_them():
+    """first_pairs='lora': building SRLoRA writes nothing (W, A and B as PEFT made them, B = 0),
+    and the first switch's pairs enter along the gradient as usual."""
+    from conftest import make_peft
+
+    reference = make_peft(CASES["bert"], 0, r=2, alpha=8)
+    model, ctl = build(
+        "bert", r=2, r_target=12, gamma=1.0, switch_interval=20, **OPTIONS["gradient subspace, LoRA's first pairs"]
+    )
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    layer = ctl.layers[ctl.layer_names[0]]
+    assert not layer.target.lora_B.any() and layer.entered is not None and layer.entered.A.shape[0] == 2
+    train(model, "bert", adam(model), steps=25, ctl=ctl)
+    assert len(ctl.history) == len(ctl.layers) and layer.target.lora_B.any()
+
+
 def test_subspace_exclude_is_refused_outside_the_gradient_subspace():
     with pytest.raises(ValueError, match="direction_policy='gradient_subspace'"):
         SRLoRAConfig(r_target=8, total_steps=10, subspace_exclude=4)
     with pytest.raises(ValueError, match="subspace_exclude"):
         SRLoRAConfig(r_target=8, total_steps=10, direction_policy="gradient_subspace", subspace_exclude=-1)
+    with pytest.raises(ValueError, match=r"first_pairs='lora'.*direction_policy='gradient_subspace'"):
+        SRLoRAConfig(r_target=8, total_steps=10, first_pairs="lora")
 
 
 def test_the_sketches_are_of_the_accumulated_full_weight_gradient():
@@ -217,7 +237,13 @@ def test_the_hooks_exist_only_in_the_windows():
 
 
 @pytest.mark.parametrize(
-    "option", ["gradient subspace", "spectrum, first pairs' scale", "gradient subspace, W0's top 4 left alone"]
+    "option",
+    [
+        "gradient subspace",
+        "spectrum, first pairs' scale",
+        "gradient subspace, W0's top 4 left alone",
+        "gradient subspace, LoRA's first pairs",
+    ],
 )
 def test_resume_inside_a_window_is_bit_equal(tmp_path, option):
     """A run checkpointed inside a capture window, after two switches, resumed in a fresh

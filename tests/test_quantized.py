@@ -320,8 +320,8 @@ def test_a_4bit_model_built_by_hand_trains_switches_and_exports(tmp_path):
     torch.testing.assert_close(xq.grad, xp.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("exclude", [0, 6])
-def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exactly(tiny_llama, tmp_path, exclude):
+@pytest.mark.parametrize("option", [{}, {"subspace_exclude": 6}, {"first_pairs": "lora"}], ids=["", "exclude", "lora"])
+def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exactly(tiny_llama, tmp_path, option):
     """Issue 24's entries on the quantized kind: new pairs along the windowed gradient's subspace
     at half the first pairs' scale. Each switch changes a layer's output by float32 rounding
     only (float32 side factors), the 4-bit weight is never written, and a run checkpointed
@@ -332,7 +332,7 @@ def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exa
         side_factor_dtype="float32",
         direction_policy="gradient_subspace",
         entry_scale=0.5,
-        subspace_exclude=exclude,  # 6: W0's top 6 directions left alone
+        **option,  # W0's top 6 directions left alone, or LoRA's first pairs
     )
 
     def build():
@@ -355,7 +355,7 @@ def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exa
     after = _quantized_bytes(model)
     assert all(torch.equal(after[k], v) for k, v in bytes_before.items())
     layer = ctl.layers[ctl.layer_names[0]]
-    assert layer.cache.rank == max(4, exclude)  # the first pairs and the directions left alone
+    assert layer.cache.rank == max(4, config.subspace_exclude)  # the first pairs and the directions left alone
     entered = next(e for e in reversed(ctl.history) if e.layer == layer.name).slots[0]  # this layer's last switch
     sigma = layer.target.scaling * layer.target.lora_B[:, entered].norm() * layer.target.lora_A[entered].norm()
     torch.testing.assert_close(float(sigma), 0.5 * float(layer.cache.S[:4].mean()), rtol=1e-5, atol=0)

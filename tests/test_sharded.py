@@ -42,7 +42,8 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
 # (how the model is split, what enters at a switch): FSDP2 and ZeRO-1/2/3 with the paper's
 # entries; FSDP2, ZeRO-2 and ZeRO-3 with issue 24's (the gradient subspace at half the first
 # pairs' scale: sketches summed over ranks, records of the entered pairs).
-# The same gradient subspace with W0's top 4 directions left alone, on FSDP2, ZeRO-2 and ZeRO-3.
+# The same gradient subspace with W0's top 4 directions left alone (FSDP2, ZeRO-2, ZeRO-3) and
+# with LoRA's first pairs (FSDP2, ZeRO-3).
 EXPORTED = [
     ("fsdp", "paper"),
     ("zero2", "paper"),
@@ -51,6 +52,8 @@ EXPORTED = [
     ("zero3", "subspace"),
     ("fsdp", "left-alone"),
     ("zero3", "left-alone"),
+    ("fsdp", "lora-start"),
+    ("zero3", "lora-start"),
 ]
 CHECKPOINTED = [
     ("fsdp", "paper"),
@@ -61,6 +64,7 @@ CHECKPOINTED = [
     ("zero3", "subspace"),
     ("fsdp", "left-alone"),
     ("zero2", "left-alone"),
+    ("zero3", "lora-start"),
 ]
 
 

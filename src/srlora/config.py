@@ -27,6 +27,8 @@ _SVD_METHODS = ("full", "randomized")
 # entry_scale under direction_policy="gradient_subspace" where none is given: the measured safe
 # scale (1.0 broke training in the paper's regime; docs/RESULTS.md, "What enters at a switch").
 SUBSPACE_ENTRY_SCALE = 0.25
+FirstPairs = Literal["pissa", "lora"]
+_FIRST_PAIRS = ("pissa", "lora")
 _DIRECTION_POLICIES = ("spectrum", "gradient", "gradient_subspace")
 _SIDE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -94,6 +96,8 @@ class SRLoRAConfig:
             'gradient_subspace': 0.25, the measured safe scale).
         sketch_oversample (default 8): 'gradient_subspace': columns the gradient's range
             sketch keeps beyond r'.
+        first_pairs (default 'pissa'): What the slots hold before the first switch: W0's top
+            r directions ('pissa') or PEFT's own start ('lora'; with 'gradient_subspace').
         subspace_exclude (default 0): 'gradient_subspace': W0's top k singular directions
             are projected out of the captured gradient, so no new pair moves along them.
         reset_scores (default 'recycled'): Whose importance EMAs a switch resets: the
@@ -196,6 +200,15 @@ class SRLoRAConfig:
             "co-range sketch has 2k + 1 rows)."
         },
     )
+    first_pairs: FirstPairs = field(
+        default="pissa",
+        metadata={
+            "help": "What the r slots hold before the first switch. 'pissa' (the paper's): W0's top r singular "
+            "directions, W holding the residual. 'lora': the adapter as PEFT built it (B = 0, A random: LoRA's "
+            "start; W untouched, so nothing of W0 moves until training moves it); with 'gradient_subspace' only, "
+            "whose entries do not count W0's directions."
+        },
+    )
     subspace_exclude: int = field(
         default=0,
         metadata={
@@ -285,6 +298,13 @@ class SRLoRAConfig:
             self.entry_scale = SUBSPACE_ENTRY_SCALE
         _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
         _check_int("subspace_exclude", self.subspace_exclude, minimum=0)
+        _check_choice("first_pairs", self.first_pairs, _FIRST_PAIRS)
+        if self.first_pairs != "pissa" and self.direction_policy != "gradient_subspace":
+            raise ValueError(
+                f"first_pairs={self.first_pairs!r} leaves W0's top directions out of the slots, where the "
+                f"{self.direction_policy!r} policy counts them as entered: use it with "
+                f"direction_policy='gradient_subspace', or keep first_pairs='pissa'."
+            )
         if self.subspace_exclude and self.direction_policy != "gradient_subspace":
             raise ValueError(
                 f"subspace_exclude={self.subspace_exclude} shapes the gradient's subspace: set "
@@ -310,7 +330,7 @@ class SRLoRAConfig:
     def records_entries(self) -> bool:
         """What entered the slots is not ``U_J diag(S_J) V_J^T`` of the cache, so each layer keeps a
         record of it (the total update subtracts it)."""
-        return self.entry_scale is not None or not self.entries_from_w0
+        return self.entry_scale is not None or not self.entries_from_w0 or self.first_pairs != "pissa"
 
     def entry_sigma(self, top: torch.Tensor) -> float | None:
         """The singular value every new pair enters with, from the layer's top ``r`` singular values

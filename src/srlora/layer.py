@@ -120,7 +120,8 @@ class LayerState:
             cache = target.prepare_cache(cache, full_rows=full_rows)
             if config.svd_device is not None:
                 cache = cache.to(config.svd_device)
-            target.pissa_init_(cache)
+            if config.first_pairs == "pissa":
+                target.pissa_init_(cache)  # else the slots keep PEFT's start (B = 0): nothing changes
         return cls(target, cache, budget, config, print_, full_rows)
 
     def _new_entered(self) -> FusedRecord:

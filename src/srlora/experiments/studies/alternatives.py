@@ -65,6 +65,7 @@ def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
 # rate, seed 1: the tag in the run name, the SRLoRAConfig fields it sets, what it does.
 OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
+    "lora-start": ({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
     "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
 }
 

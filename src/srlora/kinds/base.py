@@ -23,6 +23,7 @@ tensors...) is one more subclass here and one more case in
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar
@@ -69,7 +70,7 @@ def seed_each_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], 
         target.seed_moments_(optimizer, torch.tensor(list(row), dtype=torch.long))
 
 
-class LoraTarget:
+class LoraTarget(abc.ABC):
     """One PEFT LoRA layer (``peft.tuners.lora.LoraLayer``), one adapter.
 
     Attributes:
@@ -103,6 +104,7 @@ class LoraTarget:
     def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:
         """Raise ``ValueError``, with the way out, when this kind cannot drive PEFT layer
         ``module`` (``quantized``: over a bitsandbytes base); checked before anything changes."""
+        return None  # most kinds drive any PEFT Linear
 
     # ------------------------------------------------------------------ reads common to every kind
     @property
@@ -182,6 +184,7 @@ class LoraTarget:
         yield
 
     # ------------------------------------------------------------------ initialisation and switch
+    @abc.abstractmethod
     def effective_weight(self) -> torch.Tensor:
         """``W + s B A`` in float32, ``(m, n)``: the weight the layer applies now, whole."""
         raise NotImplementedError
@@ -189,6 +192,7 @@ class LoraTarget:
     def setup(self, config: SRLoRAConfig) -> None:
         """Called once, before the initialisation, with the run's config (a kind that needs
         settings from it reads them here)."""
+        return None
 
     def prepare_cache(self, cache: SVDCache, full_rows: bool) -> SVDCache:
         """The part of the layer's SVD this process keeps (``full_rows``: all rows of ``U``)."""
@@ -198,6 +202,7 @@ class LoraTarget:
         """Called once with the layer's records of fused pairs and of the pairs that entered
         the slots (``None`` where the SVD cache gives them), after the initialisation (a kind
         that keeps more state sets it up here)."""
+        return None
 
     def new_record(self, capacity: int) -> FusedRecord:
         """An empty record of fused pairs shaped for the rows this process holds, with room
@@ -205,11 +210,13 @@ class LoraTarget:
         w0, w1 = self.row_span
         return FusedRecord(w1 - w0, self.shape[1], self.device, capacity)
 
+    @abc.abstractmethod
     def pissa_init_(self, cache: SVDCache) -> None:
         """Put the top ``r`` directions of ``cache`` into ``(B, A)`` and keep the layer's
         function: ``W <- W_eff - s B A`` (or the kind's equivalent)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def switch_pairs_(
         self, slots: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,6 +261,7 @@ class LoraTarget:
         """This optimizer step carries a gradient for the layer's adapter."""
         return self.lora_A.grad is not None
 
+    @abc.abstractmethod
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(A, dA, B, dB)``: the weights and gradients the scores read, as this process holds them."""
         raise NotImplementedError
@@ -268,10 +276,12 @@ class LoraTarget:
         """``optimizer_reset="seed"`` can seed this layer's second moments (else it acts as ``"zero"``)."""
         return True
 
+    @abc.abstractmethod
     def zero_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         """Zero the moments of rows ``slots`` of ``A`` and columns ``slots`` of ``B``."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def seed_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:
         """Seed Adam's second moment of the recycled slices from their gradient (:mod:`srlora.optim_state`)."""
         raise NotImplementedError
@@ -306,6 +316,7 @@ class LoraTarget:
         ``"merge_and_unload"``, ``"save_checkpoint"``), with the way out; ``None``: it can."""
         return None
 
+    @abc.abstractmethod
     def total_update_factors(
         self, cache: SVDCache, used: torch.Tensor, record: FusedRecord, entered: FusedRecord | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +325,7 @@ class LoraTarget:
         from the cache (``U_p diag(S_p) V_p^T`` of the directions ``used``)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def merge_adapter_(self) -> None:
         """``W <- W + s B A``: the adapter merged into the weight this process holds (the
         LoRA modules are removed afterwards)."""
@@ -334,6 +346,8 @@ class LoraTarget:
 
     def check_state(self, state: dict[str, torch.Tensor], pointer: int) -> None:
         """Raise :class:`~srlora.errors.CheckpointError` when ``state`` does not fit."""
+        return None  # most kinds keep no state of their own
 
     def load_state_dict(self, state: dict[str, torch.Tensor], pointer: int) -> None:
         """Restore :meth:`state_dict`."""
+        return None

@@ -52,13 +52,22 @@ def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig
     return f"{name}-lr{lr:g}", cfg
 
 
+# LoRA's ladder towards full fine-tuning: r = 16 holds about SRLoRA r = 2's trainable state
+# (SRLoRA's records and sketches: ~70 MiB on SmolLM2), r = 64 four times that.
+LADDER = (16, 64)
+
+
 def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
-    """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others."""
-    order: list[tuple[str, float]] = []
+    """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others;
+    LoRA's ladder (r = 16, 64 at 5e-4) after the first round."""
+    order: list[tuple[str, int, float]] = []
     for i in (1, 0, 2):  # middle points first: a sweep's edges only matter if the middle is not best
-        order += [("full", SWEEPS["full"][i]), ("galore", SWEEPS["galore"][i])]
-        order += [(m, SWEEPS["adapter"][i]) for m in ("lora", "srlora", "corda", "mica", "lora_ga", "pissa")]
-    return [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in order]
+        order += [("full", 2, SWEEPS["full"][i]), ("galore", 2, SWEEPS["galore"][i])]
+        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("lora", "srlora")]
+        if i == 1:
+            order += [("lora", r, ADAPTER_LR) for r in LADDER]
+        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
+    return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
 
 
 # SRLoRA's options aimed at forgetting, each on the chosen entry (BEST) at the adapters' learning
@@ -106,8 +115,8 @@ def _mib(entry: dict[str, Any]) -> str:
 
 
 def section(root: Path) -> list[str]:
-    """The screen: every method's sweep on seed 1 at r = 2, each run with its memory; the best
-    point of each method (held-out chunks) in bold."""
+    """The screen: every method's sweep on seed 1 at r = 2 (and LoRA's ladder), each run with its
+    memory; the best point of each method and rank (held-out chunks) in bold."""
     from .absorption import load_absorb
 
     names = {job.name for job in screen_jobs()}
@@ -130,13 +139,11 @@ def section(root: Path) -> list[str]:
         "| method | seeds | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
         "|---|---|---|" + "---|" * (len(EVALS) + 1),
     ]
-    by_method: dict[str, list[dict[str, Any]]] = {}
+    by_method: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for e in runs:
-        by_method.setdefault(e["config"]["method"], []).append(e)
-    for method in LABELS:
-        points = sorted(by_method.get(method, []), key=lambda e: e["config"]["lr"])
-        if not points:
-            continue
+        by_method.setdefault((e["config"]["method"], e["config"]["r"]), []).append(e)
+    for method, r in sorted(by_method, key=lambda key: (list(LABELS).index(key[0]), key[1])):
+        points = sorted(by_method[method, r], key=lambda e: e["config"]["lr"])
         best = min(points, key=lambda e: e["evals"][-1]["held_chunks"])
         for e in points:
             final = e["evals"][-1]

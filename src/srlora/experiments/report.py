@@ -59,6 +59,7 @@ STUDY_NOTES = {
     "When more directions pay": "known-rank-map",
     "The real task where LoRA's rank is short": "absorption",
     "What enters at a switch": "new-pairs",
+    "Against the alternatives": "alternatives",
 }
 
 

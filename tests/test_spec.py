@@ -49,3 +49,10 @@ def test_every_srlora_config_field_is_an_option_of_every_runner():
             f.name for f in dataclasses.fields(SRLoRAConfig) if f.name not in RUNNER_OWNED and f.name not in flags
         ]
         assert not missing, (add.__module__, missing)
+
+
+def test_a_known_rank_run_passes_any_srlora_field_through():
+    plain = KnownRankRun("srlora", 2, 16, steps=2000, interval=30, gamma=1.0, direction_policy="gradient_subspace")
+    left_alone = KnownRankRun(**{**plain.__dict__, "srlora": [["subspace_exclude", 4]]})  # as read from JSON
+    assert left_alone.srlora == (("subspace_exclude", 4),) and hash(left_alone) != hash(plain)
+    assert left_alone.key != plain.key and "subspace_exclude=4" in left_alone.label()

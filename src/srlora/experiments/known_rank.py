@@ -78,8 +78,11 @@ class KnownRankRun:
     seed: int = 1
     direction_policy: str = "spectrum"  # SRLoRA's entry options: SRLoRAConfig's fields
     entry_scale: float | None = None
+    # Any other SRLoRAConfig field of an SRLoRA run, as (name, value) pairs (hashable)
+    srlora: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "srlora", tuple((str(k), v) for k, v in self.srlora))  # from JSON: lists
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.target not in ("random", "tail"):
@@ -103,7 +106,8 @@ class KnownRankRun:
     def key(self) -> str:
         """The run's identity (:mod:`srlora.experiments.spec`): SRLoRA's entry options count
         only where set (they came after the first runs)."""
-        first = [f.name for f in dataclasses.fields(self) if f.name not in ("direction_policy", "entry_scale")]
+        later = ("direction_policy", "entry_scale", "srlora")
+        first = [f.name for f in dataclasses.fields(self) if f.name not in later]
         return digest(self, first)
 
     def label(self) -> str:
@@ -111,6 +115,7 @@ class KnownRankRun:
             return f"{self.method} r={self.r}"
         entry = "" if self.direction_policy == "spectrum" else f" {self.direction_policy}"
         entry += "" if self.entry_scale is None else f" scale={self.entry_scale:g}"
+        entry += "".join(f" {name}={value}" for name, value in self.srlora)
         return f"srlora r={self.r} T={self.interval} gamma={self.gamma:g}{entry}"
 
 
@@ -209,6 +214,7 @@ def run(spec: KnownRankRun, record_every: int = 0) -> dict[str, Any]:
             switch_interval=spec.interval,
             direction_policy=spec.direction_policy,  # type: ignore[arg-type]
             entry_scale=spec.entry_scale,
+            **dict(spec.srlora),
         )
         ctl = SRLoRA(model, config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)

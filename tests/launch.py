@@ -71,11 +71,16 @@ def in_process(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 
 # ---------------------------------------------------------------------------- worker side
-def init_group(backend: str = "gloo") -> tuple[int, int]:
-    """Join the launch's process group (with :data:`GROUP_TIMEOUT`); ``(rank, world)``."""
+def init_group(backend: str = "gloo", deepspeed: bool = False) -> tuple[int, int]:
+    """Join the launch's process group (with :data:`GROUP_TIMEOUT`); ``(rank, world)``.
+    ``deepspeed``: a check of this launch runs DeepSpeed, whose own init then takes the group."""
     import torch.distributed as dist
 
     dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+    if deepspeed:
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 

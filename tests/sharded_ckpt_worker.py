@@ -107,12 +107,8 @@ def main() -> bool:
     )
     ap.add_argument("--kill", action="store_true", help="kill rank 1 inside the second save of the (one) run")
     args = ap.parse_args()
-    rank, world = init_group()
     deepspeed_ran = any(run.startswith("zero") for run in args.runs)
-    if deepspeed_ran:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+    rank, world = init_group(deepspeed=deepspeed_ran)
 
     def one(run: str) -> dict:
         if run == "wrong-rank":  # the same two ranks: rank 0's state offered to rank 1

@@ -148,11 +148,7 @@ def main() -> bool:
     ap.add_argument("out", type=Path)
     ap.add_argument("--runs", nargs="+", required=True, help="MODE:ENTRY, MODE in " + ", ".join(MODES))
     args = ap.parse_args()
-    rank, world = init_group()
-    if any(run.startswith("zero") for run in args.runs):
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+    rank, world = init_group(deepspeed=any(run.startswith("zero") for run in args.runs))
     results = each(args.runs, lambda run: train_and_export(*run.split(":"), args.out, rank, world))
     torch.save(results, args.out / f"sharded-rank{rank}.pt")
     return any(run.startswith("zero") for run in args.runs)

@@ -99,14 +99,12 @@ def run(order: str, stage: int, rank: int, world: int) -> dict:
 
 def main() -> None:
     """Each ``--runs ORDER-STAGE`` in one launch."""
-    import deepspeed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--runs", nargs="+", default=["before-3", "after-3", "after-2", "after-1"])
     args = ap.parse_args()
-    rank, world = init_group()
-    deepspeed.init_distributed(dist_backend="gloo")  # takes the group above
+    rank, world = init_group(deepspeed=True)
 
     def one(name: str) -> dict:
         order, stage = name.split("-")

@@ -108,7 +108,8 @@ class LayerState:
         full_rows: bool = False,
     ) -> LayerState:
         """Fingerprint the layer's weight ``W0 = W + s B A``, decompose it (unless ``cache`` is
-        given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it.
+        given; on rank 0 and broadcast under torch.distributed), and PiSSA-initialise it
+        (unless ``config.first_pairs`` keeps PEFT's start).
         ``full_rows``: the cache keeps every row of ``U`` (the direction policy needs them)."""
         target.setup(config)
         with target.whole(modify=True):  # ZeRO-3: the whole layer on every rank; rank 0's writes kept

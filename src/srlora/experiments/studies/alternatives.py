@@ -109,6 +109,12 @@ LABELS = {
 }
 
 
+def _cells(entry: dict[str, Any]) -> list[str]:
+    """A run's final evaluations, one cell per set of :data:`EVALS` (``n/a`` where it has none)."""
+    final = entry["evals"][-1]
+    return [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
+
+
 def _mib(entry: dict[str, Any]) -> str:
     memory = entry.get("memory")
     return f"{memory['trainable_state_bytes'] / 2**20:,.1f}" if memory else "n/a"
@@ -146,8 +152,7 @@ def section(root: Path) -> list[str]:
         points = sorted(by_method[method, r], key=lambda e: e["config"]["lr"])
         best = min(points, key=lambda e: e["evals"][-1]["held_chunks"])
         for e in points:
-            final = e["evals"][-1]
-            cells = [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
+            cells = _cells(e)
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
@@ -193,8 +198,7 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
         "|---|---|" + "---|" * (len(EVALS) + 1),
     ]
     for e in plain + options:
-        final = e["evals"][-1]
-        cells = [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
+        cells = _cells(e)
         what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
         md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
     return md

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import CASES, make_peft
+from conftest import CASES, make_base, make_peft
 from launch import each, init_group
 from procgroup import leave_process_group
 
@@ -45,6 +45,8 @@ CONFIGS = {
     "subspace": SUBSPACE,
     "left-alone": LEFT_ALONE,
     "lora-start": dataclasses.replace(SUBSPACE, first_pairs="lora"),  # the slots start as PEFT built them
+    # No record of fused or entered pairs: W holds them; the export takes the base's weights.
+    "no-records": dataclasses.replace(SUBSPACE, fused_records=False),
 }
 MODES = ["fsdp", "zero1", "zero2", "zero3"]
 
@@ -135,7 +137,8 @@ def train_and_export(mode: str, entry: str, out: Path, rank: int = 0, world: int
     (engine or model).eval()
     with torch.no_grad():
         trained = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits
-    errors = ctl.export_lora(out / f"adapter-{mode}-{entry}")
+    base = None if config.fused_records else make_base(CASES["bert"])  # every rank passes the original
+    errors = ctl.export_lora(out / f"adapter-{mode}-{entry}", base=base)
     merged = ctl.merge_and_unload()
     with torch.no_grad():  # through the root that was sharded (its hooks gather the parameters)
         after = (engine or model)(**{k: v[rank * share : (rank + 1) * share] for k, v in probe.items()}).logits

@@ -116,3 +116,34 @@ def test_load_into_a_different_model_is_refused(tmp_path):
     other, ctl2 = build("mlp", seed=7, r=4, r_target=16, switch_interval=1000)
     with pytest.raises(ValueError, match="differs from the one the checkpoint was saved against"):
         load_checkpoint(tmp_path / "c.ckpt", other, ctl2, adam(other))
+
+
+def test_fused_records_off_resumes_and_refuses_a_controller_that_expects_them(tmp_path):
+    """A run without records resumes exactly; its state does not load into a controller that
+    keeps records (they were never kept), while a state with records loads into one without."""
+    from srlora.errors import CheckpointError
+
+    def run(keep: bool, steps: int, resume: Path | None = None, save: Path | None = None):
+        model, ctl = build("mlp", r=4, r_target=16, gamma=0.5, switch_interval=20, fused_records=keep)
+        opt = adam(model)
+        ctl.attach(opt)
+        start = 0
+        if resume is not None:
+            start = load_checkpoint(resume, model, ctl, opt)
+        for step in range(start, steps):  # the batch of each step, whoever runs it
+            train(model, "mlp", opt, steps=1, seed=100 + step)
+        if save is not None:
+            save_checkpoint(save, model, ctl, opt, step=steps)
+        return model, ctl
+
+    whole, _ = run(False, 50)
+    run(False, 25, save=tmp_path / "off.ckpt")
+    resumed, ctl = run(False, 50, resume=tmp_path / "off.ckpt")
+    assert ctl.history
+    _assert_equal(whole.state_dict(), resumed.state_dict(), "model")
+    model, ctl = build("mlp", r=4, r_target=16, gamma=0.5, switch_interval=20)
+    with pytest.raises(CheckpointError, match="fused_records=False"):
+        load_checkpoint(tmp_path / "off.ckpt", model, ctl, adam(model))
+    run(True, 25, save=tmp_path / "on.ckpt")
+    from_records, _ = run(False, 50, resume=tmp_path / "on.ckpt")
+    _assert_equal(whole.state_dict(), from_records.state_dict(), "model")

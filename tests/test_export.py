@@ -68,3 +68,64 @@ def test_export_replaces_atomically(tmp_path):
     ctl.export_lora(target, rank=3)
     assert (target / "adapter_model.safetensors").read_bytes() != first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _pair_runs(case_name, steps=60):
+    """The same run with and without the record of fused pairs."""
+    runs = []
+    for keep in (True, False):
+        model, ctl = build(case_name, r=4, r_target=16, gamma=0.5, total_steps=steps, fused_records=keep)
+        opt = adam(model, lr=2e-2)
+        ctl.attach(opt)
+        train(model, case_name, opt, steps=steps)
+        runs.append((model, ctl))
+    return runs
+
+
+def test_fused_records_off_trains_the_same_run(case_name):
+    """The records are bookkeeping only (W holds every fused pair): dropping them changes no
+    weight, no switch and no output, and drops their memory."""
+    (kept, ctl_kept), (dropped, ctl_dropped) = _pair_runs(case_name)
+    assert ctl_kept.history and ctl_kept.history == ctl_dropped.history
+    for (name, a), (_, b) in zip(kept.state_dict().items(), dropped.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    state = ctl_dropped.state_dict()
+    layer_state = next(iter(state["layers"].values()))
+    assert not any(k.startswith(("fused_", "entered_")) for k in layer_state)
+    assert any(k.startswith("fused_") for k in next(iter(ctl_kept.state_dict()["layers"].values())))
+
+
+def test_export_without_records_takes_the_base(case_name, tmp_path):
+    (_, ctl_kept), (dropped, ctl) = _pair_runs(case_name)
+    expected = logits(case_name, dropped)
+    with pytest.raises(ValueError, match="base="):
+        ctl.export_lora(tmp_path / "no-base")
+    assert not (tmp_path / "no-base").exists()
+    errors = ctl.export_lora(tmp_path / "adapter", base=make_base(CASES[case_name]))
+    assert all(e < 1e-5 for e in errors.values())
+    saved = json.loads((tmp_path / "adapter" / "reconstruction_error.json").read_text())
+    used = {name.split("base_model.model.", 1)[-1]: p for name, p in ctl.directions_used().items()}
+    assert all(saved["ranks"][k] <= 2 * used[k] for k in used)
+    loaded = peft.PeftModel.from_pretrained(make_base(CASES[case_name]), tmp_path / "adapter")
+    # As the records' export: float32 rounding of the factors and of the difference.
+    torch.testing.assert_close(logits(case_name, loaded), expected, atol=1e-4, rtol=1e-4)
+    # The difference's factors and the records' give the same update (the run is the same run);
+    # 1e-5 of the update's scale: float32 rounding of W_t against the records' exact sum.
+    base = make_base(CASES[case_name])
+    from srlora.export import base_weight
+
+    for name, layer in ctl.layers.items():
+        P, Q = layer.total_update_factors(base_weight(base, name))
+        P0, Q0 = ctl_kept.layers[name].total_update_factors()
+        exact = P0 @ Q0
+        torch.testing.assert_close(P @ Q, exact, atol=1e-5 * float(exact.abs().max()), rtol=0)
+
+
+def test_export_without_records_refuses_another_base(tmp_path):
+    _, (_, ctl) = _pair_runs("mlp", steps=40)
+    other = make_base(CASES["mlp"], seed=1)
+    with pytest.raises(ValueError, match="not the pretrained weight"):
+        ctl.export_lora(tmp_path / "adapter", base=other)
+    with pytest.raises(KeyError, match="no module"):
+        ctl.export_lora(tmp_path / "adapter", base=torch.nn.Linear(2, 2))
+    assert not (tmp_path / "adapter").exists()

@@ -368,3 +368,10 @@ def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exa
     torch.testing.assert_close(_logits(model2), _logits(model), rtol=0, atol=0)
     for name, layer in ctl.layers.items():
         assert torch.equal(layer.entered.A, ctl2.layers[name].entered.A)
+
+
+def test_a_4bit_base_refuses_to_drop_its_records(tiny_llama):
+    """Its fused pairs are its side factors (the 4-bit weight is never written): the error says so."""
+    model = _load(tiny_llama)
+    with pytest.raises(ValueError, match="keep fused_records=True"):
+        SRLoRA(model, SRLoRAConfig(r_target=16, switch_interval=20, fused_records=False))

@@ -43,7 +43,8 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
 # entries; FSDP2, ZeRO-2 and ZeRO-3 with issue 24's (the gradient subspace at half the first
 # pairs' scale: sketches summed over ranks, records of the entered pairs).
 # The same gradient subspace with W0's top 4 directions left alone (FSDP2, ZeRO-2, ZeRO-3) and
-# with LoRA's first pairs (FSDP2, ZeRO-3).
+# with LoRA's first pairs (FSDP2, ZeRO-3); and with no record of the fused pairs (the export
+# takes the base's weights).
 EXPORTED = [
     ("fsdp", "paper"),
     ("zero2", "paper"),
@@ -54,6 +55,8 @@ EXPORTED = [
     ("zero3", "left-alone"),
     ("fsdp", "lora-start"),
     ("zero3", "lora-start"),
+    ("fsdp", "no-records"),
+    ("zero3", "no-records"),
 ]
 CHECKPOINTED = [
     ("fsdp", "paper"),
@@ -65,6 +68,7 @@ CHECKPOINTED = [
     ("fsdp", "left-alone"),
     ("zero2", "left-alone"),
     ("zero3", "lora-start"),
+    ("fsdp", "no-records"),
 ]
 
 

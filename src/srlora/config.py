@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -21,16 +21,10 @@ SVDMethod = Literal["full", "randomized"]
 DirectionPolicy = Literal["spectrum", "gradient", "gradient_subspace"]
 SideFactorDType = Literal["bfloat16", "float16", "float32"]
 
-_OPTIMIZER_RESET = ("seed", "zero", "none")
-_SCORE_RESET = ("recycled", "all")
-_SVD_METHODS = ("full", "randomized")
 # entry_scale under direction_policy="gradient_subspace" where none is given: the measured safe
 # scale (1.0 broke training in the paper's regime; docs/RESULTS.md, "What enters at a switch").
 SUBSPACE_ENTRY_SCALE = 0.25
 FirstPairs = Literal["pissa", "lora"]
-_FIRST_PAIRS = ("pissa", "lora")
-_DIRECTION_POLICIES = ("spectrum", "gradient", "gradient_subspace")
-_SIDE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -111,6 +105,8 @@ class SRLoRAConfig:
             quantized base's waits on the CPU).
         side_factor_dtype (default 'bfloat16'): Storage dtype of a quantized base's side
             factors.
+        fused_records (default True): Keep the fused and entered pairs (float32); False: the
+            same training without them, export_lora(base=the original model).
         seed (default 0): Seed of the randomized SVD and sketches (the same on every rank).
         adapter_name (default 'default'): The PEFT adapter to turn into SRLoRA.
     """
@@ -252,6 +248,15 @@ class SRLoRAConfig:
             "the bfloat16 rounding of the fused pairs (below 2^-7 of their contribution). 'float32': exact switches."
         },
     )
+    fused_records: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep a float32 record of the pairs fused into W and of those that entered the slots (up to 2 x "
+            "r_target x (m + n) numbers per layer), so that the total update is known without W0. False: the same "
+            "training without their memory; export_lora then takes the original model (base=). A quantized base "
+            "needs them."
+        },
+    )
     seed: int = field(
         default=0,
         metadata={"help": "Seed of the randomized SVD (the same seed gives the same directions on every rank)."},
@@ -281,10 +286,10 @@ class SRLoRAConfig:
             _check_int("total_steps", self.total_steps, minimum=1)
         if self.switch_interval is not None:
             _check_int("switch_interval", self.switch_interval, minimum=1)
-        _check_choice("optimizer_reset", self.optimizer_reset, _OPTIMIZER_RESET)
-        _check_choice("reset_scores", self.reset_scores, _SCORE_RESET)
-        _check_choice("svd_method", self.svd_method, _SVD_METHODS)
-        _check_choice("direction_policy", self.direction_policy, _DIRECTION_POLICIES)
+        _check_choice("optimizer_reset", self.optimizer_reset, get_args(OptimizerReset))
+        _check_choice("reset_scores", self.reset_scores, get_args(ScoreReset))
+        _check_choice("svd_method", self.svd_method, get_args(SVDMethod))
+        _check_choice("direction_policy", self.direction_policy, get_args(DirectionPolicy))
         if self.entry_scale is not None:
             if isinstance(self.entry_scale, bool) or not isinstance(self.entry_scale, (int, float)):
                 raise TypeError(f"entry_scale must be a positive number or None, got {self.entry_scale!r}.")
@@ -298,7 +303,7 @@ class SRLoRAConfig:
             self.entry_scale = SUBSPACE_ENTRY_SCALE
         _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
         _check_int("subspace_exclude", self.subspace_exclude, minimum=0)
-        _check_choice("first_pairs", self.first_pairs, _FIRST_PAIRS)
+        _check_choice("first_pairs", self.first_pairs, get_args(FirstPairs))
         if self.first_pairs != "pissa" and self.direction_policy != "gradient_subspace":
             raise ValueError(
                 f"first_pairs={self.first_pairs!r} leaves W0's top directions out of the slots, where the "
@@ -310,7 +315,9 @@ class SRLoRAConfig:
                 f"subspace_exclude={self.subspace_exclude} shapes the gradient's subspace: set "
                 f"direction_policy='gradient_subspace' with it, or leave it at 0."
             )
-        _check_choice("side_factor_dtype", self.side_factor_dtype, _SIDE_DTYPES)
+        _check_choice("side_factor_dtype", self.side_factor_dtype, get_args(SideFactorDType))
+        if not isinstance(self.fused_records, bool):
+            raise TypeError(f"fused_records must be True or False, got {self.fused_records!r}.")
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
         _check_int("adaptive_patience", self.adaptive_patience, minimum=1)

@@ -254,13 +254,16 @@ class SRLoRA:
         merge_layers_(self.model, self.layers)  # each kind's own merge (sharded: each rank its rows)
         return unload()
 
-    def export_lora(self, path: str | Path, rank: int | None = None) -> dict[str, float]:
+    def export_lora(
+        self, path: str | Path, rank: int | None = None, base: nn.Module | Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """Write a standard PEFT LoRA adapter of the total update relative to the original
-        weights (exact when ``rank`` is None); returns each layer's relative error. See
+        weights (exact when ``rank`` is None); returns each layer's relative error. ``base``:
+        the original model, needed under ``fused_records=False``. See
         :func:`srlora.export.export_lora`."""
         from .export import export_lora
 
-        return export_lora(self.model, self.layers, self.config.adapter_name, path, rank)
+        return export_lora(self.model, self.layers, self.config.adapter_name, path, rank, base)
 
     # ------------------------------------------------------------------ internals
     def _check_kinds(self) -> None:
@@ -416,7 +419,9 @@ class SRLoRA:
             saved_config = SRLoRAConfig.from_dict(state["config"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"SRLoRA state holds an invalid config: {exc}") from exc
-        differ = saved_config.differences(self.config, ignore=("svd_device",))  # it only places the cache
+        # svd_device only places the cache; a state with records loads into a controller without
+        # them (W holds the pairs), and each layer refuses the other way round
+        differ = saved_config.differences(self.config, ignore=("svd_device", "fused_records"))
         if differ:
             raise CheckpointError(
                 f"SRLoRA state was saved with another config: {', '.join(differ)}; build SRLoRA with the config "

@@ -12,7 +12,8 @@ where ``F_B (m, p - r)``, ``F_A (p - r, n)`` are the pairs fused so far (recorde
 ``(p - r) + r + p = 2p``, as PiSSA's conversion to LoRA doubles r. :func:`export_lora`
 writes it as PEFT LoRA factors (scaling 1), exact
 when ``rank`` is ``None``, else truncated by SVD with the per-layer relative error
-reported.
+reported. A run that kept no records (``fused_records=False``) gives the same update as the
+difference from the original model's weights (``base=``), factored at its rank.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def truncate(P: torch.Tensor, Q: torch.Tensor, rank: int | None) -> tuple[torch.
 
 
 def export_lora(
-    model: nn.Module, layers: Mapping[str, LayerState], adapter: str, path: str | Path, rank: int | None = None
+    model: nn.Module,
+    layers: Mapping[str, LayerState],
+    adapter: str,
+    path: str | Path,
+    rank: int | None = None,
+    base: nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Write a PEFT LoRA adapter of the total update relative to the original weights.
 
@@ -77,6 +83,9 @@ def export_lora(
         model: the PEFT model SRLoRA trained.
         layers: the controller's layers (``SRLoRA.layers``).
         adapter: the adapter name.
+        base: the original pretrained model (or its state dict), needed only where the layers
+            keep no record of their fused pairs (``fused_records=False``): each layer's update
+            is then ``W_t + s B A - W0``, factored at its rank (every process passes it).
     """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -94,7 +103,8 @@ def export_lora(
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     for name, layer in layers.items():
-        P, Q = layer.total_update_factors()  # one layer at a time; a collective for a sharded layer
+        # one layer at a time; a collective for a sharded layer
+        P, Q = layer.total_update_factors(None if layer.keeps_records else base_weight(base, name))
         if not writer:
             continue
         B, A, err = truncate(P, Q, rank)
@@ -126,6 +136,25 @@ def export_lora(
         )
     barrier("export_lora")
     return errors
+
+
+def base_weight(base: nn.Module | Mapping[str, torch.Tensor] | None, name: str) -> torch.Tensor:
+    """The pretrained weight of the PEFT layer ``name`` in ``base`` (the original model, or its
+    state dict), by the module path under PEFT's wrapper."""
+    if base is None:
+        raise ValueError(
+            f"layer {name!r} keeps no record of its fused pairs (fused_records=False): pass the original "
+            f"pretrained model, export_lora(..., base=AutoModel...from_pretrained(<the run's base>))."
+        )
+    key = name.split("base_model.model.", 1)[-1]
+    if isinstance(base, nn.Module):
+        try:
+            return base.get_submodule(key).weight
+        except AttributeError as err:
+            raise KeyError(f"the base model has no module {key!r}: pass the model the run started from.") from err
+    if f"{key}.weight" not in base:
+        raise KeyError(f"the base state dict has no {key}.weight: pass that of the model the run started from.")
+    return base[f"{key}.weight"]
 
 
 @torch.no_grad()

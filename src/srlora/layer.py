@@ -16,7 +16,8 @@ A :class:`LayerState` owns, for one PEFT LoRA layer (``y = x W^T + s x A^T B^T``
   Under the paper's entries ``s E_B E_A = U[:, :p] diag(S[:p]) V[:, :p]^T`` (the directions
   used), read from the SVD cache, and ``E`` is not kept; it is kept where the entries are
   not the cache's (``entry_scale``, ``direction_policy="gradient_subspace"``) or where the
-  kind needs it (a quantized base's side factors);
+  kind needs it (a quantized base's side factors). Under ``fused_records=False`` neither
+  record is kept (``W`` holds the fused pairs; the update is then read against ``W0``);
 
 * its switch schedule (and, under ``adaptive_switch``, its trigger).
 
@@ -39,7 +40,7 @@ from .events import SwitchEvent
 from .importance import PairImportance
 from .record import FusedRecord
 from .schedule import AdaptiveTrigger, SwitchSchedule
-from .svd import SVDCache, distributed_top_triplets
+from .svd import SVDCache, distributed_top_triplets, factor_difference
 from .targets import LoraTarget, current_kind, fingerprint, same_fingerprint
 
 
@@ -78,7 +79,13 @@ class LayerState:
         )
         # The singular value every new pair enters with (None: its own W0 direction's).
         self.entry_sigma = config.entry_sigma(cache.S[: budget.r])
-        self.keeps_entries = config.records_entries or target.records_entries
+        self.keeps_records = config.fused_records
+        if not self.keeps_records and target.records_entries:
+            raise ValueError(
+                f"layer {target.name!r} ({target.kind}): its fused pairs are its side factors (the base weight is "
+                f"never written), so they cannot be dropped: keep fused_records=True."
+            )
+        self.keeps_entries = self.keeps_records and (config.records_entries or target.records_entries)
         # Host bookkeeping in plain Python (a switch's decisions cost no tensor op): the
         # direction each slot holds, which of the layer's directions have entered so far (a
         # prefix under the paper's policy; any set under direction_policy="gradient"), and
@@ -86,7 +93,7 @@ class LayerState:
         self._slots: list[int] = list(range(budget.r))
         self._used: list[bool] = [k < budget.r for k in range(budget.directions)]
         self.pointer = budget.r
-        self.record: FusedRecord = target.new_record(budget.directions - budget.r)
+        self.record = self._new_record()
         self.entered = self._new_entered() if self.keeps_entries else None
         self.full_rows = full_rows  # the cache keeps every row of U (the gradient policy needs them)
         self.layout = (target.row_span, target.pair_span)  # the rows of W / B and of A the state holds
@@ -125,6 +132,10 @@ class LayerState:
                 target.pissa_init_(cache)  # else the slots keep PEFT's start (B = 0): nothing changes
         return cls(target, cache, budget, config, print_, full_rows)
 
+    def _new_record(self) -> FusedRecord | None:
+        """The (empty) record of fused pairs, room for every one; ``None`` under ``fused_records=False``."""
+        return self.target.new_record(self.budget.directions - self.budget.r) if self.keeps_records else None
+
     def _new_entered(self) -> FusedRecord:
         """The record of the pairs that entered the slots, starting with the first ``r``."""
         entered = self.target.new_record(self.budget.directions)
@@ -140,12 +151,19 @@ class LayerState:
     @property
     def fused_B(self) -> torch.Tensor:
         """``F_B (rows, p - r)``: the ``B`` columns of the pairs fused so far."""
-        return self.record.B
+        return self._kept_record().B
 
     @property
     def fused_A(self) -> torch.Tensor:
         """``F_A (p - r, n)``: the ``A`` rows of the pairs fused so far."""
-        return self.record.A
+        return self._kept_record().A
+
+    def _kept_record(self) -> FusedRecord:
+        if self.record is None:
+            raise ValueError(
+                f"layer {self.name!r} keeps no record of its fused pairs (fused_records=False); W holds them."
+            )
+        return self.record
 
     # ------------------------------------------------------------------ queries
     @property
@@ -212,8 +230,8 @@ class LayerState:
                 self.r, m, n, old.beta1, old.beta2, target.device, pair_span=target.pair_span, rows_held=w1 - w0
             )
             self.cache = target.prepare_cache(self.cache, full_rows=self.full_rows)
-            self.record = target.new_record(self.budget.directions - self.budget.r)
             self.target = target
+            self.record = self._new_record()
             self.entered = self._new_entered() if self.keeps_entries else None
             target.bind(self.record, self.entered)
             self.layout = (target.row_span, target.pair_span)
@@ -291,10 +309,37 @@ class LayerState:
             self.trigger.switched()
 
     @torch.no_grad()
-    def total_update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def total_update_factors(self, base_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P (m, k), Q (k, n))`` with ``P Q = W_t + s B A - W0`` (float32, ``k <= 2p``), from
-        the records of fused and entered pairs (or the SVD cache); ``W0`` itself is never kept."""
-        return self.target.total_update_factors(self.cache, self.used, self.record, self.entered)
+        the records of fused and entered pairs (or the SVD cache); ``W0`` itself is never kept.
+
+        Under ``fused_records=False``: from ``base_weight`` (``W0``, whole, as the module stores
+        it; checked against the layer's fingerprint), ``D = (W_t + s B A) - W0`` factored at its
+        rank (at most ``2p``), exact up to the rounding ``W_t`` carries. Every process calls it."""
+        if self.record is not None:
+            return self.target.total_update_factors(self.cache, self.used, self.record, self.entered)
+        if base_weight is None:
+            raise ValueError(
+                f"layer {self.name!r} keeps no record of its fused pairs (fused_records=False): its total update "
+                f"needs the pretrained weight W0, e.g. export_lora(..., base=<the original model>)."
+            )
+        with self.target.whole(modify=False):
+            now = self.target.effective_weight()
+            base_weight = base_weight.T if self.target.fan_in_fan_out else base_weight  # stored (n, m)
+            if tuple(base_weight.shape) != tuple(now.shape):
+                raise ValueError(
+                    f"layer {self.name!r}: the base weight has shape {tuple(base_weight.shape)}, the layer "
+                    f"{tuple(now.shape)}."
+                )
+            w0 = base_weight.detach().to(now.device, torch.float32)
+            if self.fingerprint is not None and not same_fingerprint(
+                fingerprint(w0, self.target.bias), self.fingerprint
+            ):
+                raise ValueError(
+                    f"layer {self.name!r}: the base weight given is not the pretrained weight this layer was "
+                    f"built from; pass the original model (the same checkpoint the run started from)."
+                )
+            return factor_difference(now - w0, max_rank=2 * self.pointer)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -302,7 +347,7 @@ class LayerState:
             "pointer": self.pointer,
             "slot_direction": self.slot_direction,
             "used": self.used,
-            **self.record.state_dict(),
+            **({} if self.record is None else self.record.state_dict()),
             **({} if self.entered is None else self.entered.state_dict("entered")),
             "exhausted": self.exhausted,
             "importance": self.importance.state_dict(),
@@ -337,7 +382,13 @@ class LayerState:
             raise CheckpointError(
                 f"layer {name!r}: the saved set of used directions does not fit {self.limit} of them."
             )
-        self.record.check_state(state, used, f"layer {name!r}")
+        if self.record is not None:
+            if "fused_B" not in state:
+                raise CheckpointError(
+                    f"layer {name!r}: the state was saved with fused_records=False (no record of the fused pairs); "
+                    f"build SRLoRA with fused_records=False to load it."
+                )
+            self.record.check_state(state, used, f"layer {name!r}")
         if self.entered is not None:
             self.entered.check_state(state, pointer, f"layer {name!r}", prefix="entered")
         self.target.check_state(state, pointer)
@@ -354,7 +405,8 @@ class LayerState:
         self.pointer = pointer
         self._slots = [int(x) for x in state["slot_direction"].tolist()]
         self._used = [bool(x) for x in state["used"].tolist()]
-        self.record.load_state_dict(state)
+        if self.record is not None:  # a state with records loads into a layer without them: W holds the pairs
+            self.record.load_state_dict(state)
         if self.entered is not None:
             self.entered.load_state_dict(state, prefix="entered")
         self.exhausted = bool(state["exhausted"])

@@ -128,3 +128,14 @@ def distributed_top_triplets(weight: torch.Tensor, k: int, config: SRLoRAConfig)
     for t in (cache.U, cache.S, cache.V):
         dist.broadcast(t, src=0)
     return cache
+
+
+@torch.no_grad()
+def factor_difference(D: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P (m, k), Q (k, n))``, float32, the best rank-``k`` factors of ``D (m, n)`` with ``k`` its
+    numerical rank (singular values above ``sigma_1 max(m, n) eps_float32``), at most ``max_rank``
+    (``P = U_k diag(sigma_k)``, ``Q = V_k^T``; SVD in float64)."""
+    u, sv, vh = torch.linalg.svd(D.double(), full_matrices=False)
+    tol = float(sv.max()) * max(D.shape) * torch.finfo(torch.float32).eps if sv.numel() else 0.0
+    keep = max(1, min(max_rank, int((sv > tol).sum())))
+    return (u[:, :keep] * sv[:keep]).float(), vh[:keep].float()

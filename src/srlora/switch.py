@@ -83,6 +83,12 @@ class _StackedRecords:
             rec.counted(r_prime)
 
 
+def _stacked(records: Sequence[FusedRecord | None]) -> _StackedRecords | None:
+    """The group's stacked records, or ``None`` where its layers keep none."""
+    kept = [rec for rec in records if rec is not None]
+    return _StackedRecords(kept) if kept and len(kept) == len(records) else None
+
+
 class LayerGroup:
     """Layers that switch together (see the module doc): several of one batchable kind and
     shape, or one.
@@ -112,9 +118,10 @@ class LayerGroup:
         for i, layer in enumerate(self.layers):
             layer.use_cache(SVDCache(self.U[i], self.S[i], self.V[i], caches[i].row_offset))
             layer.importance.use_storage(*(t[i] for t in ema))
-        self.fused = _StackedRecords([layer.record for layer in self.layers])
-        entered = [layer.entered for layer in self.layers]
-        self.entered = _StackedRecords(entered) if entered[0] is not None else None  # type: ignore[arg-type]
+        self.fused, self.entered = (
+            _stacked([layer.record for layer in self.layers]),
+            _stacked([layer.entered for layer in self.layers]),
+        )
         self.scaling = torch.tensor([layer.target.scaling for layer in self.layers], device=self.device)
         sigma = [layer.entry_sigma for layer in self.layers]
         self.entry_sigma = None if sigma[0] is None else torch.tensor(sigma, device=self.device)
@@ -198,9 +205,9 @@ class LayerGroup:
         targets = [layer.target for layer in layers]
         B_old, A_old, B_new, A_new = self.kind.switch_batched_(targets, U_new, S_new, V_new, slots, scaling)
         # The records: each layer's next r' places (of the fused pairs, and of the entered ones).
-        self.fused.write(to_device(sel, self.fused.A.device), B_old, A_old, rows)
-        if self.entered is not None:
-            self.entered.write(to_device(sel, self.entered.A.device), B_new, A_new, rows)
+        for records, B, A in ((self.fused, B_old, A_old), (self.entered, B_new, A_new)):
+            if records is not None:  # none kept under fused_records=False (W holds the pairs)
+                records.write(to_device(sel, records.A.device), B, A, rows)
         # The recycled slots' EMAs (every slot's with reset_all_scores), by a 0/1 mask; the A
         # side only for the pairs this process holds.
         keep = [[1.0] * self.r for _ in self.layers]

@@ -278,6 +278,8 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
 
         if ctl is None:
             raise ValueError("--diagnose records SRLoRA's switches: use it with --method srlora.")
+        if not ctl.config.fused_records:
+            raise ValueError("--diagnose measures the update from the records of fused pairs: drop --no-fused-records.")
         diagnosis = SwitchDiagnosis(model, ctl, corpus.held_chunks[:4], ctl.schedule().interval, sched)
         diagnosis.attach(opt, after=False)
     if ctl is not None:
@@ -325,7 +327,10 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
         if step in eval_steps:
             evals.append(evaluate(step))
     tail = max(1, cfg.steps // 10)
-    layers = spectra(built)
+    # a run that kept no record of its fused pairs measures its update against W0 read again
+    pretrained = None if ctl is None or ctl.config.fused_records else load_smollm2()[0]
+    layers = spectra(built, pretrained)
+    del pretrained
     results = {
         "config": cfg.to_dict(),
         "digest": cfg.digest(),

@@ -183,9 +183,12 @@ def build(
     return Built(model, opt, ctl, init=init)
 
 
-def spectra(built: Built) -> dict[str, Any]:
-    """Each adapted layer's :func:`update_spectrum` (``W_t + s B A - W0``)."""
+def spectra(built: Built, base: nn.Module | None = None) -> dict[str, Any]:
+    """Each adapted layer's :func:`update_spectrum` (``W_t + s B A - W0``); ``base``: the
+    pretrained model, for an SRLoRA run that kept no record of its fused pairs."""
     import peft
+
+    from ..export import base_weight
 
     model, ctl, init = built.model, built.controller, built.init
     out = {}
@@ -195,7 +198,9 @@ def spectra(built: Built) -> dict[str, Any]:
         return out
     if ctl is not None:
         for name, layer in ctl.layers.items():
-            out[name] = update_spectrum(*layer.total_update_factors())
+            out[name] = update_spectrum(
+                *layer.total_update_factors(None if layer.keeps_records else base_weight(base, name))
+            )
         return out
     for name, mod in model.named_modules():
         if not (isinstance(mod, peft.tuners.lora.LoraLayer) and "default" in mod.lora_A):

@@ -22,8 +22,9 @@ def _option(p: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None
     help_text = f.metadata.get("help", "")
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args and typing.get_origin(hint) is not typing.Literal else hint
-    if base is bool:
-        p.add_argument(flag, action="store_true", default=None, help=help_text)
+    if base is bool:  # a field that defaults to True is turned off with --no-NAME
+        action = argparse.BooleanOptionalAction if f.default is True else "store_true"
+        p.add_argument(flag, action=action, default=None, help=help_text)
     elif typing.get_origin(base) is typing.Literal:
         p.add_argument(flag, choices=typing.get_args(base), default=None, help=help_text)
     elif typing.get_origin(base) is list:

@@ -198,9 +198,10 @@ class LoraTarget(abc.ABC):
         """The part of the layer's SVD this process keeps (``full_rows``: all rows of ``U``)."""
         return cache
 
-    def bind(self, record: FusedRecord, entered: FusedRecord | None) -> None:
-        """Called once with the layer's records of fused pairs and of the pairs that entered
-        the slots (``None`` where the SVD cache gives them), after the initialisation (a kind
+    def bind(self, record: FusedRecord | None, entered: FusedRecord | None) -> None:
+        """Called once with the layer's records of fused pairs (``None`` under
+        ``fused_records=False``) and of the pairs that entered the slots (``None`` where the SVD
+        cache gives them, or none are kept), after the initialisation (a kind
         that keeps more state sets it up here)."""
         return None
 

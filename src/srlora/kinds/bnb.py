@@ -122,11 +122,11 @@ class BnbTarget(DenseTarget):
     def effective_weight(self) -> torch.Tensor:
         return self.dequantized() + self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
-    def bind(self, record: FusedRecord, entered: FusedRecord | None) -> None:
+    def bind(self, record: FusedRecord | None, entered: FusedRecord | None) -> None:
         """Keep the layer's records of fused and entered pairs (the latter starts with the
         first ``r`` pairs) and hook the side factors into the layer's forward."""
-        if entered is None:
-            raise ValueError(f"layer {self.name!r}: a quantized base needs the record of the entered pairs.")
+        if record is None or entered is None:
+            raise ValueError(f"layer {self.name!r}: a quantized base needs the records of fused and entered pairs.")
         self.record, self.entered = record, entered
         if self._hook is None:
             self._hook = self.module.register_forward_hook(self._add_side_factors)

@@ -50,7 +50,10 @@ class AbsorbJob:
             if f.name == "srlora":
                 for name, option in value.items():  # SRLoRAConfig's own options (a flag where boolean)
                     flag = f"--{name.replace('_', '-')}"
-                    argv += [flag] if option is True else [flag, str(option)]
+                    if isinstance(option, bool):
+                        argv.append(flag if option else f"--no-{name.replace('_', '-')}")
+                    else:
+                        argv += [flag, str(option)]
             elif f.name in ("method", "r", "seed", "steps") or value != getattr(defaults, f.name):
                 argv += [f"--{f.name.replace('_', '-')}", str(value)]
         return [*argv, "--threads", "1", *(["--diagnose"] if self.diagnose else []), "--out", str(self.out)]

@@ -131,6 +131,17 @@ CASES = {
 }
 
 
+def make_llama(seed: int = 0, **sizes: int) -> nn.Module:
+    """A tiny random Llama (2 blocks, grouped-query attention), ``sizes`` overriding its
+    vocabulary, widths and context."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = dict(vocab_size=64, hidden_size=32, intermediate_size=64, max_position_embeddings=32)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **{**dims, **sizes})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
 def make_base(case: Case, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return case.build().eval()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_llama
 
 from srlora.experiments.absorb import METHODS, AbsorbConfig
 from srlora.experiments.methods import build, spectra, target_weights, trainable_state_bytes
@@ -17,18 +17,8 @@ from srlora.experiments.methods import build, spectra, target_weights, trainable
 pytestmark = pytest.mark.filterwarnings("ignore:The switch interval:srlora.SRLoRAWarning")
 
 
-def _llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def _llama() -> torch.nn.Module:
+    return make_llama().eval()
 
 
 def _blocks(n: int, seed: int) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")  # an optional extra; CI installs it
 
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from conftest import make_llama  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
 from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -23,17 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_llama(hidden_size=64, intermediate_size=128, vocab_size=100).save_pretrained(folder)
     return folder
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_llama
 from procgroup import leave_process_group
 from trainer_zero3_worker import save_result
 
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     import peft
     from datasets import Dataset
     from torch.utils.data import DistributedSampler
-    from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from srlora.integrations import SRLoRACallback
@@ -65,17 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                 return DistributedSampler(self.train_dataset, shuffle=False)
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=70,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    base = LlamaForCausalLM(cfg)
+    base = make_llama(vocab_size=70, max_position_embeddings=64)
     ds = {
         "zero_optimization": {"stage": args.stage},
         "optimizer": {

@@ -35,6 +35,7 @@ from .adapters import peft_model
 from .batches import EncodedText, Images, fixed_subset
 from .config import RunConfig
 from .metrics import compute_metrics
+from .spec import identity
 from .tasks import Task, load_task
 
 
@@ -87,13 +88,15 @@ def finished_run(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         return None
     if results.get("config_sha256") != config_digest(config_bytes) or results.get("interrupted"):
         return None
-    wanted = cfg.to_dict()
+    # The one resume scheme (spec.identity): a field added since the run was saved matches at its
+    # default; no model asked for (the task's default) takes the run's whatever it was. The
+    # config file also names what the run resolved (the model, the task's description).
     defaults = RunConfig().to_dict()
-    # A field added since the run was saved matches when it is at its default.
-    same = all(saved_cfg.get(k, defaults.get(k)) == v for k, v in wanted.items() if k != "model") and (
-        cfg.model is None or saved_cfg.get("model") == cfg.model
-    )
-    return results if same else None
+    saved_fields = {k: v for k, v in saved_cfg.items() if k in defaults}
+    wanted, saved = (identity(c, defaults, ()) for c in (cfg.to_dict(), saved_fields))
+    if cfg.model is None:
+        saved.pop("model", None)
+    return results if saved == wanted else None
 
 
 def holds_run(run_dir: Path) -> bool:

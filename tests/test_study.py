@@ -276,3 +276,31 @@ def test_the_alternatives_screen_shows_every_run_with_its_memory_and_marks_each_
     best = [line for line in full_rows if "**" in line]
     assert len(best) == 1 and best[0].startswith("| full-lr1e-05 |")  # the lowest held-out chunk loss
     assert alternatives.TITLE in md and "news" in md
+
+
+def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour(tmp_path):
+    """Point 5: r = 16 from each method's complete r = 2 sweep (its best learning rate and the
+    point below it, or above where the best is the lowest); a method whose sweep is missing a
+    point waits; SRLoRA runs without records (the same training)."""
+    from srlora.experiments.studies import alternatives
+
+    held = {("lora", 2e-4): 2.5, ("lora", 5e-4): 2.4, ("lora", 1.25e-3): 2.45}
+    held |= {("srlora", 2e-4): 2.3, ("srlora", 5e-4): 2.35, ("srlora", 1.25e-3): 2.6, ("pissa", 5e-4): 2.5}
+    entries = []
+    for (method, lr), chunks in held.items():
+        name, cfg = alternatives.config(method, 2, lr, 1)
+        final = {"held_chunks": chunks}
+        entries.append({"name": name, "config": dataclasses.asdict(cfg), "evals": [final]})
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    assert alternatives.best_lr(tmp_path, "lora") == 5e-4 and alternatives.best_lr(tmp_path, "pissa") is None
+    jobs = {job.name: job.config for job in alternatives.rank_jobs(tmp_path)}
+    assert set(jobs) == {
+        "lora-r16-lr0.0005",
+        "lora-r16-lr0.0002",
+        "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002",
+        "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0005",
+    }
+    srlora = jobs["srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002"]
+    assert (srlora.r, srlora.r_target, srlora.srlora) == (16, 160, {"fused_records": False})
+    assert srlora.srlora_config().fused_records is False and jobs["lora-r16-lr0.0005"].r == 16

@@ -37,9 +37,9 @@ GALORE_INTERVAL = 40  # GaLore refreshes its subspace as often as SRLoRA switche
 def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig]:
     """The run name and configuration of ``method`` at rank ``r`` (GaLore's rank; full fine-tuning
     has none) and learning rate ``lr``."""
-    if method == "srlora":
-        cfg = dataclasses.replace(VARIANTS[BEST][0], lr=lr, seed=seed)
-        name = BEST
+    if method == "srlora":  # the chosen entry, r_target = 10 r as at r = 2
+        cfg = dataclasses.replace(VARIANTS[BEST][0], r=r, r_target=10 * r, lr=lr, seed=seed)
+        name = BEST.replace("-r2-", f"-r{r}-")
     elif method == "full":
         cfg, name = AbsorbConfig("full", r, steps=STEPS, lr=lr, seed=seed), "full"
     elif method == "galore":
@@ -82,6 +82,10 @@ OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+# Options that change what the run keeps, not how it trains (their point is the chosen entry's).
+SAME_TRAINING = {"no-records"}
+
+
 def option_jobs(seed: int = 1) -> list[AbsorbJob]:
     """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
     base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
@@ -91,9 +95,54 @@ def option_jobs(seed: int = 1) -> list[AbsorbJob]:
     ]
 
 
+# The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
+# it (8x the rank moves the weights further per step at the same rate; the one above where the
+# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA keeps no
+# records here (the same training; at r = 16 they would hold ~2 x 160 pairs a layer).
+RANK = 16
+RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
+
+
+def best_lr(root: Path, method: str, r: int = 2) -> float | None:
+    """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among the
+    committed results, once its whole sweep is there; ``None`` before."""
+    from .absorption import load_absorb
+
+    sweep = SWEEPS.get(method, SWEEPS["adapter"])
+    names = {config(method, r, lr, 1)[0]: lr for lr in sweep}
+    done = {names[e["name"]]: e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1}
+    if len(done) < len(sweep):
+        return None
+    return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+
+
+def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
+    """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
+    import sys
+
+    jobs = []
+    for method in RANKED:
+        best = best_lr(root, method)
+        if best is None:
+            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
+            continue
+        sweep = SWEEPS.get(method, SWEEPS["adapter"])
+        i = sweep.index(best)
+        for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
+            name, cfg = config(method, RANK, lr, seed)
+            if method == "srlora":
+                name, cfg = (
+                    name.replace(f"-lr{lr:g}", f"-no-records-lr{lr:g}"),
+                    dataclasses.replace(cfg, srlora={"fused_records": False}),
+                )
+            jobs.append(AbsorbJob(name, cfg))
+    return jobs
+
+
 PARTS = {
     "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
     "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),
 }
 
 
@@ -160,6 +209,7 @@ def section(root: Path) -> list[str]:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
+    md += _rank_table(root, runs)
     if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
         md += [
             "",
@@ -195,7 +245,7 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
         return []
     md = [
         "",
-        f"### SRLoRA's options aimed at forgetting: seed 1, r = 2, lr {ADAPTER_LR:g}",
+        f"### SRLoRA's options: seed 1, r = 2, lr {ADAPTER_LR:g}",
         "",
         "| run | option | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
         "|---|---|" + "---|" * (len(EVALS) + 1),
@@ -204,6 +254,33 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
         cells = _cells(e)
         what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
         md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
+    return md
+
+
+def _rank_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
+    """Seed 1 at r = :data:`RANK` (and LoRA r = 64), beside full fine-tuning's best."""
+    from .absorption import load_absorb
+
+    ranked = [
+        e
+        for e in load_absorb(root)
+        if e["config"]["r"] >= RANK and e["config"]["method"] in RANKED and e["config"]["seed"] == 1
+    ]
+    if not any(e["config"]["method"] != "lora" for e in ranked):
+        return []  # LoRA's ladder alone is in the screen's table
+    full = [e for e in screen if e["config"]["method"] == "full"]
+    rows = sorted(ranked, key=lambda e: (e["config"]["r"], RANKED.index(e["config"]["method"]), e["config"]["lr"]))
+    if full:
+        rows.append(min(full, key=lambda e: e["evals"][-1]["held_chunks"]))
+    md = [
+        "",
+        f"### The rank users pick: seed 1, r = {RANK}",
+        "",
+        "| run | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
+        "|---|---|" + "---|" * (len(EVALS) + 1),
+    ]
+    for e in rows:
+        md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(_cells(e)) + f" | {_mib(e)} |")
     return md
 
 
@@ -243,8 +320,9 @@ def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path 
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
                 ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
         for e in runs:
-            if e["name"] in options and key in e["evals"][-1]:
-                tag = OPTIONS[next(t for t in OPTIONS if f"-{t}-" in e["name"])][1]
+            tag_ = next((t for t in OPTIONS if f"-{t}-" in e["name"]), None)
+            if e["name"] in options and key in e["evals"][-1] and tag_ not in SAME_TRAINING:
+                tag = OPTIONS[tag_][1]  # type: ignore[index]
                 ax.scatter([e["evals"][-1]["held_chunks"]], [e["evals"][-1][key]], marker="*", s=60, label=tag)
         start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
         if key in start:

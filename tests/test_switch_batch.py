@@ -109,7 +109,7 @@ def test_the_next_steps_seed_costs_the_same_for_any_number_of_layers():
 
 
 def _layer_by_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(DenseTarget, "batch_key", lambda self: None)
+    monkeypatch.setattr(DenseTarget, "batches", False)
 
 
 def _compare(model, opt, twin_model, twin_opt, ctl, twin, rtol: float, atol: float) -> None:

@@ -44,32 +44,6 @@ def local_index(index: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tenso
     return which, index[which] - start
 
 
-@torch.no_grad()
-def switch_each_(
-    targets: Sequence[LoraTarget], U_new: torch.Tensor, S_new: torch.Tensor, V_new: torch.Tensor, slots: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:meth:`LoraTarget.switch_batched_` one layer at a time, each whole (:meth:`LoraTarget.whole`)."""
-    out = []
-    for i, target in enumerate(targets):
-        U, V = U_new[i].T.contiguous(), V_new[i].T.contiguous()
-        with target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
-            out.append(target.switch_pairs_(slots[i], U, S_new[i], V))
-    B_old, A_old, B_new, A_new = (torch.stack(parts) for parts in zip(*out, strict=True))
-    return B_old, A_old, B_new, A_new
-
-
-def zero_each_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: torch.Tensor) -> None:
-    """:meth:`LoraTarget.zero_moments_batched_` one layer at a time."""
-    for target, row in zip(targets, slots, strict=True):
-        target.zero_moments_(optimizer, row)
-
-
-def seed_each_(optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: Sequence[Sequence[int]]) -> None:
-    """:meth:`LoraTarget.seed_moments_batched_` one layer at a time."""
-    for target, row in zip(targets, slots, strict=True):
-        target.seed_moments_(optimizer, torch.tensor(list(row), dtype=torch.long))
-
-
 class LoraTarget(abc.ABC):
     """One PEFT LoRA layer (``peft.tuners.lora.LoraLayer``), one adapter.
 
@@ -85,12 +59,15 @@ class LoraTarget(abc.ABC):
             under the paper's entries (a quantized base's side factors subtract it).
         split_among_processes: the layer or its optimizer state is split among processes
             (a checkpoint is then a folder with one file per rank).
+        batches: layers of one :meth:`batch_key` switch together (the kind's batched
+            classmethods); ``False``: each on its own, through this class's defaults.
     """
 
     kind: ClassVar[str] = "abstract"
     writes_base_weight: ClassVar[bool] = True
     records_entries: ClassVar[bool] = False
     split_among_processes: ClassVar[bool] = False
+    batches: ClassVar[bool] = False
 
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         self.name = name
@@ -255,7 +232,13 @@ class LoraTarget(abc.ABC):
         (L,)``. Returns ``(B_old (L, rows held, r'), A_old (L, r', n), B_new, A_new)`` in
         float32. This default switches them one by one, each whole (:meth:`whole`); a kind
         that batches overrides it."""
-        return switch_each_(targets, U_new, S_new, V_new, slots)
+        out = []
+        for i, target in enumerate(targets):
+            U, V = U_new[i].T.contiguous(), V_new[i].T.contiguous()
+            with target.whole(modify=True):  # ZeRO-3: whole, rank 0's writes kept
+                out.append(target.switch_pairs_(slots[i], U, S_new[i], V))
+        B_old, A_old, B_new, A_new = (torch.stack(parts) for parts in zip(*out, strict=True))
+        return B_old, A_old, B_new, A_new
 
     # ------------------------------------------------------------------ importance
     def has_grad(self) -> bool:
@@ -293,7 +276,8 @@ class LoraTarget(abc.ABC):
     ) -> None:
         """:meth:`zero_moments_` of ``L`` layers of this kind, ``slots (L, r')`` on the host;
         this default goes layer by layer, a kind that batches overrides it."""
-        zero_each_(optimizer, targets, slots)
+        for target, row in zip(targets, slots, strict=True):
+            target.zero_moments_(optimizer, row)
 
     @classmethod
     def seed_moments_batched_(
@@ -301,7 +285,8 @@ class LoraTarget(abc.ABC):
     ) -> None:
         """:meth:`seed_moments_` of ``L`` layers of this kind (each its own list of slots);
         this default goes layer by layer, a kind that batches overrides it."""
-        seed_each_(optimizer, targets, slots)
+        for target, row in zip(targets, slots, strict=True):
+            target.seed_moments_(optimizer, torch.tensor(list(row), dtype=torch.long))
 
     @classmethod
     def step_hooks(cls, optimizer: Any, before: Callable[[], Any], after: Callable[[bool], Any]) -> list[Any] | None:

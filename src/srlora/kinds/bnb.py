@@ -61,8 +61,7 @@ class BnbTarget(DenseTarget):
     writes_base_weight = False
     records_entries = True
 
-    def batch_key(self) -> object | None:
-        return None  # switches layer by layer
+    batches = False  # switches layer by layer
 
     def __init__(self, name: str, module: nn.Module, adapter: str) -> None:
         super().__init__(name, module, adapter)

@@ -24,13 +24,14 @@ from ..optim_state import (
 from ..recompose import add_to_weight_, fused_delta, pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
-from .base import LoraTarget, seed_each_, switch_each_, zero_each_
+from .base import LoraTarget
 
 
 class DenseTarget(LoraTarget):
     """A LoRA layer over a float weight in this process."""
 
     kind = "dense"
+    batches = True
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,6 +71,8 @@ class DenseTarget(LoraTarget):
         return B_old, A_old, B_new.float(), A_new.float()
 
     def batch_key(self) -> object | None:
+        if not self.batches:  # a kind built on this one that switches layer by layer
+            return None
         W, A, B = self.base_param, self.lora_A, self.lora_B
         return (type(self), self.shape, self.fan_in_fan_out, W.dtype, A.dtype, B.dtype, W.device)
 
@@ -96,8 +99,8 @@ class DenseTarget(LoraTarget):
         and one ``_foreach`` add; the factor writes one scatter and one ``_foreach`` copy per
         factor.
         """
-        if targets[0].batch_key() is None:  # a kind built on this one that switches layer by layer
-            return switch_each_(targets, U_new, S_new, V_new, slots)
+        if not cls.batches:
+            return super().switch_batched_(targets, U_new, S_new, V_new, slots, scaling)
         slots = to_device(slots, targets[0].device)
         root = (S_new / scaling[:, None]).sqrt_()[:, :, None]  # (L, r', 1)
         A_params = [t.lora_A for t in targets]
@@ -142,8 +145,8 @@ class DenseTarget(LoraTarget):
         cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: torch.Tensor
     ) -> None:
         """One ``_foreach`` product over every moment of the layers' ``A`` and ``B`` (a 0/1 mask)."""
-        if targets[0].batch_key() is None:
-            return zero_each_(optimizer, targets, slots)
+        if not cls.batches:
+            return super().zero_moments_batched_(optimizer, targets, slots)
         rows = zip(targets, slots.tolist(), strict=True)
         keep = [[0.0 if k in set(row) else 1.0 for k in range(t.r)] for t, row in rows]
         zero_moments_batched_(optimizer, targets, to_device(torch.tensor(keep), targets[0].device))
@@ -153,8 +156,8 @@ class DenseTarget(LoraTarget):
         cls, optimizer: torch.optim.Optimizer, targets: Sequence[LoraTarget], slots: Sequence[Sequence[int]]
     ) -> None:
         """A few ``_foreach`` operations for all the layers (one 0/1 mask per adapter rank)."""
-        if targets[0].batch_key() is None:
-            return seed_each_(optimizer, targets, slots)
+        if not cls.batches:
+            return super().seed_moments_batched_(optimizer, targets, slots)
         rows = [[1.0 if k in set(row) else 0.0 for k in range(t.r)] for t, row in zip(targets, slots, strict=True)]
         recycled = torch.tensor(rows).to(targets[0].device, non_blocking=True)
         seed_second_moments_batched_(optimizer, targets, recycled)

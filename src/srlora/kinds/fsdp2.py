@@ -112,8 +112,7 @@ class Fsdp2Target(DenseTarget):
     kind = "fsdp2"
     split_among_processes = True
 
-    def batch_key(self) -> object | None:
-        return None  # switches layer by layer
+    batches = False  # switches layer by layer
 
     @classmethod
     def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:

@@ -43,8 +43,7 @@ class Zero12Target(DenseTarget):
     kind = "zero12"
     split_among_processes = True
 
-    def batch_key(self) -> object | None:
-        return None  # the masters are reached parameter by parameter
+    batches = False  # the masters are reached parameter by parameter
 
     def _set_masters(self) -> None:
         from deepspeed.utils import safe_set_full_fp32_param

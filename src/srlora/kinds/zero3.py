@@ -166,8 +166,7 @@ class Zero3Target(DenseTarget):
     kind = "zero3"
     split_among_processes = True
 
-    def batch_key(self) -> object | None:
-        return None  # switches layer by layer
+    batches = False  # switches layer by layer
 
     @classmethod
     def check_module(cls, name: str, module: nn.Module, adapter: str, quantized: bool) -> None:

@@ -85,8 +85,8 @@ def test_srlora_memory_counts_its_own_state_and_galore_its_full_gradients():
         built.model(input_ids=ids, labels=ids).loss.backward()
         built.optimizer.step()
         counts[method] = trainable_state_bytes(built)
-        if method == "srlora":  # the SVD cache and the importance EMAs, at least
-            assert counts[method]["method"] >= built.controller.svd_cache_bytes() > 0
+        if method == "srlora":  # every tensor it keeps, beside the model's and the optimizer's
+            assert counts[method]["method"] == built.controller.memory_bytes() > built.controller.svd_cache_bytes()
     assert counts["srlora"]["params"] == counts["lora"]["params"]
     weights = sum(w.numel() for w in target_weights(_llama()).values()) * 4
     # GaLore keeps full-size gradients and low-rank moments; full fine-tuning full-size moments
@@ -107,3 +107,28 @@ def test_bad_absorb_options_are_refused_with_the_fix():
         AbsorbConfig("galore", 2)
     with pytest.raises(ValueError, match="galore_scale"):
         AbsorbConfig("galore", 2, switch_interval=10, galore_scale=0.0)
+
+
+def test_recount_memory_counts_an_srlora_run_again_as_it_ran_and_leaves_the_rest(tmp_path):
+    """A run counted by the first count (its state_dict) gets SRLoRA's part counted again: the
+    controller built as the run built it, every window open; what trains, its gradients and the
+    optimizer's state stand; other methods and recounted runs are left as they are."""
+    import json
+
+    from srlora.experiments.absorb import MEMORY_COUNT, recount_memory
+
+    cfg = _config("srlora")
+    old = {"params": 10, "grads": 10, "optimizer": 20, "method": 5, "trainable_state_bytes": 45}
+    (tmp_path / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "memory": old}))
+    memory = recount_memory(tmp_path, base=_llama())
+    built = build(cfg, _llama())
+    built.controller.directions.update_windows(built.controller.schedule().interval)
+    assert memory["method"] == built.controller.memory_bytes() > old["method"]
+    assert memory["trainable_state_bytes"] == 40 + memory["method"] and memory["params"] == 10
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["memory"] == memory and saved["memory_count"] == MEMORY_COUNT
+    assert recount_memory(tmp_path, base=None) == memory  # counted already: nothing is built again
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "results.json").write_text(json.dumps({"config": _config("lora").to_dict(), "memory": old}))
+    assert recount_memory(lora) == old

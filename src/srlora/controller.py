@@ -33,6 +33,7 @@ from .directions import policy_class, policy_for
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
 from .layer import LayerState, SwitchEvent, check_build_order, refuse
+from .memory import storage_key, tensor_bytes
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
 from .svd import SVDCache
@@ -108,7 +109,7 @@ class SRLoRA:
         self.directions = policy_for(self._layers, config)  # what enters at a switch
         if schedules is not None:
             self._install_schedules(schedules, stacklevel=3)
-        logger.info("SRLoRA: %d layers, SVD cache %.1f MiB", len(self._layers), self.svd_cache_bytes() / 2**20)
+        logger.info("SRLoRA: %d layers, its state %.1f MiB", len(self._layers), self.memory_bytes() / 2**20)
 
     def set_total_steps(self, total_steps: int) -> None:
         """Give ``N_all`` to a controller built with ``total_steps='auto'`` (the integrations do);
@@ -175,6 +176,13 @@ class SRLoRA:
 
     def svd_cache_bytes(self) -> int:
         return sum(layer.cache.nbytes for layer in self._layers.values())
+
+    def memory_bytes(self, seen: set[int] | None = None) -> int:
+        """Bytes of every tensor SRLoRA keeps beside the model and its optimizer, here (caches,
+        EMAs, records as allocated, the policy's sketches and scratch); ``seen``: see :mod:`.memory`."""
+        seen = set() if seen is None else seen
+        seen |= {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
+        return tensor_bytes(vars(self), seen)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The LoRA ``A`` and ``B`` weights SRLoRA drives."""

@@ -347,6 +347,7 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
         "init_s": init_s,
         "train_s": train_s,
         "memory": memory,
+        "memory_count": MEMORY_COUNT,
         "wall_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
@@ -355,6 +356,36 @@ def run(cfg: AbsorbConfig, out: Path, threads: int | None = None, diagnose: bool
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     return results
+
+
+# 2: SRLoRA's part is every tensor it keeps (SRLoRA.memory_bytes); 1 counted its state_dict and
+# SVD cache, which left out the gradient sketches' per-step sums and test matrices and counted
+# the records by the pairs recorded rather than as allocated.
+MEMORY_COUNT = 2
+
+
+def recount_memory(out: Path, base: nn.Module | None = None) -> dict[str, Any]:
+    """Count an SRLoRA run's own part of its memory again with the current count, in place
+    (``srlora absorb --recount-memory``): SRLoRA allocates its state up front (records for every
+    pair a layer may use), so the controller built as the run built it, with every capture window
+    open, holds what the run held at its peak; the rest of the run's count (what trains, its
+    gradients, the optimizer's state) stands. ``base``: the pretrained model (default SmolLM2).
+    Returns the new memory record."""
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    cfg = AbsorbConfig(**results["config"])
+    if results.get("memory_count", 1) >= MEMORY_COUNT or cfg.method != "srlora":
+        return results["memory"]
+    built = build(cfg, load_smollm2()[0] if base is None else base)
+    ctl = built.controller
+    assert ctl is not None
+    ctl.directions.update_windows(ctl.schedule().interval)  # the step of the first switch: every window open
+    memory = dict(results["memory"])
+    memory["method"] = ctl.memory_bytes()
+    memory["trainable_state_bytes"] = memory["params"] + memory["grads"] + memory["optimizer"] + memory["method"]
+    results.update(memory=memory, memory_count=MEMORY_COUNT, memory_recounted="srlora absorb --recount-memory")
+    atomic_write_json(path, results)
+    return memory
 
 
 def finished(out: Path, cfg: AbsorbConfig) -> bool:
@@ -379,6 +410,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", required=True, help="Run folder (results.json is written there).")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     ap.add_argument(
+        "--recount-memory",
+        action="store_true",
+        help="Count the SRLoRA part of a finished run's memory again with the current count (see recount_memory).",
+    )
+    ap.add_argument(
         "--diagnose",
         action="store_true",
         help="Record at each switch the loss of a probe batch before and after it, and the alignment, size and "
@@ -391,6 +427,9 @@ def main(ns: argparse.Namespace) -> int:
     names = [f.name for f in srlora_passthrough(OWN_SRLORA_FIELDS)]
     cfg = AbsorbConfig(**values, srlora=srlora_given(ns, names))
     out = Path(ns.out)
+    if ns.recount_memory:
+        print(json.dumps(recount_memory(out)))
+        return 0
     if finished(out, cfg):
         print(f"{out}: finished earlier with the same configuration, kept", file=sys.stderr)
         return 0

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..memory import tensor_bytes
 from .adapters import peft_model
 
 
@@ -216,26 +217,6 @@ def spectra(built: Built, base: nn.Module | None = None) -> dict[str, Any]:
     return out
 
 
-def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of every tensor reachable from ``obj`` (dicts, lists, tuples and the attributes of
-    plain objects such as GaLore's projectors), each storage counted once and whole: a view keeps
-    its whole storage alive (galore-torch's projector is a slice of the full SVD factor)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen or obj.numel() == 0:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
-        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
-
-
 def trainable_state_bytes(built: Built) -> dict[str, int]:
     """What a method keeps beside the frozen model, counted from the tensors: what trains (and an
     adapter's frozen factors, MiCA's B), its gradients, the optimizer's state, and what the method
@@ -258,6 +239,6 @@ def trainable_state_bytes(built: Built) -> dict[str, int]:
         "method": 0,
     }
     if built.controller is not None:
-        parts["method"] = tensor_bytes(built.controller.state_dict(), seen) + built.controller.svd_cache_bytes()
+        parts["method"] = built.controller.memory_bytes(seen)
     parts["trainable_state_bytes"] = sum(parts.values())
     return parts

@@ -33,7 +33,7 @@ from .directions import policy_class, policy_for
 from .errors import CheckpointError, DirectionsExhaustedWarning, NonFiniteWarning, ScheduleWarning
 from .importance import update_importance_from_targets_
 from .layer import LayerState, SwitchEvent, check_build_order, refuse
-from .memory import storage_key, tensor_bytes
+from .memory import owned_bytes
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
 from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
 from .svd import SVDCache
@@ -178,11 +178,8 @@ class SRLoRA:
         return sum(layer.cache.nbytes for layer in self._layers.values())
 
     def memory_bytes(self, seen: set[int] | None = None) -> int:
-        """Bytes of every tensor SRLoRA keeps beside the model and its optimizer, here (caches,
-        EMAs, records as allocated, the policy's sketches and scratch); ``seen``: see :mod:`.memory`."""
-        seen = set() if seen is None else seen
-        seen |= {storage_key(t) for t in (*self.model.parameters(), *self.model.buffers())}
-        return tensor_bytes(vars(self), seen)
+        """Bytes of every tensor SRLoRA keeps beside the model and its optimizer (:mod:`.memory`)."""
+        return owned_bytes(self, self.model, seen)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The LoRA ``A`` and ``B`` weights SRLoRA drives."""

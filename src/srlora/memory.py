@@ -41,3 +41,13 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     if hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module, torch.optim.Optimizer)):
         return sum(tensor_bytes(v, seen) for v in vars(obj).values())
     return 0
+
+
+def owned_bytes(owner: Any, model: nn.Module, seen: set[int] | None = None) -> int:
+    """Bytes of every tensor reachable from ``owner``'s attributes that is not ``model``'s (its
+    parameters and buffers, views of them included) nor an optimizer's: SRLoRA's caches, EMAs,
+    records as allocated, and its direction policy's sketches and scratch. ``seen``: storages
+    counted elsewhere (extended)."""
+    seen = set() if seen is None else seen
+    seen |= {storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    return tensor_bytes(vars(owner), seen)

@@ -210,6 +210,7 @@ def section(root: Path) -> list[str]:
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
     md += _rank_table(root, runs)
+    md += _memory_table(root)
     if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
         md += [
             "",
@@ -281,6 +282,39 @@ def _rank_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     ]
     for e in rows:
         md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(_cells(e)) + f" | {_mib(e)} |")
+    return md
+
+
+MEMORY = "docs/results/state_memory.json"
+
+
+def _memory_table(root: Path) -> list[str]:
+    """``benchmarks/state_memory.py``'s figures: each configuration's trainable state and the
+    LoRA rank of the same memory."""
+    import json
+
+    path = root / MEMORY
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows, meta = data["rows"], data["meta"]
+    per_rank = rows["lora-r2"]["trainable_state_bytes"] / 2  # LoRA's state is linear in r
+    md = [
+        "",
+        "### Trainable state against LoRA's ranks",
+        "",
+        f"`python benchmarks/state_memory.py --json {MEMORY}` on {meta['machine']}: each configuration "
+        "built on SmolLM2-135M, after one AdamW step, every capture window open (SRLoRA's peak: its "
+        "records are allocated up front). *gsub*: the chosen entry (the gradient's subspace, scale 0.25, "
+        "r_target = 10 r); *paper*: W0's next directions, the same budget.",
+        "",
+        "| configuration | trains (MiB) | gradients | optimizer | SRLoRA's own | total | LoRA rank of that memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, parts in rows.items():
+        keys = ("params", "grads", "optimizer", "method", "trainable_state_bytes")
+        cells = [f"{parts[k] / 2**20:,.1f}" for k in keys]
+        md.append(f"| {name} | " + " | ".join(cells) + f" | {parts['trainable_state_bytes'] / per_rank:.1f} |")
     return md
 
 

@@ -129,3 +129,19 @@ def test_export_without_records_refuses_another_base(tmp_path):
     with pytest.raises(KeyError, match="no module"):
         ctl.export_lora(tmp_path / "adapter", base=torch.nn.Linear(2, 2))
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (600, 900)])
+def test_the_difference_is_factored_at_its_rank_on_small_and_large_layers(shape):
+    """A rank-6 update plus float32-sized rounding: its factors hold the update to that rounding,
+    through the full SVD (small layer) and through the range finder (a layer wide against 2p)."""
+    from srlora.svd import factor_difference
+
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    update = torch.randn(m, 6, generator=g, dtype=torch.float64) @ torch.randn(6, n, generator=g, dtype=torch.float64)
+    noise = 1e-7 * float(update.abs().max()) * torch.randn(m, n, generator=g, dtype=torch.float64)
+    P, Q = factor_difference(update + noise, max_rank=8)
+    assert P.shape == (m, 6) and Q.shape == (6, n)  # the numerical rank, not max_rank
+    err = float((P.double() @ Q.double() - update).norm() / update.norm())
+    assert err < 1e-6, err  # float32 factors of a float64 update, and the noise

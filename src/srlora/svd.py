@@ -134,8 +134,22 @@ def distributed_top_triplets(weight: torch.Tensor, k: int, config: SRLoRAConfig)
 def factor_difference(D: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P (m, k), Q (k, n))``, float32, the best rank-``k`` factors of ``D (m, n)`` with ``k`` its
     numerical rank (singular values above ``sigma_1 max(m, n) eps_float32``), at most ``max_rank``
-    (``P = U_k diag(sigma_k)``, ``Q = V_k^T``; SVD in float64)."""
-    u, sv, vh = torch.linalg.svd(D.double(), full_matrices=False)
+    (``P = U_k diag(sigma_k)``, ``Q = V_k^T``), in float64. Where ``max_rank`` is small against
+    the layer, on ``D``'s range first (``Q_D = orth(D Omega)``, ``max_rank + 16`` columns, two
+    power iterations: exact for a matrix of that rank, as ``D`` is up to rounding), so a 7B layer
+    costs a few thin products instead of its full SVD."""
+    D = D.double()
+    q = max_rank + 16
+    if 4 * q < min(D.shape):
+        g = torch.Generator(device=D.device).manual_seed(0)
+        Y = D @ torch.randn(D.shape[1], q, generator=g, device=D.device, dtype=D.dtype)
+        for _ in range(2):
+            Y = D @ (D.T @ torch.linalg.qr(Y).Q)
+        basis = torch.linalg.qr(Y).Q  # (m, q)
+        u, sv, vh = torch.linalg.svd(basis.T @ D, full_matrices=False)
+        u = basis @ u
+    else:
+        u, sv, vh = torch.linalg.svd(D, full_matrices=False)
     tol = float(sv.max()) * max(D.shape) * torch.finfo(torch.float32).eps if sv.numel() else 0.0
     keep = max(1, min(max_rank, int((sv > tol).sum())))
     return (u[:, :keep] * sv[:keep]).float(), vh[:keep].float()

@@ -42,3 +42,19 @@ def test_memory_bytes_counts_every_buffer_srlora_keeps_and_nothing_of_the_model(
     before = ctl.memory_bytes()
     model.register_buffer("extra", torch.zeros(1000))  # the model's own tensors are not SRLoRA's
     assert ctl.memory_bytes() == before
+
+
+def test_memory_bytes_walks_only_srlora_s_own_objects():
+    """An optimizer wrapper that is no torch optimizer (as a framework's) holds the world: it
+    is not walked, nor is a cycle of objects a reason to recurse for ever."""
+    _, ctl = build("mlp", r=2, r_target=12, gamma=1.0, switch_interval=20)
+    before = ctl.memory_bytes()
+
+    class Wrapper:  # not a torch.optim.Optimizer, holds tensors and itself
+        def __init__(self) -> None:
+            self.big = torch.zeros(10_000)
+            self.me = self
+
+    wrapper = Wrapper()
+    ctl.optimizer_reset.optimizer = wrapper  # where attach keeps the optimizer it is given
+    assert ctl.memory_bytes() == before

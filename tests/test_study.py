@@ -9,6 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
+import pytest
+
 from srlora.experiments import report
 from srlora.experiments.cli import build_parser
 from srlora.experiments.config import RunConfig
@@ -304,3 +306,15 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
     srlora = jobs["srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002"]
     assert (srlora.r, srlora.r_target, srlora.srlora) == (16, 160, {"fused_records": False})
     assert srlora.srlora_config().fused_records is False and jobs["lora-r16-lr0.0005"].r == 16
+
+
+def test_lora_s_curve_is_read_between_the_runs_around_it():
+    from srlora.experiments.studies.alternatives import curve_at
+
+    def run(chunks: float, prose: float) -> dict:
+        return {"evals": [{"held_chunks": chunks, "prose": prose}]}
+
+    lora = [run(2.6, 4.4), run(2.2, 4.6), run(2.4, 4.55)]  # in no order
+    assert curve_at(lora, 2.5, "prose") == pytest.approx(4.475)  # halfway from 2.6 to 2.4
+    assert curve_at(lora, 2.3, "prose") == pytest.approx(4.575)
+    assert curve_at(lora, 2.1, "prose") is None and curve_at(lora, 2.5, "news") is None  # outside, no text

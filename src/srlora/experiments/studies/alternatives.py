@@ -14,6 +14,7 @@ rate and scale are one knob: the sweep moves the learning rate at galore-torch's
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,7 @@ def section(root: Path) -> list[str]:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
+    md += _verdict_table(root, runs)
     md += _rank_table(root, runs)
     md += _memory_table(root)
     if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
@@ -326,18 +328,77 @@ def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
     return {}
 
 
+def _with_options_and_curve(
+    root: Path, screen: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The screen's seed-1 runs with SRLoRA's options, and LoRA's runs that trace its curve (the
+    absorption study's ladder, r = 2, 8, 32, and the screen's LoRA runs)."""
+    from .absorption import load_absorb
+
+    options = {job.name for job in option_jobs()}
+    everything = load_absorb(root)
+    runs = screen + [e for e in everything if e["name"] in options and e["config"]["seed"] == 1]
+    lora = [e for e in everything if e["name"] in ("lora-r2", "lora-r8", "lora-r32") and e["config"]["seed"] == 1]
+    lora += [e for e in screen if e["config"]["method"] == "lora"]
+    return runs, lora
+
+
+def curve_at(lora: list[dict[str, Any]], chunks: float, key: str) -> float | None:
+    """LoRA's curve's loss on text ``key`` at ``chunks`` nats on held-out chunks: linear between
+    LoRA's two runs around it (``None`` outside their span, or where they lack the text)."""
+    points = sorted((e["evals"][-1]["held_chunks"], e["evals"][-1][key]) for e in lora if key in e["evals"][-1])
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= chunks <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (chunks - x0) / (x1 - x0)
+    return None
+
+
+def _verdict_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
+    """Each SRLoRA run against LoRA's curve and against every run with no more memory."""
+    runs, lora = _with_options_and_curve(root, screen)
+    mine = [e for e in runs if e["config"]["method"] == "srlora"]
+    if not mine or len(lora) < 2:
+        return []
+    md = [
+        "",
+        "### SRLoRA against LoRA's curve and against what fits in its memory: seed 1",
+        "",
+        "*Above the curve*: the run's loss on that text minus LoRA's curve's at the same absorption "
+        "(linear between LoRA's runs around it; + forgets more). *Better for less*: runs with no more "
+        "memory that absorb at least as much and forget no more on both texts.",
+        "",
+        "| run | memory (MiB) | held-out chunks | above the curve: prose | news | better for less |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in sorted(mine, key=lambda e: e["name"]):
+        final, memory = e["evals"][-1], e["memory"]["trainable_state_bytes"]
+        gaps = []
+        for key in ("prose", "news"):
+            curve = curve_at(lora, final["held_chunks"], key) if key in final else None
+            gaps.append("n/a" if curve is None else f"{final[key] - curve:+.3f}")
+        better = [
+            o["name"]
+            for o in runs + lora
+            if o is not e
+            and o.get("memory") is not None
+            and o["memory"]["trainable_state_bytes"] <= memory
+            and all(k in o["evals"][-1] and o["evals"][-1][k] <= final[k] for k in ("held_chunks", "prose", "news"))
+        ]
+        md.append(
+            f"| {e['name']} | {_mib(e)} | {final['held_chunks']:.3f} | {gaps[0]} | {gaps[1]} | "
+            + (", ".join(sorted(set(better))) or "none")
+            + " |"
+        )
+    return md
+
+
 def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path | None:
     """Each forgetting text's loss against held-out-chunk loss for every seed-1 run of the
     screen and of SRLoRA's options, with LoRA's curve: its runs joined in order of learning."""
     from ..plots import pyplot, save_figure
-    from .absorption import load_absorb
 
     options = {job.name for job in option_jobs()}
-    ladder_names = {"lora-r2", "lora-r8", "lora-r32"}
-    everything = load_absorb(root)
-    runs = screen + [e for e in everything if e["name"] in options and e["config"]["seed"] == 1]
-    lora = [e for e in everything if e["name"] in ladder_names and e["config"]["seed"] == 1]
-    lora += [e for e in screen if e["config"]["method"] == "lora"]
+    runs, lora = _with_options_and_curve(root, screen)
     if len(runs) < 2:
         return None
     plt = pyplot()

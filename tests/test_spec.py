@@ -56,3 +56,21 @@ def test_a_known_rank_run_passes_any_srlora_field_through():
     left_alone = KnownRankRun(**{**plain.__dict__, "srlora": [["subspace_exclude", 4]]})  # as read from JSON
     assert left_alone.srlora == (("subspace_exclude", 4),) and hash(left_alone) != hash(plain)
     assert left_alone.key != plain.key and "subspace_exclude=4" in left_alone.label()
+
+
+def test_a_field_that_defaults_to_true_is_turned_off_by_its_no_option():
+    """fused_records=True by default: --no-fused-records turns it off, on every runner and in the
+    command a study writes for the run."""
+    from srlora.experiments.cli import build_parser
+    from srlora.experiments.config import RunConfig
+    from srlora.experiments.options import run_values
+    from srlora.experiments.studies.alternatives import option_jobs
+
+    p = build_parser()
+    train = p.parse_args(["train", "--task", "mr", "--method", "srlora", "--no-fused-records", "--out", "x"])
+    assert RunConfig.from_flat(run_values(train, "quick")).srlora_config().fused_records is False
+    plain = p.parse_args(["train", "--task", "mr", "--method", "srlora", "--out", "x"])
+    assert RunConfig.from_flat(run_values(plain, "quick")).srlora_config().fused_records is True
+    job = next(j for j in option_jobs() if j.config.srlora.get("fused_records") is False)
+    absorb = p.parse_args(job.argv())
+    assert "--no-fused-records" in job.argv() and absorb.fused_records is False

@@ -318,3 +318,33 @@ def test_lora_s_curve_is_read_between_the_runs_around_it():
     assert curve_at(lora, 2.5, "prose") == pytest.approx(4.475)  # halfway from 2.6 to 2.4
     assert curve_at(lora, 2.3, "prose") == pytest.approx(4.575)
     assert curve_at(lora, 2.1, "prose") is None and curve_at(lora, 2.5, "news") is None  # outside, no text
+
+
+def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlora(tmp_path):
+    """alternatives-confirm: each method with a complete sweep at its best learning rate on
+    every seed; the table pairs SRLoRA's best with each method's by seed."""
+    from srlora.experiments.studies import alternatives
+
+    def entry(method: str, lr: float, seed: int, chunks: float) -> dict:
+        name, cfg = alternatives.config(method, 2, lr, seed)
+        final = {"held_chunks": chunks, "prose": 4.5, "news": 4.0}
+        memory = {"trainable_state_bytes": 2**20}
+        return {"name": name, "config": dataclasses.asdict(cfg), "evals": [final], "memory": memory}
+
+    sweep = alternatives.SWEEPS["adapter"]
+    entries = [
+        entry(m, lr, 1, 2.5 - 0.1 * (lr == 5e-4) - 0.2 * (m == "srlora")) for m in ("lora", "srlora") for lr in sweep
+    ]
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    jobs = alternatives.confirm_jobs(tmp_path, [1, 2, 3])
+    assert {(j.config.method, j.config.lr, j.config.seed) for j in jobs} == {
+        (m, 5e-4, s) for m in ("lora", "srlora") for s in (1, 2, 3)
+    }
+    assert alternatives._confirm_table(tmp_path) == []  # SRLoRA on one seed: nothing to pair yet
+    entries += [entry("lora", 5e-4, s, 2.4 + 0.01 * s) for s in (2, 3)]
+    entries += [entry("srlora", 5e-4, s, 2.2 + 0.02 * s) for s in (2, 3)]
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    rows = [line for line in alternatives._confirm_table(tmp_path) if line.startswith("| LoRA")]
+    # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
+    assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")

@@ -140,8 +140,28 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
     return jobs
 
 
+# Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
+CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
+
+
+def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
+    """Each of :data:`CONFIRMED` at its best r = 2 learning rate (:func:`best_lr`, once its sweep
+    is complete) on every seed of ``seeds``; seed 1's runs are the screen's."""
+    import sys
+
+    jobs = []
+    for method in CONFIRMED:
+        best = best_lr(root, method)
+        if best is None:
+            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
+            continue
+        jobs += [AbsorbJob(*config(method, 2, best, seed)) for seed in seeds]
+    return jobs
+
+
 PARTS = {
     "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(root, seeds), ns.jobs, root),
     "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
     "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),
 }
@@ -211,6 +231,7 @@ def section(root: Path) -> list[str]:
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
     md += _verdict_table(root, runs)
+    md += _confirm_table(root)
     md += _rank_table(root, runs)
     md += _memory_table(root)
     if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
@@ -257,6 +278,42 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
         cells = _cells(e)
         what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
         md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
+    return md
+
+
+def _confirm_table(root: Path) -> list[str]:
+    """SRLoRA's best r = 2 point against each method's, paired by seed (seeds both ran)."""
+    from ..stats import fmt_paired, paired
+    from .absorption import load_absorb
+
+    everything = load_absorb(root)
+    best = {m: lr for m in CONFIRMED if (lr := best_lr(root, m)) is not None}
+    by_seed = {
+        m: {e["config"]["seed"]: e for e in everything if e["name"] == config(m, 2, lr, 1)[0]} for m, lr in best.items()
+    }
+    mine = by_seed.get("srlora", {})
+    if len(mine) < 2:
+        return []
+    keys = (("held_chunks", "held-out chunks"), ("prose", "prose"), ("news", "news"))
+    md = [
+        "",
+        "### Each method at its best point, 3 seeds paired: SRLoRA − method (95% t-interval; negative: lower loss)",
+        "",
+        "| method (best lr; seeds) | " + " | ".join(label for _, label in keys) + " | memory (MiB): it, SRLoRA |",
+        "|---|" + "---|" * (len(keys) + 1),
+    ]
+    for method, runs in by_seed.items():
+        seeds = sorted(set(runs) & set(mine))
+        if method == "srlora" or not seeds:
+            continue
+        cells = []
+        for key, _ in keys:
+            a = {s: mine[s]["evals"][-1][key] for s in seeds if key in mine[s]["evals"][-1]}
+            b = {s: runs[s]["evals"][-1][key] for s in seeds if key in runs[s]["evals"][-1]}
+            cells.append(fmt_paired(paired(a, b)))
+        memory = f"{_mib(runs[seeds[0]])}, {_mib(mine[seeds[0]])}"
+        label = f"{LABELS[method]} ({best[method]:g}; {', '.join(map(str, seeds))})"
+        md.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
     return md
 
 

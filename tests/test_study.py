@@ -273,10 +273,13 @@ def test_the_alternatives_screen_shows_every_run_with_its_memory_and_marks_each_
     (tmp_path / "docs/results").mkdir(parents=True)
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
     md = "\n".join(alternatives.section(tmp_path))
-    full_rows = [line for line in md.splitlines() if line.startswith("| full-lr")]
+    screen = md.split("### The screen")[1].split("\n### ")[0]
+    full_rows = [line for line in screen.splitlines() if line.startswith("| full-lr")]
     assert len(full_rows) == 3 and "| 3.0 |" in full_rows[0]  # every point, its memory in MiB
     best = [line for line in full_rows if "**" in line]
     assert len(best) == 1 and best[0].startswith("| full-lr1e-05 |")  # the lowest held-out chunk loss
+    against = md.split("### Each run against LoRA's curve")[1].split("\n### ")[0]
+    assert "| full-lr3e-05 | 3.0 | 2.003 |" in against and "| lora-" not in against  # every method but LoRA
     assert alternatives.TITLE in md and "news" in md
 
 
@@ -327,7 +330,7 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
 
     def entry(method: str, lr: float, seed: int, chunks: float) -> dict:
         name, cfg = alternatives.config(method, 2, lr, seed)
-        final = {"held_chunks": chunks, "prose": 4.5, "news": 4.0}
+        final = {"held_chunks": chunks, "held_docs": chunks, "prose": 4.5, "news": 4.0}
         memory = {"trainable_state_bytes": 2**20}
         return {"name": name, "config": dataclasses.asdict(cfg), "evals": [final], "memory": memory}
 
@@ -341,10 +344,13 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     assert {(j.config.method, j.config.lr, j.config.seed) for j in jobs} == {
         (m, 5e-4, s) for m in ("lora", "srlora") for s in (1, 2, 3)
     }
-    assert alternatives._confirm_table(tmp_path) == []  # SRLoRA on one seed: nothing to pair yet
+    paired_title = "3 seeds paired: SRLoRA − method"
+    assert paired_title not in "\n".join(alternatives.section(tmp_path))  # SRLoRA on one seed: nothing to pair
     entries += [entry("lora", 5e-4, s, 2.4 + 0.01 * s) for s in (2, 3)]
     entries += [entry("srlora", 5e-4, s, 2.2 + 0.02 * s) for s in (2, 3)]
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
-    rows = [line for line in alternatives._confirm_table(tmp_path) if line.startswith("| LoRA")]
+    md = alternatives.section(tmp_path)
+    assert paired_title in "\n".join(md)
+    rows = [line for line in md if line.startswith("| LoRA (")]
     # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
     assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")

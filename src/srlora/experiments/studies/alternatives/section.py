@@ -1,173 +1,28 @@
-"""Against the alternatives a user would pick where LoRA's rank binds: full fine-tuning, GaLore,
-PEFT's knowledge-keeping initialisations (CorDA in its knowledge-preserved mode, MiCA, LoRA-GA)
-and LoRA's own ladder, on the absorption task (:mod:`srlora.experiments.absorb`), with the
-trainable-state memory of every run.
-
-    srlora study --part alternatives-screen   # seed 1: every method's learning-rate sweep
-
-Every method is tuned the same way: a 3-point learning-rate sweep on seed 1 (held-out chunks
-decide), the adapters at r = 2 included (LoRA, PiSSA and SRLoRA ran at 5e-4, chosen once, before).
-GaLore's update is ``lr x scale x`` its projected Adam step (no weight decay), so its learning
-rate and scale are one knob: the sweep moves the learning rate at galore-torch's scale 0.25.
-"""
+"""The alternatives study's section of docs/RESULTS.md, from the committed data alone
+(``docs/results/absorb.json``, ``docs/results/state_memory.json``) and its plot."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
-from ..absorb import AbsorbConfig
-from ..jobs import run_jobs
-from ..rundata import Section
-from .absorption import STEPS, AbsorbJob
-from .new_pairs.jobs import BEST, VARIANTS
+from ...stats import fmt_paired, paired
+from .jobs import (
+    ADAPTER_LR,
+    CONFIRMED,
+    OPTIONS,
+    RANK,
+    RANKED,
+    SAME_TRAINING,
+    TUNING,
+    best_lr,
+    config,
+    option_jobs,
+    screen_jobs,
+)
 
-# The adapters' learning rate before this study (chosen once).
-ADAPTER_LR = 5e-4
-# 3 points each, 2.5x apart around the value a user would try first.
-SWEEPS: dict[str, tuple[float, ...]] = {
-    "full": (1e-5, 3e-5, 1e-4),
-    "galore": (1e-4, 3e-4, 1e-3),
-    "adapter": (2e-4, ADAPTER_LR, 1.25e-3),
-}
-GALORE_INTERVAL = 40  # GaLore refreshes its subspace as often as SRLoRA switches (INTERVAL)
-
-
-def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig]:
-    """The run name and configuration of ``method`` at rank ``r`` (GaLore's rank; full fine-tuning
-    has none) and learning rate ``lr``."""
-    if method == "srlora":  # the chosen entry, r_target = 10 r as at r = 2
-        cfg = dataclasses.replace(VARIANTS[BEST][0], r=r, r_target=10 * r, lr=lr, seed=seed)
-        name = BEST.replace("-r2-", f"-r{r}-")
-    elif method == "full":
-        cfg, name = AbsorbConfig("full", r, steps=STEPS, lr=lr, seed=seed), "full"
-    elif method == "galore":
-        cfg = AbsorbConfig("galore", r, switch_interval=GALORE_INTERVAL, steps=STEPS, lr=lr, seed=seed)
-        name = f"galore-r{r}"
-    else:
-        cfg, name = AbsorbConfig(method, r, steps=STEPS, lr=lr, seed=seed), f"{method}-r{r}"
-    # Every name carries its learning rate: the runs at 5e-4 are new runs beside the absorption
-    # and new-pairs studies' runs of the same configuration, with the second text and the memory.
-    return f"{name}-lr{lr:g}", cfg
-
-
-# LoRA's ladder towards full fine-tuning: r = 16 holds about SRLoRA r = 2's trainable state
-# (SRLoRA's records and sketches: ~70 MiB on SmolLM2), r = 64 four times that.
-LADDER = (16, 64)
-
-
-def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
-    """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others;
-    LoRA's ladder (r = 16, 64 at 5e-4) after the first round."""
-    order: list[tuple[str, int, float]] = []
-    for i in (1, 0, 2):  # middle points first: a sweep's edges only matter if the middle is not best
-        order += [("full", 2, SWEEPS["full"][i]), ("galore", 2, SWEEPS["galore"][i])]
-        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("lora", "srlora")]
-        if i == 1:
-            order += [("lora", r, ADAPTER_LR) for r in LADDER]
-        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
-    return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
-
-
-# SRLoRA's options aimed at forgetting, each on the chosen entry (BEST) at the adapters' learning
-# rate, seed 1: the tag in the run name, the SRLoRAConfig fields it sets, what it does.
-OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
-    "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
-    "lora-start": ({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
-    "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
-    # not aimed at forgetting: the same run without the records of fused and entered pairs (the
-    # larger part of SRLoRA's own memory), exported against the base's weights
-    "no-records": ({"fused_records": False}, "no record of fused pairs (the same run, less memory)"),
-}
-
-
-# Options that change what the run keeps, not how it trains (their point is the chosen entry's).
-SAME_TRAINING = {"no-records"}
-
-
-def option_jobs(seed: int = 1) -> list[AbsorbJob]:
-    """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
-    base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
-    return [
-        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(fields)))
-        for tag, (fields, _) in OPTIONS.items()
-    ]
-
-
-# The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
-# it (8x the rank moves the weights further per step at the same rate; the one above where the
-# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA keeps no
-# records here (the same training; at r = 16 they would hold ~2 x 160 pairs a layer).
-RANK = 16
-RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
-
-
-def best_lr(root: Path, method: str, r: int = 2) -> float | None:
-    """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among the
-    committed results, once its whole sweep is there; ``None`` before."""
-    from .absorption import load_absorb
-
-    sweep = SWEEPS.get(method, SWEEPS["adapter"])
-    names = {config(method, r, lr, 1)[0]: lr for lr in sweep}
-    done = {names[e["name"]]: e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1}
-    if len(done) < len(sweep):
-        return None
-    return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
-
-
-def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
-    """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
-    import sys
-
-    jobs = []
-    for method in RANKED:
-        best = best_lr(root, method)
-        if best is None:
-            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
-            continue
-        sweep = SWEEPS.get(method, SWEEPS["adapter"])
-        i = sweep.index(best)
-        for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
-            name, cfg = config(method, RANK, lr, seed)
-            if method == "srlora":
-                name, cfg = (
-                    name.replace(f"-lr{lr:g}", f"-no-records-lr{lr:g}"),
-                    dataclasses.replace(cfg, srlora={"fused_records": False}),
-                )
-            jobs.append(AbsorbJob(name, cfg))
-    return jobs
-
-
-# Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
-CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
-
-
-def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
-    """Each of :data:`CONFIRMED` at its best r = 2 learning rate (:func:`best_lr`, once its sweep
-    is complete) on every seed of ``seeds``; seed 1's runs are the screen's."""
-    import sys
-
-    jobs = []
-    for method in CONFIRMED:
-        best = best_lr(root, method)
-        if best is None:
-            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
-            continue
-        jobs += [AbsorbJob(*config(method, 2, best, seed)) for seed in seeds]
-    return jobs
-
-
-PARTS = {
-    "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
-    "alternatives-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(root, seeds), ns.jobs, root),
-    "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
-    "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),
-}
-
-
-# ---------------------------------------------------------------------------- the doc section
 TITLE = "Against the alternatives: full fine-tuning, GaLore and PEFT's initialisations"
 EVALS = (("held_chunks", "held-out chunks"), ("held_docs", "held-out docs"), ("prose", "prose"), ("news", "news"))
 LABELS = {
@@ -196,7 +51,7 @@ def _mib(entry: dict[str, Any]) -> str:
 def section(root: Path) -> list[str]:
     """The screen: every method's sweep on seed 1 at r = 2 (and LoRA's ladder), each run with its
     memory; the best point of each method and rank (held-out chunks) in bold."""
-    from .absorption import load_absorb
+    from ..absorption import load_absorb
 
     names = {job.name for job in screen_jobs()}
     runs = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
@@ -204,7 +59,7 @@ def section(root: Path) -> list[str]:
     if not runs:
         return [*md, "Not run yet: `srlora study --part alternatives-screen`.", ""]
     md += [
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
+        TUNING,
         "",
         "Forgetting is measured on two general texts, the movie-review sentences (*prose*) and New "
         "York Times editorial snippets (*news*); CorDA's covariance comes from a third, Amazon review "
@@ -260,7 +115,7 @@ def section(root: Path) -> list[str]:
 
 def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     """SRLoRA's options beside the chosen entry at the same learning rate (seed 1)."""
-    from .absorption import load_absorb
+    from ..absorption import load_absorb
 
     names = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True)}
     options = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
@@ -283,8 +138,7 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
 
 def _confirm_table(root: Path) -> list[str]:
     """SRLoRA's best r = 2 point against each method's, paired by seed (seeds both ran)."""
-    from ..stats import fmt_paired, paired
-    from .absorption import load_absorb
+    from ..absorption import load_absorb
 
     everything = load_absorb(root)
     best = {m: lr for m in CONFIRMED if (lr := best_lr(root, m)) is not None}
@@ -319,7 +173,7 @@ def _confirm_table(root: Path) -> list[str]:
 
 def _rank_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     """Seed 1 at r = :data:`RANK` (and LoRA r = 64), beside full fine-tuning's best."""
-    from .absorption import load_absorb
+    from ..absorption import load_absorb
 
     ranked = [
         e
@@ -350,8 +204,6 @@ MEMORY = "docs/results/state_memory.json"
 def _memory_table(root: Path) -> list[str]:
     """``benchmarks/state_memory.py``'s figures: each configuration's trainable state and the
     LoRA rank of the same memory."""
-    import json
-
     path = root / MEMORY
     if not path.is_file():
         return []
@@ -377,20 +229,12 @@ def _memory_table(root: Path) -> list[str]:
     return md
 
 
-SECTIONS: dict[str, Section] = {"alternatives": lambda ctx: section(ctx.root)}
-
-
-def row_sources() -> dict[tuple[str, str | None], dict[str, tuple[str, str]]]:
-    """This study's run-table rows built from ``srlora train`` runs: none."""
-    return {}
-
-
 def _with_options_and_curve(
     root: Path, screen: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The screen's seed-1 runs with SRLoRA's options, and LoRA's runs that trace its curve (the
     absorption study's ladder, r = 2, 8, 32, and the screen's LoRA runs)."""
-    from .absorption import load_absorb
+    from ..absorption import load_absorb
 
     options = {job.name for job in option_jobs()}
     everything = load_absorb(root)
@@ -411,23 +255,24 @@ def curve_at(lora: list[dict[str, Any]], chunks: float, key: str) -> float | Non
 
 
 def _verdict_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
-    """Each SRLoRA run against LoRA's curve and against every run with no more memory."""
+    """Every run but LoRA's against LoRA's curve and against every run with no more memory."""
     runs, lora = _with_options_and_curve(root, screen)
-    mine = [e for e in runs if e["config"]["method"] == "srlora"]
+    mine = [e for e in runs if e["config"]["method"] != "lora"]
     if not mine or len(lora) < 2:
         return []
     md = [
         "",
-        "### SRLoRA against LoRA's curve and against what fits in its memory: seed 1",
+        "### Each run against LoRA's curve and against what fits in its memory: seed 1",
         "",
         "*Above the curve*: the run's loss on that text minus LoRA's curve's at the same absorption "
-        "(linear between LoRA's runs around it; + forgets more). *Better for less*: runs with no more "
-        "memory that absorb at least as much and forget no more on both texts.",
+        "(linear between LoRA's runs around it; + forgets more; n/a: outside the span of LoRA's runs). "
+        "*Better for less*: runs with no more memory that absorb at least as much and forget no more "
+        "on both texts.",
         "",
         "| run | memory (MiB) | held-out chunks | above the curve: prose | news | better for less |",
         "|---|---|---|---|---|---|",
     ]
-    for e in sorted(mine, key=lambda e: e["name"]):
+    for e in sorted(mine, key=lambda e: (list(LABELS).index(e["config"]["method"]), e["name"])):
         final, memory = e["evals"][-1], e["memory"]["trainable_state_bytes"]
         gaps = []
         for key in ("prose", "news"):
@@ -452,7 +297,7 @@ def _verdict_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
 def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path | None:
     """Each forgetting text's loss against held-out-chunk loss for every seed-1 run of the
     screen and of SRLoRA's options, with LoRA's curve: its runs joined in order of learning."""
-    from ..plots import pyplot, save_figure
+    from ...plots import pyplot, save_figure
 
     options = {job.name for job in option_jobs()}
     runs, lora = _with_options_and_curve(root, screen)

@@ -1,0 +1,160 @@
+"""What the alternatives study runs: each method's configuration, its learning-rate sweep,
+SRLoRA's options, the rank users pick and the 3-seed confirmation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ...absorb import AbsorbConfig
+from ...jobs import run_jobs
+from ..absorption import STEPS, AbsorbJob
+from ..new_pairs.jobs import BEST, VARIANTS
+
+TUNING = """Every method is tuned the same way: a 3-point learning-rate sweep on seed 1 (held-out chunks
+decide), the adapters at r = 2 included (LoRA, PiSSA and SRLoRA ran at 5e-4, chosen once, before).
+GaLore's update is ``lr x scale x`` its projected Adam step (no weight decay), so its learning
+rate and scale are one knob: the sweep moves the learning rate at galore-torch's scale 0.25."""
+
+# The adapters' learning rate before this study (chosen once).
+ADAPTER_LR = 5e-4
+# 3 points each, 2.5x apart around the value a user would try first.
+SWEEPS: dict[str, tuple[float, ...]] = {
+    "full": (1e-5, 3e-5, 1e-4),
+    "galore": (1e-4, 3e-4, 1e-3),
+    "adapter": (2e-4, ADAPTER_LR, 1.25e-3),
+}
+GALORE_INTERVAL = 40  # GaLore refreshes its subspace as often as SRLoRA switches (INTERVAL)
+
+
+def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig]:
+    """The run name and configuration of ``method`` at rank ``r`` (GaLore's rank; full fine-tuning
+    has none) and learning rate ``lr``."""
+    if method == "srlora":  # the chosen entry, r_target = 10 r as at r = 2
+        cfg = dataclasses.replace(VARIANTS[BEST][0], r=r, r_target=10 * r, lr=lr, seed=seed)
+        name = BEST.replace("-r2-", f"-r{r}-")
+    elif method == "full":
+        cfg, name = AbsorbConfig("full", r, steps=STEPS, lr=lr, seed=seed), "full"
+    elif method == "galore":
+        cfg = AbsorbConfig("galore", r, switch_interval=GALORE_INTERVAL, steps=STEPS, lr=lr, seed=seed)
+        name = f"galore-r{r}"
+    else:
+        cfg, name = AbsorbConfig(method, r, steps=STEPS, lr=lr, seed=seed), f"{method}-r{r}"
+    # Every name carries its learning rate: the runs at 5e-4 are new runs beside the absorption
+    # and new-pairs studies' runs of the same configuration, with the second text and the memory.
+    return f"{name}-lr{lr:g}", cfg
+
+
+# LoRA's ladder towards full fine-tuning: r = 16 holds about SRLoRA r = 2's trainable state
+# (SRLoRA's records and sketches: ~70 MiB on SmolLM2), r = 64 four times that.
+LADDER = (16, 64)
+
+
+def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
+    """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others;
+    LoRA's ladder (r = 16, 64 at 5e-4) after the first round."""
+    order: list[tuple[str, int, float]] = []
+    for i in (1, 0, 2):  # middle points first: a sweep's edges only matter if the middle is not best
+        order += [("full", 2, SWEEPS["full"][i]), ("galore", 2, SWEEPS["galore"][i])]
+        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("lora", "srlora")]
+        if i == 1:
+            order += [("lora", r, ADAPTER_LR) for r in LADDER]
+        order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
+    return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
+
+
+# SRLoRA's options aimed at forgetting, each on the chosen entry (BEST) at the adapters' learning
+# rate, seed 1: the tag in the run name, the SRLoRAConfig fields it sets, what it does.
+OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
+    "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
+    "lora-start": ({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
+    "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
+    # not aimed at forgetting: the same run without the records of fused and entered pairs (the
+    # larger part of SRLoRA's own memory), exported against the base's weights
+    "no-records": ({"fused_records": False}, "no record of fused pairs (the same run, less memory)"),
+}
+
+
+# Options that change what the run keeps, not how it trains (their point is the chosen entry's).
+SAME_TRAINING = {"no-records"}
+
+
+def option_jobs(seed: int = 1) -> list[AbsorbJob]:
+    """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
+    base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
+    return [
+        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(fields)))
+        for tag, (fields, _) in OPTIONS.items()
+    ]
+
+
+# The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
+# it (8x the rank moves the weights further per step at the same rate; the one above where the
+# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA keeps no
+# records here (the same training; at r = 16 they would hold ~2 x 160 pairs a layer).
+RANK = 16
+RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
+
+
+def best_lr(root: Path, method: str, r: int = 2) -> float | None:
+    """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among the
+    committed results, once its whole sweep is there; ``None`` before."""
+    from ..absorption import load_absorb
+
+    sweep = SWEEPS.get(method, SWEEPS["adapter"])
+    names = {config(method, r, lr, 1)[0]: lr for lr in sweep}
+    done = {names[e["name"]]: e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1}
+    if len(done) < len(sweep):
+        return None
+    return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+
+
+def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
+    """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
+    import sys
+
+    jobs = []
+    for method in RANKED:
+        best = best_lr(root, method)
+        if best is None:
+            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
+            continue
+        sweep = SWEEPS.get(method, SWEEPS["adapter"])
+        i = sweep.index(best)
+        for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
+            name, cfg = config(method, RANK, lr, seed)
+            if method == "srlora":
+                name, cfg = (
+                    name.replace(f"-lr{lr:g}", f"-no-records-lr{lr:g}"),
+                    dataclasses.replace(cfg, srlora={"fused_records": False}),
+                )
+            jobs.append(AbsorbJob(name, cfg))
+    return jobs
+
+
+# Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
+CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
+
+
+def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
+    """Each of :data:`CONFIRMED` at its best r = 2 learning rate (:func:`best_lr`, once its sweep
+    is complete) on every seed of ``seeds``; seed 1's runs are the screen's."""
+    import sys
+
+    jobs = []
+    for method in CONFIRMED:
+        best = best_lr(root, method)
+        if best is None:
+            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
+            continue
+        jobs += [AbsorbJob(*config(method, 2, best, seed)) for seed in seeds]
+    return jobs
+
+
+PARTS = {
+    "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(root, seeds), ns.jobs, root),
+    "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),
+}

@@ -165,8 +165,21 @@ def build(
     model = make_peft(case, seed, r=r, alpha=alpha, **(lora_kwargs or {}))
     config_kwargs.setdefault("r_target", 16)
     config_kwargs.setdefault("switch_interval", 20)
-    ctl = SRLoRA(model, SRLoRAConfig(**config_kwargs))
+    run_model = general_text(model, case) if config_kwargs.get("subspace_whiten") else None
+    ctl = SRLoRA(model, SRLoRAConfig(**config_kwargs), run_model=run_model)
     return model, ctl
+
+
+def general_text(model: nn.Module, case: Case, batches: int = 2):
+    """``run_model`` for ``subspace_whiten``: the model's forward on batches of a seed no
+    training batch uses (the tests' "text the model should keep knowing")."""
+
+    def run_model() -> None:
+        g = torch.Generator().manual_seed(99)
+        for _ in range(batches):
+            case.loss(model, case.batch(g))
+
+    return run_model
 
 
 def adam(model: nn.Module, lr: float = 1e-2, **kw) -> torch.optim.Optimizer:

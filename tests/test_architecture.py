@@ -168,7 +168,7 @@ def test_the_config_documents_every_field_in_its_docstring_and_in_the_api_table(
     import dataclasses
 
     from srlora import SRLoRAConfig
-    from srlora.config import fields_table
+    from srlora.experiments.options import fields_table
 
     doc = SRLoRAConfig.__doc__ or ""
     for f in dataclasses.fields(SRLoRAConfig):
@@ -176,4 +176,6 @@ def test_the_config_documents_every_field_in_its_docstring_and_in_the_api_table(
         assert f"{f.name} ({default}):" in doc, f"SRLoRAConfig's docstring does not list {f.name} ({default})"
     api = (SRC.parents[1] / "docs/API.md").read_text()
     table = api.split("<!-- fields_table: begin -->\n", 1)[1].split("\n<!-- fields_table: end -->", 1)[0]
-    assert table == fields_table(), "docs/API.md's field table is stale: write srlora.config.fields_table() into it"
+    assert table == fields_table(), (
+        "docs/API.md's field table is stale: write srlora.experiments.options.fields_table() into it"
+    )

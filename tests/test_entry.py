@@ -8,7 +8,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from conftest import CASES, adam, build, logits, make_base, train
+from conftest import CASES, adam, build, logits, make_base, make_peft, train
 
 from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint
 from srlora.export import base_weight
@@ -24,6 +24,7 @@ OPTIONS = {
     ),
     "gradient subspace, LoRA's first pairs": dict(direction_policy="gradient_subspace", first_pairs="lora"),
     "gradient subspace, no records": dict(direction_policy="gradient_subspace", fused_records=False),
+    "gradient subspace, whitened": dict(direction_policy="gradient_subspace", subspace_whiten=4),
 }
 
 
@@ -87,8 +88,11 @@ def test_a_scheduled_switch_changes_nothing_but_the_split(option):
         opt.zero_grad()
 
 
-def _layer_with_gradient_along(u: torch.Tensor, v: torch.Tensor, policy: str, **kw):
-    """A bias-free 16x16 Linear with W0 = U diag(16..1) V^T and SRLoRA r = 2 on it."""
+def _layer_with_gradient_along(
+    u: torch.Tensor, v: torch.Tensor, policy: str, calibration: torch.Tensor | None = None, **kw
+):
+    """A bias-free 16x16 Linear with W0 = U diag(16..1) V^T and SRLoRA r = 2 on it
+    (``calibration``: the inputs ``run_model`` runs it on, for ``subspace_whiten``)."""
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(16, 16, generator=g, dtype=torch.float64))
@@ -96,8 +100,52 @@ def _layer_with_gradient_along(u: torch.Tensor, v: torch.Tensor, policy: str, **
     with torch.no_grad():
         base[0].weight.copy_((U * torch.arange(16, 0, -1, dtype=torch.float64)) @ V.T)
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
-    ctl = SRLoRA(model, SRLoRAConfig(r_target=8, gamma=0.5, switch_interval=20, direction_policy=policy, **kw))
-    return model, ctl
+    run_model = None if calibration is None else (lambda: model(calibration))
+    config = SRLoRAConfig(r_target=8, gamma=0.5, switch_interval=20, direction_policy=policy, **kw)
+    return model, SRLoRA(model, config, run_model=run_model)
+
+
+def test_whitened_pairs_follow_the_gradient_where_general_text_is_quiet():
+    """Calibration inputs driven hard along q; the window's gradient G = -2 u1 q^T - u2 p^T.
+    Plain: the pair enters along G's top pair, mostly (u1, q). Whitened (k = 4; the sketch
+    keeps l = n = 16 columns, so the covariance's top eigenpairs are exact):
+    P = I + Q (diag(g) - 1) Q^T, g = sqrt(2 mean / (lambda + mean)) from the calibration inputs
+    alone, and the pair enters along G P's top left vector and v = P w / |P w|, w its top
+    right vector."""
+    g = torch.Generator().manual_seed(5)
+    q, p, u1, u2 = (torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0) for _ in range(4))
+    calibration = 0.3 * torch.randn(64, 16, generator=g) + 5 * torch.randn(64, 1, generator=g) * q
+
+    def entered(whiten: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kw = dict(subspace_whiten=whiten, calibration=calibration) if whiten else {}
+        model, ctl = _layer_with_gradient_along(u1, q, "gradient_subspace", **kw)
+        layer = ctl.layers[ctl.layer_names[0]]
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        ctl.attach(opt)
+        G = torch.zeros(16, 16, dtype=torch.float64)
+        for _ in range(20):
+            strong, weak = q * (1 + torch.rand(8, 1, generator=g)), p * (1 + torch.rand(8, 1, generator=g))
+            (-2 * (model(strong) @ u1).sum() - (model(weak) @ u2).sum()).backward()
+            G -= 2 * torch.outer(u1, strong.sum(0)).double() + torch.outer(u2, weak.sum(0)).double()
+            opt.step()
+            opt.zero_grad()
+        (event,) = ctl.history
+        b, a = layer.target.lora_B.detach()[:, event.slots[0]], layer.target.lora_A.detach()[event.slots[0]]
+        return (b / b.norm()).double(), (a / a.norm()).double(), G
+
+    b, a, G = entered(0)
+    U, _, Vh = torch.linalg.svd(G)  # plain: G's top pair, mostly the loud (u1, q)
+    assert abs(float(b @ U[:, 0])) > 1 - 1e-4 and abs(float(a @ Vh[0])) > 1 - 1e-4 and abs(float(a @ q.double())) > 0.9
+    b, a, G = entered(4)
+    C = calibration.double().T @ calibration.double()
+    lam, vec = torch.linalg.eigh(C)
+    lam, Q = lam.flip(0)[:4], vec.flip(1)[:, :4]
+    gain = (2 * (C.trace() / 16) / (lam + C.trace() / 16)).sqrt()
+    P = torch.eye(16, dtype=torch.float64) + Q @ torch.diag(gain - 1) @ Q.T
+    U, _, Vh = torch.linalg.svd(G @ P)
+    v = P @ Vh[0]
+    assert abs(float(b @ U[:, 0])) > 1 - 1e-4 and abs(float(a @ (v / v.norm()))) > 1 - 1e-4
+    assert abs(float(a @ q.double())) < 0.5  # it turned away from the loud direction
 
 
 def test_the_new_pair_lies_along_the_gradients_top_singular_vectors():
@@ -246,6 +294,7 @@ def test_the_hooks_exist_only_in_the_windows():
         "spectrum, first pairs' scale",
         "gradient subspace, W0's top 4 left alone",
         "gradient subspace, LoRA's first pairs",
+        "gradient subspace, whitened",
     ],
 )
 def test_resume_inside_a_window_is_bit_equal(tmp_path, option):
@@ -318,6 +367,24 @@ def test_bad_entry_options_are_refused_with_the_fix():
         SRLoRAConfig(r_target=8, total_steps=10, entry_scale="large")
     with pytest.raises(ValueError, match="gradient_subspace"):
         SRLoRAConfig(r_target=8, total_steps=10, direction_policy="subspace")
+
+
+def test_bad_whitening_is_refused_with_the_fix():
+    """subspace_whiten: only under the gradient's subspace, not with subspace_exclude, never
+    without a run_model (nor a run_model without it), and a run_model that reaches every layer."""
+    with pytest.raises(ValueError, match="direction_policy='gradient_subspace'"):
+        SRLoRAConfig(r_target=8, total_steps=10, subspace_whiten=4)
+    with pytest.raises(ValueError, match="one way to shape"):
+        SRLoRAConfig(
+            r_target=8, total_steps=10, direction_policy="gradient_subspace", subspace_whiten=4, subspace_exclude=4
+        )
+    config = SRLoRAConfig(r_target=12, switch_interval=20, direction_policy="gradient_subspace", subspace_whiten=4)
+    with pytest.raises(ValueError, match=r"SRLoRA\(model, config, run_model=fn\)"):
+        SRLoRA(make_peft(CASES["mlp"], 0, r=2), config)
+    with pytest.raises(ValueError, match="set subspace_whiten=k"):
+        SRLoRA(make_peft(CASES["mlp"], 0, r=2), SRLoRAConfig(r_target=12, switch_interval=20), run_model=lambda: None)
+    with pytest.raises(ValueError, match="run_model never ran layer"):
+        SRLoRA(make_peft(CASES["mlp"], 0, r=2), config, run_model=lambda: None)
 
 
 def test_a_window_whose_gradient_is_exactly_zero_enters_the_seeded_random_directions():

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from .errors import check_choice, check_int
+
 OptimizerReset = Literal["seed", "zero", "none"]
 ScoreReset = Literal["recycled", "all"]
 SVDMethod = Literal["full", "randomized"]
@@ -94,6 +96,8 @@ class SRLoRAConfig:
             r directions ('pissa') or PEFT's own start ('lora'; with 'gradient_subspace').
         subspace_exclude (default 0): 'gradient_subspace': W0's top k singular directions
             are projected out of the captured gradient, so no new pair moves along them.
+        subspace_whiten (default 0): 'gradient_subspace': the captured gradient whitened along
+            the top k directions of a general text's input covariance (SRLoRA(run_model=...)).
         reset_scores (default 'recycled'): Whose importance EMAs a switch resets: the
             'recycled' pairs or 'all'.
         svd_method (default 'full'): 'full' (torch.linalg.svd) or 'randomized'
@@ -213,6 +217,15 @@ class SRLoRAConfig:
             "directions W0 uses most (0: off; the SVD cache keeps max(r, k) triplets)."
         },
     )
+    subspace_whiten: int = field(
+        default=0,
+        metadata={
+            "help": "'gradient_subspace': new pairs that lower the loss most per unit of output change on general "
+            "text (CorDA's aim, at every switch): the captured gradient is whitened along the top k directions of "
+            "the input covariance of text the model should keep knowing, which SRLoRA(model, config, run_model=fn) "
+            "collects once by running fn (0: off; not with subspace_exclude)."
+        },
+    )
     reset_scores: ScoreReset = field(
         default="recycled",
         metadata={"help": "Whose importance EMAs are reset at a switch: 'recycled' pairs only, or 'all' pairs."},
@@ -267,7 +280,7 @@ class SRLoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_int("r_target", self.r_target, minimum=1)
+        check_int("r_target", self.r_target, minimum=1)
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
             raise TypeError(f"gamma must be a number in (0, 1], got {self.gamma!r}.")
         if not (0.0 < self.gamma <= 1.0) or math.isnan(self.gamma):
@@ -283,13 +296,13 @@ class SRLoRAConfig:
                 "or total_steps='auto' when a Trainer/Lightning callback supplies N."
             )
         if self.total_steps is not None and self.total_steps != "auto":
-            _check_int("total_steps", self.total_steps, minimum=1)
+            check_int("total_steps", self.total_steps, minimum=1)
         if self.switch_interval is not None:
-            _check_int("switch_interval", self.switch_interval, minimum=1)
-        _check_choice("optimizer_reset", self.optimizer_reset, get_args(OptimizerReset))
-        _check_choice("reset_scores", self.reset_scores, get_args(ScoreReset))
-        _check_choice("svd_method", self.svd_method, get_args(SVDMethod))
-        _check_choice("direction_policy", self.direction_policy, get_args(DirectionPolicy))
+            check_int("switch_interval", self.switch_interval, minimum=1)
+        check_choice("optimizer_reset", self.optimizer_reset, get_args(OptimizerReset))
+        check_choice("reset_scores", self.reset_scores, get_args(ScoreReset))
+        check_choice("svd_method", self.svd_method, get_args(SVDMethod))
+        check_choice("direction_policy", self.direction_policy, get_args(DirectionPolicy))
         if self.entry_scale is not None:
             if isinstance(self.entry_scale, bool) or not isinstance(self.entry_scale, (int, float)):
                 raise TypeError(f"entry_scale must be a positive number or None, got {self.entry_scale!r}.")
@@ -301,29 +314,39 @@ class SRLoRAConfig:
         if self.entry_scale is None and self.direction_policy == "gradient_subspace":
             # The gradient's pairs have no singular value of W0 to enter with: the measured safe scale.
             self.entry_scale = SUBSPACE_ENTRY_SCALE
-        _check_int("sketch_oversample", self.sketch_oversample, minimum=0)
-        _check_int("subspace_exclude", self.subspace_exclude, minimum=0)
-        _check_choice("first_pairs", self.first_pairs, get_args(FirstPairs))
+        check_int("sketch_oversample", self.sketch_oversample, minimum=0)
+        check_int("subspace_exclude", self.subspace_exclude, minimum=0)
+        check_int("subspace_whiten", self.subspace_whiten, minimum=0)
+        check_choice("first_pairs", self.first_pairs, get_args(FirstPairs))
         if self.first_pairs != "pissa" and self.direction_policy != "gradient_subspace":
             raise ValueError(
                 f"first_pairs={self.first_pairs!r} leaves W0's top directions out of the slots, where the "
                 f"{self.direction_policy!r} policy counts them as entered: use it with "
                 f"direction_policy='gradient_subspace', or keep first_pairs='pissa'."
             )
-        if self.subspace_exclude and self.direction_policy != "gradient_subspace":
+        shaping = [
+            f"{k}={v}"
+            for k, v in (("subspace_exclude", self.subspace_exclude), ("subspace_whiten", self.subspace_whiten))
+            if v
+        ]
+        if shaping and self.direction_policy != "gradient_subspace":
             raise ValueError(
-                f"subspace_exclude={self.subspace_exclude} shapes the gradient's subspace: set "
+                f"{' and '.join(shaping)} shapes the gradient's subspace: set "
                 f"direction_policy='gradient_subspace' with it, or leave it at 0."
             )
-        _check_choice("side_factor_dtype", self.side_factor_dtype, get_args(SideFactorDType))
+        if len(shaping) > 1:
+            raise ValueError(
+                f"{' and '.join(shaping)}: one way to shape the gradient's subspace at a time; set the other to 0."
+            )
+        check_choice("side_factor_dtype", self.side_factor_dtype, get_args(SideFactorDType))
         if not isinstance(self.fused_records, bool):
             raise TypeError(f"fused_records must be True or False, got {self.fused_records!r}.")
         if not isinstance(self.adaptive_switch, bool):
             raise TypeError(f"adaptive_switch must be True or False, got {self.adaptive_switch!r}.")
-        _check_int("adaptive_patience", self.adaptive_patience, minimum=1)
-        _check_int("svd_niter", self.svd_niter, minimum=0)
-        _check_int("svd_oversample", self.svd_oversample, minimum=0)
-        _check_int("seed", self.seed, minimum=None)
+        check_int("adaptive_patience", self.adaptive_patience, minimum=1)
+        check_int("svd_niter", self.svd_niter, minimum=0)
+        check_int("svd_oversample", self.svd_oversample, minimum=0)
+        check_int("seed", self.seed, minimum=None)
         if not isinstance(self.adapter_name, str) or not self.adapter_name:
             raise ValueError(f"adapter_name must be a non-empty string, got {self.adapter_name!r}.")
 
@@ -373,7 +396,7 @@ class SRLoRAConfig:
                 for no switch, or ``r > width``. A layer narrower than ``r_target`` is not an
                 error: its budget is clamped (``clamped`` is True), possibly to no switch at all.
         """
-        _check_int("r", r, minimum=1)
+        check_int("r", r, minimum=1)
         r_prime = self.recycled_per_switch(r)
         if self.r_target <= r:
             raise ValueError(
@@ -423,26 +446,3 @@ class SRLoRAConfig:
             # Saved before None had a scale of its own under gradient_subspace: it meant 1.0 then.
             data = {**data, "entry_scale": 1.0}
         return cls(**data)
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
-
-
-def fields_table() -> str:
-    """Every :class:`SRLoRAConfig` field as a Markdown table (name, default, help): the table in
-    docs/API.md (a test keeps the two in step)."""
-    rows = ["| field | default | what it does |", "|---|---|---|"]
-    for f in dataclasses.fields(SRLoRAConfig):
-        default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
-        help_ = f.metadata["help"].replace("|", "\\|")
-        rows.append(f"| `{f.name}` | {default} | {help_} |")
-    return "\n".join(rows)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -35,7 +35,7 @@ from .importance import update_importance_from_targets_
 from .layer import LayerState, SwitchEvent, check_build_order, refuse
 from .memory import owned_bytes
 from .optim_state import OptimizerStateReset, require_params, run_before_step, unwrap_optimizer
-from .schedule import SwitchSchedule, adaptive_trigger, warn_short_interval
+from .schedule import SwitchSchedule, adaptive_trigger, warn_clamped, warn_short_interval
 from .svd import SVDCache
 from .switch import adaptive_due, apply_switches, build_groups, mark_exhausted, switch_groups, switch_inputs
 from .targets import find_lora_targets, is_sharded_model
@@ -62,9 +62,16 @@ class SRLoRA:
         config: the SRLoRA hyper-parameters.
         svd_caches: precomputed SVDs by layer name (to reuse a decomposition); computed
             here when ``None``, on rank 0 and broadcast under ``torch.distributed``.
+        run_model: with ``subspace_whiten``: runs the model on text it should keep knowing (:mod:`srlora.whiten`).
     """
 
-    def __init__(self, model: nn.Module, config: SRLoRAConfig, svd_caches: Mapping[str, SVDCache] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SRLoRAConfig,
+        svd_caches: Mapping[str, SVDCache] | None = None,
+        run_model: Callable[[], object] | None = None,
+    ):
         if not isinstance(config, SRLoRAConfig):
             raise TypeError(f"config must be an SRLoRAConfig, got {type(config).__name__}.")
         self.model, self.config = model, config
@@ -98,15 +105,8 @@ class SRLoRA:
         collective.prepare()  # the group that checks that every rank makes a collective call
         self._groups, self._group_of = build_groups(list(self._layers.values()))  # batched switches
 
-        clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
-        if clamped:
-            warnings.warn(
-                f"r_target={config.r_target} exceeds min(m, n) of {len(clamped)} layer(s); their budget and schedule "
-                "use the clamped value: " + ", ".join(clamped[:8]) + (" ..." if len(clamped) > 8 else ""),
-                ScheduleWarning,
-                stacklevel=2,
-            )
-        self.directions = policy_for(self._layers, config)  # what enters at a switch
+        warn_clamped(config, budgets, stacklevel=2)
+        self.directions = policy_for(self._layers, config, run_model)  # what enters at a switch
         if schedules is not None:
             self._install_schedules(schedules, stacklevel=3)
         logger.info("SRLoRA: %d layers, its state %.1f MiB", len(self._layers), self.memory_bytes() / 2**20)

@@ -25,7 +25,7 @@ module, one entry in :data:`POLICIES` and one in the config's choices.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -108,6 +108,16 @@ def policy_class(config: SRLoRAConfig) -> type[DirectionPolicy]:
     return getattr(importlib.import_module(module), name)
 
 
-def policy_for(layers: Mapping[str, LayerState], config: SRLoRAConfig) -> DirectionPolicy:
-    """The direction policy of ``config`` over a controller's layers."""
-    return policy_class(config)(layers, config)
+def policy_for(
+    layers: Mapping[str, LayerState], config: SRLoRAConfig, run_model: Callable[[], object] | None = None
+) -> DirectionPolicy:
+    """The direction policy of ``config`` over a controller's layers (``run_model``: the
+    general-text pass of ``subspace_whiten``, :mod:`srlora.whiten`)."""
+    if not config.subspace_whiten:
+        if run_model is not None:
+            raise ValueError(
+                "run_model runs the model on general text for subspace_whiten's input covariance, and subspace_whiten "
+                "is 0: set subspace_whiten=k (direction_policy='gradient_subspace'), or leave run_model out."
+            )
+        return policy_class(config)(layers, config)
+    return policy_class(config)(layers, config, run_model)  # type: ignore[call-arg]

@@ -41,3 +41,17 @@ __all__ = [
     "ScheduleWarning",
     "UnsupportedOptimizerWarning",
 ]
+
+
+def check_int(name: str, value: object, minimum: int | None) -> None:
+    """A config field that must be an integer (at least ``minimum``): a clear error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """A config field that must be one of ``choices``: a clear error that lists them otherwise."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")

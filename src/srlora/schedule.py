@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +179,18 @@ def warn_short_interval(config: SRLoRAConfig, schedules: Iterable[SwitchSchedule
             f"The switch interval ({min(switching)} steps) is shorter than the {horizon} steps the importance "
             f"EMAs (beta={max(config.beta1, config.beta2)}) need to forget their zero start, so recycled pairs "
             f"may be evicted before they are scored fairly. Lower r_target, raise gamma or train longer.",
+            ScheduleWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def warn_clamped(config: SRLoRAConfig, budgets: Mapping[str, SwitchBudget], stacklevel: int) -> None:
+    """Warn when ``r_target`` exceeds some layers' ``min(m, n)`` (their budget is clamped)."""
+    clamped = [f"{name} (min(m, n) = {b.directions})" for name, b in budgets.items() if b.clamped]
+    if clamped:
+        warnings.warn(
+            f"r_target={config.r_target} exceeds min(m, n) of {len(clamped)} layer(s); their budget and schedule "
+            "use the clamped value: " + ", ".join(clamped[:8]) + (" ..." if len(clamped) > 8 else ""),
             ScheduleWarning,
             stacklevel=stacklevel + 1,
         )

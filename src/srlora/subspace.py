@@ -38,7 +38,7 @@ directions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from . import collective
 from .capture import Probe, WindowedCapture
 from .config import SRLoRAConfig
 from .layer import LayerState
+from .whiten import Whitening, collect
 
 
 class SketchProbe(Probe):
@@ -74,6 +75,8 @@ class SketchProbe(Probe):
         self._psi: torch.Tensor | None = None
         self.exclude = min(config.subspace_exclude, layer.cache.rank)
         self._left: tuple[torch.Tensor, torch.Tensor] | None = None  # W0's top (U_k, V_k), left alone
+        self.whiten = config.subspace_whiten
+        self.whitening: Whitening | None = None  # P of srlora.whiten, when subspace_whiten > 0
 
     @property
     def Y(self) -> torch.Tensor:
@@ -100,6 +103,11 @@ class SketchProbe(Probe):
 
     def open(self) -> bool:
         """The window's test matrices (and W0's directions left alone)."""
+        if self.whiten and self.whitening is None:
+            raise RuntimeError(
+                f"subspace_whiten={self.whiten}: layer {self.layer.name!r} has no input covariance; build "
+                "SRLoRA(model, config, run_model=fn) or load a checkpoint saved with it."
+            )
         omega, self._psi = self.test_matrices()
         self._omega_t = omega.T.contiguous()
         self._left = self.left_alone() if self.exclude else None
@@ -128,6 +136,8 @@ class SketchProbe(Probe):
             Uk, Vk = self._left
             x2 = x2 - (x2 @ Vk) @ Vk.T
             d = d - (d @ Uk) @ Uk.T
+        if self.whitening is not None:
+            x2 = self.whitening.apply(x2)  # G P = sum_t delta_t^T (P x_t)^T
         # (G Omega)^T = sum_t (Omega^T x_t^T) delta_t; in this order every product is short-wide
         # (k rows), which CPU BLAS runs several times faster than the tall-skinny x Omega.
         self._Yt_step.addmm_(self._omega_t @ x2.T, d)
@@ -162,6 +172,15 @@ class SketchProbe(Probe):
 
     def window_state(self) -> dict[str, torch.Tensor]:
         return {"Y": self.Y.clone(), "Z": self.Z.clone()}
+
+    def state_dict(self) -> dict[str, Any]:
+        whitening = self.whitening.state_dict() if self.whitening is not None else {}
+        return {**super().state_dict(), **whitening}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "whiten_Q" in state:  # before the window re-opens
+            self.whitening = Whitening.from_state(state, self.Yt.device)
+        super().load_state_dict(state)
 
     def load_window_state(self, state: dict[str, Any]) -> None:
         self.Y.copy_(state["Y"])
@@ -210,6 +229,21 @@ class GradientSubspace(WindowedCapture):
 
     probes: dict[str, SketchProbe]
 
+    def __init__(
+        self, layers: Mapping[str, LayerState], config: SRLoRAConfig, run_model: Callable[[], object] | None = None
+    ) -> None:
+        super().__init__(layers, config)
+        if config.subspace_whiten:
+            if run_model is None:
+                raise ValueError(
+                    f"subspace_whiten={config.subspace_whiten} whitens by the input covariance of text the model "
+                    "should keep knowing: build SRLoRA(model, config, run_model=fn), fn() running the model's "
+                    "forward on that text (a few batches; as PEFT's CorDA takes it)."
+                )
+            k, seed = config.subspace_whiten, config.seed
+            for name, w in collect(layers, run_model, k, config.sketch_oversample, seed).items():
+                self.probes[name].whitening = w
+
     @classmethod
     def full_rows(cls, config: SRLoRAConfig) -> bool:
         return config.subspace_exclude > 0  # W0's top left vectors project the whole output gradient
@@ -238,7 +272,10 @@ class GradientSubspace(WindowedCapture):
                 p.Y.copy_(parts[2 * i].view_as(p.Y))
                 p.Z.copy_(parts[2 * i + 1].view_as(p.Z))
                 p.steps_seen = int(seen[i])
-        out = {p.layer.name: uv for p, uv in zip(probes, top_vectors(probes), strict=True)}
+        out = {
+            p.layer.name: (u, v if p.whitening is None else p.whitening.directions(v))  # v = P w / |P w|
+            for p, (u, v) in zip(probes, top_vectors(probes), strict=True)
+        }
         if distributed:
             flat = torch.cat([t.flatten() for u, v in out.values() for t in (u, v)])
             dist.broadcast(flat, src=0)  # LAPACK may differ between hosts: rank 0's vectors for all

@@ -105,3 +105,14 @@ def train_config(argv: list[str]) -> RunConfig:
     add_run_options(p)
     ns = p.parse_args(argv)
     return RunConfig.from_flat({"method": ns.method, **run_values(ns, None)})
+
+
+def fields_table() -> str:
+    """Every :class:`SRLoRAConfig` field as a Markdown table (name, default, help): the table in
+    docs/API.md (a test keeps the two in step)."""
+    rows = ["| field | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(SRLoRAConfig):
+        default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
+        help_ = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {default} | {help_} |")
+    return "\n".join(rows)

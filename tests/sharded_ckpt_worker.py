@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import CASES, make_peft
 from launch import each, init_group
 from procgroup import leave_process_group
-from sharded_worker import CONFIGS, GLOBAL_BATCH, MODES, batch, whole_state, zero_engine
+from sharded_worker import CONFIGS, GLOBAL_BATCH, MODES, batch, general_text, whole_state, zero_engine
 
 import srlora.checkpoint_sharded as sharded
 from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint
@@ -37,12 +37,12 @@ def build(mode: str, rank: int, world: int, config: SRLoRAConfig) -> tuple:
         for block in model.base_model.model.bert.encoder.layer:
             fully_shard(block)
         fully_shard(model)
-        ctl = SRLoRA(model, config)
+        ctl = SRLoRA(model, config, run_model=general_text(model, config, rank, world))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
         ctl.attach(opt)
         return model, ctl, opt, None
     engine, opt = zero_engine(model, int(mode[-1]), world)
-    return model, SRLoRA(model, config), opt, engine
+    return model, SRLoRA(model, config, run_model=general_text(model, config, rank, world)), opt, engine
 
 
 def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int) -> None:

@@ -47,6 +47,8 @@ CONFIGS = {
     "lora-start": dataclasses.replace(SUBSPACE, first_pairs="lora"),  # the slots start as PEFT built them
     # No record of fused or entered pairs: W holds them; the export takes the base's weights.
     "no-records": dataclasses.replace(SUBSPACE, fused_records=False),
+    # Whitened by the input covariance of a general batch, each rank its half (summed over ranks).
+    "whitened": dataclasses.replace(SUBSPACE, subspace_whiten=4),
 }
 MODES = ["fsdp", "zero1", "zero2", "zero3"]
 
@@ -88,6 +90,20 @@ def batch(step: int) -> dict:
     }
 
 
+def general_text(model: torch.nn.Module, config: SRLoRAConfig, rank: int, world: int):
+    """``run_model`` of a whitened entry (``None`` otherwise): the model's forward on this rank's
+    share of two batches no training step uses (every rank runs it: a sharded forward)."""
+    if not config.subspace_whiten:
+        return None
+    share = GLOBAL_BATCH // world
+
+    def run_model() -> None:
+        for step in (500, 501):
+            model(**{k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items() if k != "labels"})
+
+    return run_model
+
+
 def whole_state(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of the (merged) model, whole, on the CPU."""
     if mode == "zero3":  # partitioned parameters; under ZeRO-1/2 they are whole on every rank
@@ -115,9 +131,9 @@ def train_and_export(mode: str, entry: str, out: Path, rank: int = 0, world: int
         fully_shard(model)
     if mode.startswith("zero"):
         engine, opt = zero_engine(model, int(mode[-1]), world)
-        ctl = SRLoRA(model, config)
+        ctl = SRLoRA(model, config, run_model=general_text(model, config, rank, world))
     else:
-        ctl = SRLoRA(model, config)
+        ctl = SRLoRA(model, config, run_model=general_text(model, config, rank, world))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     share = GLOBAL_BATCH // world
     for step in range(STEPS):

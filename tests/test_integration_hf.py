@@ -186,3 +186,42 @@ def test_callback_built_from_a_config_builds_srlora_on_the_trained_peft_model(tm
     assert sorted({e.step for e in ctl.history}) == [10, 20, 30, 40, 50]
     with pytest.raises(TypeError, match="controller or an SRLoRAConfig"):
         SRLoRACallback("r_target=64")
+
+
+def _general_text(model) -> None:
+    """``run_model`` for ``subspace_whiten``: the model's forward on ids no training batch holds."""
+    ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(77))
+    model(input_ids=ids)
+
+
+def test_callback_built_from_a_config_takes_the_general_text_pass_of_subspace_whiten(tmp_path):
+    """SRLoRACallback(config, run_model=f): f gets the PEFT model the Trainer trains, and the
+    whitening it yields is the one SRLoRA(model, config, run_model=...) builds by hand."""
+    config = SRLoRAConfig(
+        r_target=8, gamma=0.5, total_steps="auto", direction_policy="gradient_subspace", subspace_whiten=4
+    )
+    seen = []
+
+    def run_model(model) -> None:
+        seen.append(model)
+        _general_text(model)
+
+    def peft_model():
+        return peft.get_peft_model(
+            make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+        )
+
+    model = peft_model()
+    callback = SRLoRACallback(config, run_model=run_model)
+    Trainer(
+        model=model, args=_args(tmp_path, max_steps=60, save_steps=1000), train_dataset=Tokens(), callbacks=[callback]
+    ).train()
+    ctl = callback.controller
+    assert seen == [model] and ctl is not None and ctl.history  # built once, on that model; it switched
+    other = peft_model()
+    by_hand = SRLoRA(other, config, run_model=lambda: _general_text(other)).state_dict()["directions"]
+    for name, state in ctl.state_dict()["directions"].items():
+        assert torch.equal(state["whiten_Q"], by_hand[name]["whiten_Q"]), name
+        assert torch.equal(state["whiten_gain"], by_hand[name]["whiten_gain"]), name
+    with pytest.raises(TypeError, match="run_model goes with an SRLoRAConfig"):
+        SRLoRACallback(ctl, run_model=run_model)

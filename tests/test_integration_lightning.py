@@ -252,3 +252,32 @@ def test_fsdp2_under_lightning_resumes_from_its_checkpoint_exactly(fsdp2_runs):
         assert again["steps"] == whole["steps"] == 45 and again["history"] == whole["history"]
         for name, w in whole["weights"].items():
             assert torch.equal(again["weights"][name], w), name
+
+
+def test_callback_built_from_a_config_takes_the_general_text_pass_of_subspace_whiten():
+    """SRLoRALightningCallback(config, run_model=f): built in setup, f gets the PEFT model inside
+    the module, and the whitening equals SRLoRA(model, config, run_model=...) built by hand."""
+    config = SRLoRAConfig(
+        r_target=8, gamma=0.5, total_steps="auto", direction_policy="gradient_subspace", subspace_whiten=4
+    )
+    ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(77))
+    seen = []
+
+    def run_model(model) -> None:
+        seen.append(model)
+        model(input_ids=ids)
+
+    model = peft.get_peft_model(
+        make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+    )
+    callback = SRLoRALightningCallback(config, run_model=run_model)
+    callback.setup(None, Module(model), "fit")
+    assert seen == [model]
+    other = peft.get_peft_model(
+        make_base(CASES["bert"]), peft.LoraConfig(r=4, lora_alpha=8, target_modules=CASES["bert"].targets)
+    )
+    by_hand = SRLoRA(other, config, run_model=lambda: other(input_ids=ids)).state_dict()["directions"]
+    for name, state in callback.controller.state_dict()["directions"].items():
+        assert torch.equal(state["whiten_Q"], by_hand[name]["whiten_Q"]), name
+    with pytest.raises(TypeError, match="run_model goes with an SRLoRAConfig"):
+        SRLoRALightningCallback(callback.controller, run_model=run_model)

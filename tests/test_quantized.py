@@ -311,7 +311,11 @@ def test_a_4bit_model_built_by_hand_trains_switches_and_exports(tmp_path):
     torch.testing.assert_close(xq.grad, xp.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("option", [{}, {"subspace_exclude": 6}, {"first_pairs": "lora"}], ids=["", "exclude", "lora"])
+@pytest.mark.parametrize(
+    "option",
+    [{}, {"subspace_exclude": 6}, {"first_pairs": "lora"}, {"subspace_whiten": 4}],
+    ids=["", "exclude", "lora", "whitened"],
+)
 def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exactly(tiny_llama, tmp_path, option):
     """Issue 24's entries on the quantized kind: new pairs along the windowed gradient's subspace
     at half the first pairs' scale. Each switch changes a layer's output by float32 rounding
@@ -323,12 +327,17 @@ def test_gradient_subspace_entries_on_a_4bit_base_keep_the_output_and_resume_exa
         side_factor_dtype="float32",
         direction_policy="gradient_subspace",
         entry_scale=0.5,
-        **option,  # W0's top 6 directions left alone, or LoRA's first pairs
+        **option,  # W0's top 6 directions left alone, LoRA's first pairs, or whitened
     )
 
     def build():
         model = _load(tiny_llama)
-        ctl = SRLoRA(model, config)
+
+        def general_text() -> None:  # the input covariance of a batch no step trains on
+            model.train()  # the float32 path (see _logits)
+            model(input_ids=_batch(77)["input_ids"])
+
+        ctl = SRLoRA(model, config, run_model=general_text if config.subspace_whiten else None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ctl.attach(opt)
         return model, ctl, opt

@@ -43,8 +43,8 @@ def test_fsdp2_whatever_fully_shard_wraps(tmp_path):
 # entries; FSDP2, ZeRO-2 and ZeRO-3 with issue 24's (the gradient subspace at half the first
 # pairs' scale: sketches summed over ranks, records of the entered pairs).
 # The same gradient subspace with W0's top 4 directions left alone (FSDP2, ZeRO-2, ZeRO-3) and
-# with LoRA's first pairs (FSDP2, ZeRO-3); and with no record of the fused pairs (the export
-# takes the base's weights).
+# with LoRA's first pairs (FSDP2, ZeRO-3); with no record of the fused pairs (the export
+# takes the base's weights); and whitened by a general batch's input covariance (subspace_whiten).
 EXPORTED = [
     ("fsdp", "paper"),
     ("zero2", "paper"),
@@ -57,6 +57,8 @@ EXPORTED = [
     ("zero3", "lora-start"),
     ("fsdp", "no-records"),
     ("zero3", "no-records"),
+    ("fsdp", "whitened"),
+    ("zero3", "whitened"),
 ]
 CHECKPOINTED = [
     ("fsdp", "paper"),
@@ -69,6 +71,8 @@ CHECKPOINTED = [
     ("zero2", "left-alone"),
     ("zero3", "lora-start"),
     ("fsdp", "no-records"),
+    ("fsdp", "whitened"),
+    ("zero2", "whitened"),
 ]
 
 

@@ -26,6 +26,7 @@ the sharding when training starts::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from ..checkpoint import STATE_FILE, method_state, method_state_file, restore_me
 from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from ..optim_state import unwrap_optimizer
-from .figures import figures
+from .figures import build_controller, check_run_model, figures
 
 __all__ = ["STATE_FILE", "SRLoRACallback", "unwrap_optimizer"]
 
@@ -49,9 +50,11 @@ class SRLoRACallback(TrainerCallback):
         controller: a controller built on the PEFT model, or an :class:`~srlora.SRLoRAConfig`:
             the controller is then built when training starts, on the PEFT model the trainer
             trains (TRL builds it from a ``peft_config``, after the callbacks exist).
+        run_model: with a config that sets ``subspace_whiten``: ``run_model(peft_model)`` runs
+            the model on text it should keep knowing, once, when the controller is built.
     """
 
-    def __init__(self, controller: SRLoRA | SRLoRAConfig) -> None:
+    def __init__(self, controller: SRLoRA | SRLoRAConfig, run_model: Callable[[Any], object] | None = None) -> None:
         if isinstance(controller, SRLoRAConfig):
             self.config: SRLoRAConfig | None = controller
             self.controller: SRLoRA | None = None
@@ -61,6 +64,7 @@ class SRLoRACallback(TrainerCallback):
             raise TypeError(
                 f"SRLoRACallback needs an SRLoRA controller or an SRLoRAConfig, got {type(controller).__name__}."
             )
+        self.run_model = check_run_model(self.config, run_model)
         self._logged_events = 0
 
     def on_init_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -68,7 +72,7 @@ class SRLoRACallback(TrainerCallback):
         builds it from a ``peft_config`` in its constructor), before the Trainer shards it, hands it
         to DeepSpeed or loads a checkpoint into it: the SVD is of the pretrained weights."""
         if self.controller is None and self.config is not None and model is not None:
-            self.controller = SRLoRA(_peft_model(model), self.config)
+            self.controller = build_controller(_peft_model(model), self.config, self.run_model)
         return control
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -84,7 +88,7 @@ class SRLoRACallback(TrainerCallback):
                     "later: on a resume SRLoRA must decompose the pretrained weights before the checkpoint is loaded."
                 )
             # The optimizer already holds the LoRA parameters; SRLoRA rewrites them in place.
-            self.controller = SRLoRA(_peft_model(model), self.config)
+            self.controller = build_controller(_peft_model(model), self.config, self.run_model)
         ctl = self.controller
         ctl.set_total_steps(int(state.max_steps))
         if ctl.attached:

@@ -27,6 +27,7 @@ before a checkpoint is restored into it, so the SVD is of the pretrained weights
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback
@@ -34,7 +35,7 @@ from lightning.pytorch import Callback
 from ..config import SRLoRAConfig
 from ..controller import SRLoRA
 from ..errors import CheckpointError
-from .figures import figures
+from .figures import build_controller, check_run_model, figures
 
 
 class SRLoRALightningCallback(Callback):
@@ -44,9 +45,11 @@ class SRLoRALightningCallback(Callback):
         controller: a controller built on the PEFT model the LightningModule trains, or an
             :class:`~srlora.SRLoRAConfig`: the controller is then built in ``setup``, on the
             PEFT model found inside the LightningModule.
+        run_model: with a config that sets ``subspace_whiten``: ``run_model(peft_model)`` runs
+            the model on text it should keep knowing, once, when the controller is built.
     """
 
-    def __init__(self, controller: SRLoRA | SRLoRAConfig) -> None:
+    def __init__(self, controller: SRLoRA | SRLoRAConfig, run_model: Callable[[Any], object] | None = None) -> None:
         if isinstance(controller, SRLoRAConfig):
             self.config: SRLoRAConfig | None = controller
             self._controller: SRLoRA | None = None
@@ -57,6 +60,7 @@ class SRLoRALightningCallback(Callback):
                 "SRLoRALightningCallback needs an SRLoRA controller or an SRLoRAConfig, "
                 f"got {type(controller).__name__}."
             )
+        self.run_model = check_run_model(self.config, run_model)
         self._logged_events = 0
 
     @property
@@ -72,7 +76,7 @@ class SRLoRALightningCallback(Callback):
         """Built from a config: SRLoRA is built here, before the strategy wraps or shards the
         model and before a checkpoint is restored into it."""
         if self._controller is None and self.config is not None and stage == "fit":
-            self._controller = SRLoRA(_peft_model(pl_module), self.config)
+            self._controller = build_controller(_peft_model(pl_module), self.config, self.run_model)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:

@@ -100,6 +100,26 @@ def test_a_method_whose_package_is_missing_names_the_extra(monkeypatch):
         build(_config("galore"), _llama())
 
 
+def test_a_whitened_srlora_run_takes_its_covariance_from_the_general_blocks():
+    """srlora={"subspace_whiten": k}: the whitening is built from the general blocks (CorDA's
+    text), k input directions a layer, the same for the same blocks and another for others;
+    without them, a clear error."""
+    import dataclasses
+
+    cfg = dataclasses.replace(_config("srlora"), direction_policy="gradient_subspace", srlora={"subspace_whiten": 4})
+
+    def whitening(general: torch.Tensor) -> dict[str, torch.Tensor]:
+        ctl = build(cfg, _llama(), general=general).controller
+        return {name: s["whiten_Q"] for name, s in ctl.state_dict()["directions"].items()}
+
+    first, again, other = whitening(_blocks(8, 1)), whitening(_blocks(8, 1)), whitening(_blocks(8, 5))
+    assert len(first) == 2 * 7 and all(Q.shape[1] == 4 for Q in first.values())
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert all((first[n].T @ other[n]).abs().min() < 0.99 for n in first)  # another text, other directions
+    with pytest.raises(ValueError, match="needs its calibration blocks"):
+        build(cfg, _llama(), general=None)
+
+
 def test_bad_absorb_options_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="method must be one of"):
         AbsorbConfig("adalora")

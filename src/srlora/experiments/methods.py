@@ -127,8 +127,9 @@ def build(
     cfg: MethodConfig, base: nn.Module, general: torch.Tensor | None = None, train: torch.Tensor | None = None
 ) -> Built:
     """The model of ``cfg.method`` over ``base``, with its optimizer (AdamW at ``cfg.lr``; GaLore's
-    own AdamW for galore). CorDA takes its input covariance from the blocks ``general`` and LoRA-GA
-    its gradient from the first ``8 * batch`` training blocks, both through PEFT's own code."""
+    own AdamW for galore). CorDA takes its input covariance from the blocks ``general`` (through
+    PEFT's own code, as LoRA-GA its gradient from the first ``8 * batch`` training blocks), and
+    so does SRLoRA's ``subspace_whiten``."""
     import peft
 
     from .. import SRLoRA
@@ -155,7 +156,8 @@ def build(
         torch.manual_seed(cfg.seed)
         return Built(base, opt, w0=w0)
     lora = _lora_config(cfg)
-    if (cfg.method == "corda" and general is None) or (cfg.method == "lora_ga" and train is None):
+    whiten = cfg.method == "srlora" and cfg.srlora_config().subspace_whiten > 0
+    if ((cfg.method == "corda" or whiten) and general is None) or (cfg.method == "lora_ga" and train is None):
         raise ValueError(f"--method {cfg.method} needs its calibration blocks (general text / training data).")
     if cfg.method == "corda":
         from peft.tuners.lora.corda import preprocess_corda
@@ -169,7 +171,9 @@ def build(
         preprocess_loraga(base, lora, train_step=lambda: _run_batches(base, calibration, cfg.batch, backward=True))
         base.zero_grad(set_to_none=True)
     model = peft_model(base, lora)
-    ctl = SRLoRA(model, cfg.srlora_config()) if cfg.method == "srlora" else None
+    # subspace_whiten's input covariance: the same general text as CorDA's
+    run_model = (lambda: _run_batches(model, general, cfg.batch, backward=False)) if whiten else None
+    ctl = SRLoRA(model, cfg.srlora_config(), run_model=run_model) if cfg.method == "srlora" else None
     init = {}
     if cfg.method in ("pissa", "corda", "lora_ga"):
         for name, mod in model.named_modules():

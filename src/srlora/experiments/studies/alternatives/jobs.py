@@ -70,6 +70,9 @@ OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
     "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
     "lora-start": ({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
     "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
+    # CorDA's aim at every switch: the gradient whitened by CorDA's general text's top 32 input
+    # directions (its covariance from the same Amazon review snippets)
+    "w32": ({"subspace_whiten": 32}, "gradient whitened by general text's top 32 input directions"),
     # not aimed at forgetting: the same run without the records of fused and entered pairs (the
     # larger part of SRLoRA's own memory), exported against the base's weights
     "no-records": ({"fused_records": False}, "no record of fused pairs (the same run, less memory)"),

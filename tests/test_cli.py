@@ -107,6 +107,10 @@ def test_bad_options_are_clear(tiny_model, tmp_path, capsys):
     assert "Unknown task 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "lora,adalora", "--model", str(tiny_model)])
+    # srlora train has no general text for subspace_whiten's covariance: the error says where it is
+    argv = ["train", "--model", str(tiny_model), "--direction-policy", "gradient_subspace", "--subspace-whiten", "8"]
+    assert main(argv) == 2
+    assert "srlora absorb" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -112,6 +112,11 @@ class RunConfig:
         unknown = sorted(set(self.srlora) - set(PASSTHROUGH))
         if unknown:
             raise ValueError(f"RunConfig.srlora: unknown options {unknown}; a run may set {list(PASSTHROUGH)}.")
+        if self.srlora.get("subspace_whiten"):
+            raise ValueError(
+                "--subspace-whiten needs text the model should keep knowing, and srlora train has none: use "
+                "srlora absorb (CorDA's general text), or SRLoRA(model, config, run_model=fn) in your own loop."
+            )
         # Normalised (the recorded options' values, the others' where not at the default), so
         # that two configs are equal exactly when they describe the same run (resume compares them).
         resolved = self.srlora_config()

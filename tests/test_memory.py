@@ -58,3 +58,13 @@ def test_memory_bytes_walks_only_srlora_s_own_objects():
     wrapper = Wrapper()
     ctl.optimizer_reset.optimizer = wrapper  # where attach keeps the optimizer it is given
     assert ctl.memory_bytes() == before
+
+
+def test_memory_bytes_counts_the_whitening_of_each_layer():
+    """subspace_whiten=k keeps Q (n, k) and its gains (k,) in float32 a layer, nothing else:
+    the same controller without it counts exactly that much less."""
+    kw = dict(r=2, r_target=12, gamma=1.0, switch_interval=20, direction_policy="gradient_subspace")
+    _, plain = build("bert", **kw)
+    _, whitened = build("bert", subspace_whiten=4, **kw)
+    extra = sum(4 * (layer.target.shape[1] * 4 + 4) for layer in whitened.layers.values())
+    assert whitened.memory_bytes() - plain.memory_bytes() == extra

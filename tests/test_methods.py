@@ -152,3 +152,30 @@ def test_recount_memory_counts_an_srlora_run_again_as_it_ran_and_leaves_the_rest
     lora.mkdir()
     (lora / "results.json").write_text(json.dumps({"config": _config("lora").to_dict(), "memory": old}))
     assert recount_memory(lora) == old
+
+
+@pytest.mark.parametrize("start", ["corda", "lora_ga"])
+def test_srlora_from_a_peft_start_keeps_its_slots_and_the_base_function(start):
+    """--start corda / lora_ga with first_pairs='lora': PEFT's own initialisation builds the
+    slots (and moves their part out of W), SRLoRA keeps them: the output is the base's, and the
+    slots are PEFT's start, not PiSSA's (an SRLoRA run with PiSSA's split has other slots)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        _config("srlora"), direction_policy="gradient_subspace", srlora={"first_pairs": "lora"}, start=start
+    )
+    probe, base = _blocks(2, 9), _llama()
+    with torch.no_grad():
+        want = base(input_ids=probe).logits
+    built = build(cfg, base, general=_blocks(8, 1), train=_blocks(16, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(built.model(input_ids=probe).logits, want, rtol=0, atol=1e-4)
+    peft_start = build(dataclasses.replace(cfg, method=start, start=None), _llama(), _blocks(8, 1), _blocks(16, 2))
+    assert len(peft_start.init) == len(built.controller.layers) == 2 * 7
+    for name, (B0, A0) in peft_start.init.items():
+        layer = built.controller.layers[name]
+        assert torch.equal(layer.target.lora_B, B0) and torch.equal(layer.target.lora_A, A0), name
+    with pytest.raises(ValueError, match="--first-pairs lora"):
+        AbsorbConfig("srlora", 2, start=start)
+    with pytest.raises(ValueError, match="--method srlora"):
+        AbsorbConfig("lora", 2, start=start, srlora={"first_pairs": "lora"})

@@ -66,6 +66,9 @@ class AbsorbConfig:
     optimizer_reset: str = "seed"
     # GaLore's scale of the projected update (its projector is refreshed every switch_interval steps)
     galore_scale: float = 0.25
+    # The PEFT initialisation an SRLoRA run's slots start from ('corda', 'lora_ga'; with
+    # first_pairs='lora', which keeps it); None: PEFT's default
+    start: str | None = None
     # Every other SRLoRAConfig field of an SRLoRA run, where it differs from the config's default
     # (each is an option of the same name: srlora.experiments.options.srlora_passthrough)
     srlora: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +83,13 @@ class AbsorbConfig:
             raise ValueError("--method galore refreshes its projector every --switch-interval steps: give it.")
         if not (math.isfinite(self.galore_scale) and self.galore_scale > 0):
             raise ValueError(f"galore_scale must be a positive number, got {self.galore_scale}.")
+        if self.start is not None and (
+            self.method != "srlora" or self.start not in STARTS or self.srlora.get("first_pairs") != "lora"
+        ):
+            raise ValueError(
+                f"--start {self.start}: the PEFT start ({', '.join(STARTS)}) of an SRLoRA run's slots goes with "
+                "--method srlora --direction-policy gradient_subspace --first-pairs lora (PiSSA's split replaces it)."
+            )
 
     def srlora_config(self) -> Any:
         """The :class:`~srlora.SRLoRAConfig` of an SRLoRA run (validated there)."""
@@ -109,6 +119,8 @@ class AbsorbConfig:
         return digest(self, FIRST_FIELDS)
 
 
+# PEFT initialisations an SRLoRA run may start from (AbsorbConfig.start)
+STARTS = ("corda", "lora_ga")
 # The SRLoRAConfig fields that are AbsorbConfig's own (the rest pass through in ``srlora``).
 OWN_SRLORA_FIELDS = ("r_target", "gamma", "direction_policy", "entry_scale", "optimizer_reset")
 # The fields of the first absorption runs (the others identify a run only where set).
@@ -404,7 +416,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(AbsorbConfig):
         if f.name == "srlora":
             continue
-        kind = float if f.name == "entry_scale" else type(f.default) if f.default is not None else int
+        kind = {"entry_scale": float, "start": str}.get(f.name, type(f.default) if f.default is not None else int)
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
     add_srlora_options(ap, own=OWN_SRLORA_FIELDS)
     ap.add_argument("--out", required=True, help="Run folder (results.json is written there).")

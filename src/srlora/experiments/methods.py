@@ -29,6 +29,7 @@ class MethodConfig(Protocol):
     seed: int
     switch_interval: int | None
     galore_scale: float
+    start: str | None  # SRLoRA's slots from this PEFT initialisation (corda, lora_ga)
 
     def srlora_config(self) -> Any: ...
 
@@ -103,12 +104,13 @@ def _lora_config(cfg: MethodConfig) -> Any:
     import peft
 
     init: Any = {"pissa": "pissa", "corda": "corda", "mica": "mica", "lora_ga": "lora_ga"}.get(cfg.method, True)
+    init = cfg.start or init  # an SRLoRA run's slots from CorDA's or LoRA-GA's start
     extra: dict[str, Any] = {}
-    if cfg.method == "corda":
+    if init == "corda":
         from peft.tuners.lora.config import CordaConfig
 
         extra["corda_config"] = CordaConfig(corda_method="kpm")  # knowledge-preserved mode
-    if cfg.method == "lora_ga":
+    if init == "lora_ga":
         extra["lora_ga_config"] = peft.LoraGAConfig()
     return peft.LoraConfig(
         r=cfg.r, lora_alpha=cfg.r, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=init, **extra
@@ -156,15 +158,16 @@ def build(
         torch.manual_seed(cfg.seed)
         return Built(base, opt, w0=w0)
     lora = _lora_config(cfg)
+    start = cfg.start or cfg.method  # whose PEFT initialisation (CorDA's, LoRA-GA's) to run
     whiten = cfg.method == "srlora" and cfg.srlora_config().subspace_whiten > 0
-    if ((cfg.method == "corda" or whiten) and general is None) or (cfg.method == "lora_ga" and train is None):
+    if ((start == "corda" or whiten) and general is None) or (start == "lora_ga" and train is None):
         raise ValueError(f"--method {cfg.method} needs its calibration blocks (general text / training data).")
-    if cfg.method == "corda":
+    if start == "corda":
         from peft.tuners.lora.corda import preprocess_corda
 
         # PEFT's covariance hook takes one sequence at a time (it squeezes the batch dimension)
         preprocess_corda(base, lora, run_model=lambda: _run_batches(base, general, 1, backward=False))
-    if cfg.method == "lora_ga":
+    if start == "lora_ga":
         from peft.tuners.lora.loraga import preprocess_loraga
 
         calibration = train[: 8 * cfg.batch]

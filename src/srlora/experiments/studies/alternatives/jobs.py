@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ...absorb import AbsorbConfig
 from ...jobs import run_jobs
@@ -64,18 +64,32 @@ def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
     return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
 
 
+class Option(NamedTuple):
+    """One of SRLoRA's options: the SRLoRAConfig fields it sets, what it does (the docs' words),
+    and the run's own fields it sets (``AbsorbConfig.start``: the PEFT start of the slots)."""
+
+    srlora: dict[str, Any]
+    what: str
+    run: dict[str, Any] = {}  # noqa: RUF012 (never mutated)
+
+
 # SRLoRA's options aimed at forgetting, each on the chosen entry (BEST) at the adapters' learning
-# rate, seed 1: the tag in the run name, the SRLoRAConfig fields it sets, what it does.
-OPTIONS: dict[str, tuple[dict[str, Any], str]] = {
-    "x32": ({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
-    "lora-start": ({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
-    "x128": ({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
+# rate, seed 1, by the tag in the run name.
+OPTIONS: dict[str, Option] = {
+    "x32": Option({"subspace_exclude": 32}, "W0's top 32 directions left alone"),
+    "lora-start": Option({"first_pairs": "lora"}, "LoRA's first pairs (PEFT's start, W untouched)"),
+    "x128": Option({"subspace_exclude": 128}, "W0's top 128 directions left alone"),
     # CorDA's aim at every switch: the gradient whitened by CorDA's general text's top 32 input
     # directions (its covariance from the same Amazon review snippets)
-    "w32": ({"subspace_whiten": 32}, "gradient whitened by general text's top 32 input directions"),
+    "w32": Option({"subspace_whiten": 32}, "gradient whitened by general text's top 32 input directions"),
+    # first pairs from PEFT's own knowledge-keeping starts: the gradient's SVD at step 0, CorDA's
+    "lora-ga-start": Option(
+        {"first_pairs": "lora"}, "LoRA-GA's first pairs (the gradient at step 0)", {"start": "lora_ga"}
+    ),
+    "corda-start": Option({"first_pairs": "lora"}, "CorDA's first pairs (knowledge-preserved)", {"start": "corda"}),
     # not aimed at forgetting: the same run without the records of fused and entered pairs (the
     # larger part of SRLoRA's own memory), exported against the base's weights
-    "no-records": ({"fused_records": False}, "no record of fused pairs (the same run, less memory)"),
+    "no-records": Option({"fused_records": False}, "no record of fused pairs (the same run, less memory)"),
 }
 
 
@@ -87,8 +101,8 @@ def option_jobs(seed: int = 1) -> list[AbsorbJob]:
     """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
     base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
     return [
-        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(fields)))
-        for tag, (fields, _) in OPTIONS.items()
+        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(o.srlora), **o.run))
+        for tag, o in OPTIONS.items()
     ]
 
 

@@ -131,7 +131,7 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     ]
     for e in plain + options:
         cells = _cells(e)
-        what = OPTIONS[names[e["name"]]][1] if e["name"] in names else "none (the chosen entry)"
+        what = OPTIONS[names[e["name"]]].what if e["name"] in names else "none (the chosen entry)"
         md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
     return md
 
@@ -319,7 +319,7 @@ def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path 
         for e in runs:
             tag_ = next((t for t in OPTIONS if f"-{t}-" in e["name"]), None)
             if e["name"] in options and key in e["evals"][-1] and tag_ not in SAME_TRAINING:
-                tag = OPTIONS[tag_][1]  # type: ignore[index]
+                tag = OPTIONS[tag_].what  # type: ignore[index]
                 ax.scatter([e["evals"][-1]["held_chunks"]], [e["evals"][-1][key]], marker="*", s=60, label=tag)
         start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
         if key in start:

@@ -127,16 +127,25 @@ def best_lr(root: Path, method: str, r: int = 2) -> float | None:
     return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
 
 
-def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
-    """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
+def swept(root: Path, methods: tuple[str, ...]) -> list[tuple[str, float]]:
+    """``(method, best r = 2 learning rate)`` for each of ``methods`` whose sweep is complete
+    (:func:`best_lr`); the others are named on stderr."""
     import sys
 
-    jobs = []
-    for method in RANKED:
+    out = []
+    for method in methods:
         best = best_lr(root, method)
         if best is None:
             print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
-            continue
+        else:
+            out.append((method, best))
+    return out
+
+
+def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
+    """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
+    jobs = []
+    for method, best in swept(root, RANKED):
         sweep = SWEEPS.get(method, SWEEPS["adapter"])
         i = sweep.index(best)
         for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
@@ -157,16 +166,7 @@ CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora
 def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
     """Each of :data:`CONFIRMED` at its best r = 2 learning rate (:func:`best_lr`, once its sweep
     is complete) on every seed of ``seeds``; seed 1's runs are the screen's."""
-    import sys
-
-    jobs = []
-    for method in CONFIRMED:
-        best = best_lr(root, method)
-        if best is None:
-            print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
-            continue
-        jobs += [AbsorbJob(*config(method, 2, best, seed)) for seed in seeds]
-    return jobs
+    return [AbsorbJob(*config(method, 2, best, seed)) for method, best in swept(root, CONFIRMED) for seed in seeds]
 
 
 PARTS = {

@@ -43,6 +43,12 @@ def _cells(entry: dict[str, Any]) -> list[str]:
     return [f"{final[key]:.3f}" if key in final else "n/a" for key, _ in EVALS]
 
 
+def _runs_table(title: str, columns: tuple[str, ...]) -> list[str]:
+    """A table's title and head: ``columns``, then every set of :data:`EVALS` and the memory."""
+    head = [*columns, *(label for _, label in EVALS), "memory (MiB)"]
+    return ["", f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def _mib(entry: dict[str, Any]) -> str:
     memory = entry.get("memory")
     return f"{memory['trainable_state_bytes'] / 2**20:,.1f}" if memory else "n/a"
@@ -122,13 +128,7 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     plain = [e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR]
     if not options:
         return []
-    md = [
-        "",
-        f"### SRLoRA's options: seed 1, r = 2, lr {ADAPTER_LR:g}",
-        "",
-        "| run | option | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
-        "|---|---|" + "---|" * (len(EVALS) + 1),
-    ]
+    md = _runs_table(f"SRLoRA's options: seed 1, r = 2, lr {ADAPTER_LR:g}", ("run", "option"))
     for e in plain + options:
         cells = _cells(e)
         what = OPTIONS[names[e["name"]]].what if e["name"] in names else "none (the chosen entry)"
@@ -186,13 +186,7 @@ def _rank_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     rows = sorted(ranked, key=lambda e: (e["config"]["r"], RANKED.index(e["config"]["method"]), e["config"]["lr"]))
     if full:
         rows.append(min(full, key=lambda e: e["evals"][-1]["held_chunks"]))
-    md = [
-        "",
-        f"### The rank users pick: seed 1, r = {RANK}",
-        "",
-        "| run | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
-        "|---|---|" + "---|" * (len(EVALS) + 1),
-    ]
+    md = _runs_table(f"The rank users pick: seed 1, r = {RANK}", ("run", "lr"))
     for e in rows:
         md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(_cells(e)) + f" | {_mib(e)} |")
     return md

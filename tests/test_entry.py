@@ -229,6 +229,37 @@ def test_lora_first_pairs_leave_the_model_and_the_adapter_as_peft_built_them():
     assert len(ctl.history) == len(ctl.layers) and layer.target.lora_B.any()
 
 
+@pytest.mark.parametrize("case_name", ["bert", "gpt2"])
+def test_lora_first_pairs_keep_a_peft_start_that_moved_w(case_name):
+    """first_pairs='lora' over a PEFT start that is not B = 0 and moved its part out of W (as
+    CorDA's and LoRA-GA's do; PEFT's PiSSA init here): the slots and W stay as PEFT built them,
+    every switch keeps the logits, and the total update is W_t + s B A - W0 against the
+    pretrained weights (W0 = W + s B0 A0 at the start)."""
+    kw = dict(r=2, r_target=12, gamma=1.0, switch_interval=20, direction_policy="gradient_subspace")
+    model, ctl = build(case_name, lora_kwargs=dict(init_lora_weights="pissa"), first_pairs="lora", **kw)
+    reference = make_peft(CASES[case_name], 0, r=2, init_lora_weights="pissa")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    base = make_base(CASES[case_name])
+    pretrained = {  # (out, in), as _effective writes it
+        name: base_weight(base, name).float().T if layer.target.fan_in_fan_out else base_weight(base, name).float()
+        for name, layer in ctl.layers.items()
+    }
+    W0 = _effective(ctl)
+    for name in ctl.layers:
+        torch.testing.assert_close(W0[name], pretrained[name], atol=1e-5, rtol=0)  # PEFT's split kept W0
+    opt = adam(model)
+    train(model, case_name, opt, steps=45, ctl=ctl)
+    assert len(ctl.history) == 2 * len(ctl.layers)
+    before = logits(case_name, model)
+    ctl.switch(opt)
+    torch.testing.assert_close(logits(case_name, model), before, atol=1e-5, rtol=0)
+    now = _effective(ctl)
+    for name, layer in ctl.layers.items():
+        P, Q = layer.total_update_factors()
+        torch.testing.assert_close(P @ Q, now[name] - W0[name], atol=2e-5, rtol=0)
+
+
 def test_subspace_exclude_is_refused_outside_the_gradient_subspace():
     with pytest.raises(ValueError, match="direction_policy='gradient_subspace'"):
         SRLoRAConfig(r_target=8, total_steps=10, subspace_exclude=4)

@@ -354,3 +354,35 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     rows = [line for line in md if line.startswith("| LoRA (")]
     # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
     assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")
+
+
+def test_a_confirmed_option_is_paired_by_seed_with_the_chosen_entry_and_against_loras_curve(tmp_path):
+    """alternatives-confirm runs SRLoRA's confirmed options on every seed; the table pairs each
+    with the chosen entry by seed and puts its prose loss against LoRA's curve of the same seed."""
+    from srlora.experiments.studies import alternatives
+    from srlora.experiments.studies.alternatives.jobs import CONFIRMED_OPTIONS
+    from srlora.experiments.studies.new_pairs import BEST
+
+    (tag,) = CONFIRMED_OPTIONS
+    option = next(j for j, t in zip(alternatives.option_jobs(), alternatives.OPTIONS, strict=True) if t == tag)
+    jobs = alternatives.confirm_jobs(tmp_path, [1, 2, 3])
+    assert [(j.name, j.config.seed) for j in jobs[:3]] == [(option.name, s) for s in (1, 2, 3)]
+
+    def entry(name: str, seed: int, chunks: float, prose: float) -> dict:
+        final = {"held_chunks": chunks, "held_docs": chunks, "prose": prose, "news": 4.0}
+        config = {**dataclasses.asdict(option.config), "seed": seed}
+        return {"name": name, "config": config, "evals": [final], "memory": {"trainable_state_bytes": 2**20}}
+
+    entries = []
+    for s in (1, 2, 3):
+        entries += [entry("lora-r2", s, 2.6, 4.4), entry("lora-r8", s, 2.4, 4.6)]  # prose 4.5 at 2.5
+        entries += [entry(BEST, s, 2.4 + 0.01 * s, 4.6), entry(option.name, s, 2.5, 4.5 - 0.01 * s)]
+    name, cfg = alternatives.config("lora", 2, 5e-4, 1)  # one run of the screen: the section opens
+    entries.append({**entry(name, 1, 2.6, 4.4), "config": dataclasses.asdict(cfg)})
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    md = alternatives.section(tmp_path)
+    (row,) = [line for line in md if line.startswith(f"| {alternatives.OPTIONS[tag].what} (1, 2, 3)")]
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    # chunks: 2.5 - (2.41, 2.42, 2.43) = +0.08; prose: (4.49, 4.48, 4.47) - 4.6 = -0.12; curve: -0.02
+    assert cells[0].startswith("+0.080 [") and cells[1].startswith("-0.120 [") and cells[2].startswith("-0.020 [")

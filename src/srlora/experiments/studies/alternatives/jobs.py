@@ -163,10 +163,20 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
 CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
 
 
+# SRLoRA's options confirmed on 3 seeds, chosen from the seed-1 screen of OPTIONS: the whitened
+# gradient alone landed below LoRA's curve on both texts (docs/RESULTS.md, the options table).
+CONFIRMED_OPTIONS = ("w32",)
+
+
 def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
-    """Each of :data:`CONFIRMED` at its best r = 2 learning rate (:func:`best_lr`, once its sweep
-    is complete) on every seed of ``seeds``; seed 1's runs are the screen's."""
-    return [AbsorbJob(*config(method, 2, best, seed)) for method, best in swept(root, CONFIRMED) for seed in seeds]
+    """SRLoRA's :data:`CONFIRMED_OPTIONS`, then each of :data:`CONFIRMED` at its best r = 2
+    learning rate (:func:`best_lr`, once its sweep is complete), on every seed of ``seeds``;
+    seed 1's runs are the screen's."""
+    options = [j for j, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS]
+    jobs = [AbsorbJob(j.name, dataclasses.replace(j.config, seed=seed)) for j in options for seed in seeds]
+    return jobs + [
+        AbsorbJob(*config(method, 2, best, seed)) for method, best in swept(root, CONFIRMED) for seed in seeds
+    ]
 
 
 PARTS = {

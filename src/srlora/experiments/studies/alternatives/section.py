@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ...stats import fmt_paired, paired
+from ..new_pairs.jobs import BEST
 from .jobs import (
     ADAPTER_LR,
     CONFIRMED,
+    CONFIRMED_OPTIONS,
     OPTIONS,
     RANK,
     RANKED,
@@ -92,6 +94,7 @@ def section(root: Path) -> list[str]:
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     md += _options_table(root, runs)
     md += _verdict_table(root, runs)
+    md += _option_confirm_table(root)
     md += _confirm_table(root)
     md += _rank_table(root, runs)
     md += _memory_table(root)
@@ -168,6 +171,52 @@ def _confirm_table(root: Path) -> list[str]:
         memory = f"{_mib(runs[seeds[0]])}, {_mib(mine[seeds[0]])}"
         label = f"{LABELS[method]} ({best[method]:g}; {', '.join(map(str, seeds))})"
         md.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
+    return md
+
+
+def _option_confirm_table(root: Path) -> list[str]:
+    """Each of :data:`CONFIRMED_OPTIONS` on every seed it ran, paired by seed with the chosen
+    entry (the new-pairs study's runs of the same configuration), and its prose loss against
+    LoRA's curve of the same seed (LoRA r = 2 and 8 at 5e-4; r = 32 on seed 1)."""
+    from ..absorption import load_absorb
+
+    everything = load_absorb(root)
+    tags = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS}
+    chosen = {e["config"]["seed"]: e for e in everything if e["name"] == BEST}
+    curves: dict[int, list[dict[str, Any]]] = {}
+    for e in everything:
+        if e["name"] in ("lora-r2", "lora-r8", "lora-r32"):
+            curves.setdefault(e["config"]["seed"], []).append(e)
+    md = []
+    for name, tag in tags.items():
+        runs = {e["config"]["seed"]: e for e in everything if e["name"] == name}
+        seeds = sorted(set(runs) & set(chosen))
+        if len(seeds) < 2:
+            continue
+        if not md:
+            md = [
+                "",
+                "### SRLoRA's confirmed options: paired by seed (95% t-interval; negative: lower loss)",
+                "",
+                "*Against the chosen entry*: option − the chosen entry (the same run without the option). "
+                "*Above LoRA's curve*: the option's prose loss minus LoRA's curve's at its absorption, the "
+                "curve through LoRA r = 2 and 8 (and 32 on seed 1) of the same seed.",
+                "",
+                "| option (seeds) | held-out chunks: against the chosen entry | prose: against the chosen entry "
+                "| prose: above LoRA's curve | memory (MiB) |",
+                "|---|---|---|---|---|",
+            ]
+        final = {s: runs[s]["evals"][-1] for s in seeds}
+        cells = [
+            fmt_paired(paired({s: final[s][k] for s in seeds}, {s: chosen[s]["evals"][-1][k] for s in seeds}))
+            for k in ("held_chunks", "prose")
+        ]
+        curve = {
+            s: c for s in seeds if (c := curve_at(curves.get(s, []), final[s]["held_chunks"], "prose")) is not None
+        }
+        cells.append(fmt_paired(paired({s: final[s]["prose"] for s in curve}, curve)))
+        what = OPTIONS[tag].what
+        md.append(f"| {what} ({', '.join(map(str, seeds))}) | " + " | ".join(cells) + f" | {_mib(runs[seeds[0]])} |")
     return md
 
 

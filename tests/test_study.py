@@ -286,7 +286,8 @@ def test_the_alternatives_screen_shows_every_run_with_its_memory_and_marks_each_
 def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour(tmp_path):
     """Point 5: r = 16 from each method's complete r = 2 sweep (its best learning rate and the
     point below it, or above where the best is the lowest); a method whose sweep is missing a
-    point waits; SRLoRA runs without records (the same training)."""
+    point waits; SRLoRA runs without records (the same training), its chosen entry and each
+    confirmed option."""
     from srlora.experiments.studies import alternatives
 
     held = {("lora", 2e-4): 2.5, ("lora", 5e-4): 2.4, ("lora", 1.25e-3): 2.45}
@@ -305,10 +306,14 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
         "lora-r16-lr0.0002",
         "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002",
         "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0005",
+        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0002",  # the confirmed option, beside
+        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0005",
     }
     srlora = jobs["srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002"]
     assert (srlora.r, srlora.r_target, srlora.srlora) == (16, 160, {"fused_records": False})
     assert srlora.srlora_config().fused_records is False and jobs["lora-r16-lr0.0005"].r == 16
+    whitened = jobs["srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0005"]
+    assert whitened.srlora == {"subspace_whiten": 32, "fused_records": False} and whitened.r == 16
 
 
 def test_lora_s_curve_is_read_between_the_runs_around_it():

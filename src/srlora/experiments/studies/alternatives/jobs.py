@@ -93,6 +93,11 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+# SRLoRA's options confirmed on 3 seeds, chosen from the seed-1 screen of OPTIONS: the whitened
+# gradient alone landed below LoRA's curve on both texts (docs/RESULTS.md, the options table).
+CONFIRMED_OPTIONS = ("w32",)
+
+
 # Options that change what the run keeps, not how it trains (their point is the chosen entry's).
 SAME_TRAINING = {"no-records"}
 
@@ -108,8 +113,9 @@ def option_jobs(seed: int = 1) -> list[AbsorbJob]:
 
 # The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
 # it (8x the rank moves the weights further per step at the same rate; the one above where the
-# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA keeps no
-# records here (the same training; at r = 16 they would hold ~2 x 160 pairs a layer).
+# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA runs its chosen
+# entry and each confirmed option, keeping no records (the same training; at r = 16 they would
+# hold ~2 x 160 pairs a layer).
 RANK = 16
 RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
 
@@ -150,22 +156,20 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
         i = sweep.index(best)
         for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
             name, cfg = config(method, RANK, lr, seed)
-            if method == "srlora":
-                name, cfg = (
-                    name.replace(f"-lr{lr:g}", f"-no-records-lr{lr:g}"),
-                    dataclasses.replace(cfg, srlora={"fused_records": False}),
-                )
+            if method == "srlora":  # the chosen entry and each confirmed option, without records
+                for tag in ("", *CONFIRMED_OPTIONS):
+                    option = OPTIONS[tag] if tag else Option({}, "")
+                    run = dataclasses.replace(cfg, srlora={**option.srlora, "fused_records": False}, **option.run)
+                    jobs.append(
+                        AbsorbJob(name.replace(f"-lr{lr:g}", f"{'-' + tag if tag else ''}-no-records-lr{lr:g}"), run)
+                    )
+                continue
             jobs.append(AbsorbJob(name, cfg))
     return jobs
 
 
 # Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
 CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
-
-
-# SRLoRA's options confirmed on 3 seeds, chosen from the seed-1 screen of OPTIONS: the whitened
-# gradient alone landed below LoRA's curve on both texts (docs/RESULTS.md, the options table).
-CONFIRMED_OPTIONS = ("w32",)
 
 
 def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:

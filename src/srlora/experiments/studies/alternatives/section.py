@@ -347,7 +347,7 @@ def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path 
     if len(runs) < 2:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.6))
     for ax, (key, label) in zip(axes, EVALS[2:], strict=True):
         curve = sorted((e for e in lora if key in e["evals"][-1]), key=lambda e: e["evals"][-1]["held_chunks"])
         if len(curve) >= 2:
@@ -370,6 +370,8 @@ def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path 
         ax.set_xlabel("held-out chunks (nats/token): learnt, lower is better")
         ax.set_ylabel(f"{label} (nats/token): forgotten, lower is better")
         ax.invert_xaxis()
-        ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
+    # one legend below both panels (the same runs in the same colours on each), clear of the points
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
     return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""Run by test_sharded.py under torchrun (2 processes, gloo): rank 1 skips a collective call
+"""Run by test_sharded_checkpoint.py under torchrun (2 processes, gloo): rank 1 skips a collective call
 (export_lora of an FSDP2 model); rank 0 must get a clear error, not wait forever.
 
     torchrun --nproc_per_node 2 missing_rank_worker.py OUT

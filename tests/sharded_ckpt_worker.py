@@ -1,4 +1,4 @@
-"""Run by test_sharded.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
+"""Run by test_sharded_checkpoint.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
 Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-1/2/3 (``--mode zero1|2|3``), saves
 (every rank), trains on to step 50; then builds everything again, loads the checkpoint and
 trains the same steps 30-50; every ``MODE:ENTRY`` given in one launch. With ``--kill`` a

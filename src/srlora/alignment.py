@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from . import collective
 from .capture import Probe, WindowedCapture
 from .config import SRLoRAConfig
 from .devices import to_device
@@ -127,13 +128,9 @@ class GradientDirections(WindowedCapture):
         armed = [p for p in self.probes.values() if p.armed]
         if not armed:
             return
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = torch.cat([p.step_sum for p in armed])
-            dist.all_reduce(flat)
-            for p, part in zip(armed, flat.split([p.step_sum.numel() for p in armed]), strict=True):
-                p.step_sum.copy_(part)
+        if collective.distributed():
+            collective.sum_over_ranks_([p.step_sum for p in armed])
+            for p in armed:
                 p.touched = True
         for p in armed:
             p.fold()

@@ -18,7 +18,11 @@ from __future__ import annotations
 import datetime
 import os
 import weakref
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 _GROUP: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
@@ -27,6 +31,29 @@ def distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks_(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> None:
+    """Each of ``tensors`` summed over every rank, in place, in one all-reduce of their flat
+    concatenation (carried in ``dtype``; default: theirs)."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([t.flatten().to(dtype or t.dtype) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        t.copy_(part.view_as(t))
+
+
+def from_rank0(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Rank 0's values of ``tensors`` on every rank, in one broadcast: new tensors of their shapes
+    (where each rank computed its own, and LAPACK may differ between hosts)."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.broadcast(flat, src=0)
+    return [part.view_as(t).clone() for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True)]
 
 
 def is_writer() -> bool:

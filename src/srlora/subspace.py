@@ -263,27 +263,18 @@ class GradientSubspace(WindowedCapture):
         if distributed:
             import torch.distributed as dist
 
-            flat = torch.cat([t.flatten() for p in probes for t in (p.Y, p.Z)])
-            seen = torch.tensor([float(p.steps_seen) for p in probes], device=flat.device)
-            dist.all_reduce(flat)
+            seen = torch.tensor([float(p.steps_seen) for p in probes], device=probes[0].Y.device)
+            collective.sum_over_ranks_([t for p in probes for t in (p.Y, p.Z)])
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-            parts = flat.split([t.numel() for p in probes for t in (p.Y, p.Z)])
             for i, p in enumerate(probes):
-                p.Y.copy_(parts[2 * i].view_as(p.Y))
-                p.Z.copy_(parts[2 * i + 1].view_as(p.Z))
                 p.steps_seen = int(seen[i])
         out = {
             p.layer.name: (u, v if p.whitening is None else p.whitening.directions(v))  # v = P w / |P w|
             for p, (u, v) in zip(probes, top_vectors(probes), strict=True)
         }
-        if distributed:
-            flat = torch.cat([t.flatten() for u, v in out.values() for t in (u, v)])
-            dist.broadcast(flat, src=0)  # LAPACK may differ between hosts: rank 0's vectors for all
-            parts = flat.split([t.numel() for u, v in out.values() for t in (u, v)])
-            out = {
-                name: (parts[2 * i].view_as(u).clone(), parts[2 * i + 1].view_as(v).clone())
-                for i, (name, (u, v)) in enumerate(out.items())
-            }
+        if distributed:  # rank 0's vectors for all
+            parts = collective.from_rank0([t for u, v in out.values() for t in (u, v)])
+            out = {name: (parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(out)}
         return out
 
     def switched(self, name: str) -> None:

@@ -143,21 +143,9 @@ def collect(
             h.remove()
     distributed = collective.distributed()
     if distributed:
-        import torch.distributed as dist
-
-        flat = torch.cat([t.double().flatten() for s in sketches.values() for t in (s.Y, s.stats)])
-        dist.all_reduce(flat)
-        parts = flat.split([t.numel() for s in sketches.values() for t in (s.Y, s.stats)])
-        for i, s in enumerate(sketches.values()):
-            s.Y.copy_(parts[2 * i].view_as(s.Y))
-            s.stats.copy_(parts[2 * i + 1])
+        collective.sum_over_ranks_([t for s in sketches.values() for t in (s.Y, s.stats)], dtype=torch.float64)
     out = {name: s.whitening() for name, s in sketches.items()}
-    if distributed:
-        flat = torch.cat([t.flatten() for w in out.values() for t in (w.Q, w.gain)])
-        dist.broadcast(flat, src=0)  # LAPACK may differ between hosts: rank 0's eigenpairs for all
-        parts = flat.split([t.numel() for w in out.values() for t in (w.Q, w.gain)])
-        out = {
-            name: Whitening(parts[2 * i].view_as(w.Q).clone(), parts[2 * i + 1].clone())
-            for i, (name, w) in enumerate(out.items())
-        }
+    if distributed:  # rank 0's eigenpairs for all
+        parts = collective.from_rank0([t for w in out.values() for t in (w.Q, w.gain)])
+        out = {name: Whitening(parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(out)}
     return out

@@ -19,6 +19,7 @@ from srlora.experiments.options import run_values
 from srlora.experiments.runs import config_digest
 from srlora.experiments.stats import verdict
 from srlora.experiments.studies import paper_regime, rank_bound, short
+from srlora.experiments.studies.absorption import load_absorb
 from srlora.schedule import ema_warmup_steps
 
 
@@ -299,7 +300,8 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
         entries.append({"name": name, "config": dataclasses.asdict(cfg), "evals": [final]})
     (tmp_path / "docs/results").mkdir(parents=True)
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
-    assert alternatives.best_lr(tmp_path, "lora") == 5e-4 and alternatives.best_lr(tmp_path, "pissa") is None
+    results = load_absorb(tmp_path)
+    assert alternatives.best_lr(results, "lora") == 5e-4 and alternatives.best_lr(results, "pissa") is None
     jobs = {job.name: job.config for job in alternatives.rank_jobs(tmp_path)}
     assert set(jobs) == {
         "lora-r16-lr0.0005",

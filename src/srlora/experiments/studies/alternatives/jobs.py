@@ -120,14 +120,13 @@ RANK = 16
 RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
 
 
-def best_lr(root: Path, method: str, r: int = 2) -> float | None:
-    """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among the
-    committed results, once its whole sweep is there; ``None`` before."""
-    from ..absorption import load_absorb
-
+def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | None:
+    """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among
+    ``results`` (the committed ones, :func:`~srlora.experiments.studies.absorption.load_absorb`),
+    once its whole sweep is there; ``None`` before."""
     sweep = SWEEPS.get(method, SWEEPS["adapter"])
     names = {config(method, r, lr, 1)[0]: lr for lr in sweep}
-    done = {names[e["name"]]: e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1}
+    done = {names[e["name"]]: e for e in results if e["name"] in names and e["config"]["seed"] == 1}
     if len(done) < len(sweep):
         return None
     return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
@@ -138,9 +137,11 @@ def swept(root: Path, methods: tuple[str, ...]) -> list[tuple[str, float]]:
     (:func:`best_lr`); the others are named on stderr."""
     import sys
 
-    out = []
+    from ..absorption import load_absorb
+
+    results, out = load_absorb(root), []
     for method in methods:
-        best = best_lr(root, method)
+        best = best_lr(results, method)
         if best is None:
             print(f"{method}: its r = 2 sweep is not complete yet (--part alternatives-screen)", file=sys.stderr)
         else:

@@ -62,7 +62,8 @@ def section(root: Path) -> list[str]:
     from ..absorption import load_absorb
 
     names = {job.name for job in screen_jobs()}
-    runs = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
+    everything = load_absorb(root)  # every committed run, read once for every table
+    runs = [e for e in everything if e["name"] in names and e["config"]["seed"] == 1]
     md = [f"## {TITLE}", ""]
     if not runs:
         return [*md, "Not run yet: `srlora study --part alternatives-screen`.", ""]
@@ -92,13 +93,14 @@ def section(root: Path) -> list[str]:
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
-    md += _options_table(root, runs)
-    md += _verdict_table(root, runs)
-    md += _option_confirm_table(root)
-    md += _confirm_table(root)
-    md += _rank_table(root, runs)
+    curve = _with_options_and_curve(everything, runs)
+    md += _options_table(everything, runs)
+    md += _verdict_table(*curve)
+    md += _option_confirm_table(everything)
+    md += _confirm_table(everything)
+    md += _rank_table(everything, runs)
     md += _memory_table(root)
-    if plot_frontier(root, runs, root / "docs/results/alternatives_frontier.png") is not None:
+    if plot_frontier(*curve, root / "docs/results/alternatives_frontier.png") is not None:
         md += [
             "",
             "![learning against forgetting, every method](results/alternatives_frontier.png)",
@@ -122,12 +124,10 @@ def section(root: Path) -> list[str]:
     return md
 
 
-def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
+def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]]) -> list[str]:
     """SRLoRA's options beside the chosen entry at the same learning rate (seed 1)."""
-    from ..absorption import load_absorb
-
     names = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True)}
-    options = [e for e in load_absorb(root) if e["name"] in names and e["config"]["seed"] == 1]
+    options = [e for e in everything if e["name"] in names and e["config"]["seed"] == 1]
     plain = [e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR]
     if not options:
         return []
@@ -139,12 +139,9 @@ def _options_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     return md
 
 
-def _confirm_table(root: Path) -> list[str]:
+def _confirm_table(everything: list[dict[str, Any]]) -> list[str]:
     """SRLoRA's best r = 2 point against each method's, paired by seed (seeds both ran)."""
-    from ..absorption import load_absorb
-
-    everything = load_absorb(root)
-    best = {m: lr for m in CONFIRMED if (lr := best_lr(root, m)) is not None}
+    best = {m: lr for m in CONFIRMED if (lr := best_lr(everything, m)) is not None}
     by_seed = {
         m: {e["config"]["seed"]: e for e in everything if e["name"] == config(m, 2, lr, 1)[0]} for m, lr in best.items()
     }
@@ -174,13 +171,10 @@ def _confirm_table(root: Path) -> list[str]:
     return md
 
 
-def _option_confirm_table(root: Path) -> list[str]:
+def _option_confirm_table(everything: list[dict[str, Any]]) -> list[str]:
     """Each of :data:`CONFIRMED_OPTIONS` on every seed it ran, paired by seed with the chosen
     entry (the new-pairs study's runs of the same configuration), and its prose loss against
     LoRA's curve of the same seed (LoRA r = 2 and 8 at 5e-4; r = 32 on seed 1)."""
-    from ..absorption import load_absorb
-
-    everything = load_absorb(root)
     tags = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS}
     chosen = {e["config"]["seed"]: e for e in everything if e["name"] == BEST}
     curves: dict[int, list[dict[str, Any]]] = {}
@@ -220,13 +214,11 @@ def _option_confirm_table(root: Path) -> list[str]:
     return md
 
 
-def _rank_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
+def _rank_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]]) -> list[str]:
     """Seed 1 at r = :data:`RANK` (and LoRA r = 64), beside full fine-tuning's best."""
-    from ..absorption import load_absorb
-
     ranked = [
         e
-        for e in load_absorb(root)
+        for e in everything
         if e["config"]["r"] >= RANK and e["config"]["method"] in RANKED and e["config"]["seed"] == 1
     ]
     if not any(e["config"]["method"] != "lora" for e in ranked):
@@ -273,14 +265,11 @@ def _memory_table(root: Path) -> list[str]:
 
 
 def _with_options_and_curve(
-    root: Path, screen: list[dict[str, Any]]
+    everything: list[dict[str, Any]], screen: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The screen's seed-1 runs with SRLoRA's options, and LoRA's runs that trace its curve (the
     absorption study's ladder, r = 2, 8, 32, and the screen's LoRA runs)."""
-    from ..absorption import load_absorb
-
     options = {job.name for job in option_jobs()}
-    everything = load_absorb(root)
     runs = screen + [e for e in everything if e["name"] in options and e["config"]["seed"] == 1]
     lora = [e for e in everything if e["name"] in ("lora-r2", "lora-r8", "lora-r32") and e["config"]["seed"] == 1]
     lora += [e for e in screen if e["config"]["method"] == "lora"]
@@ -297,9 +286,9 @@ def curve_at(lora: list[dict[str, Any]], chunks: float, key: str) -> float | Non
     return None
 
 
-def _verdict_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
-    """Every run but LoRA's against LoRA's curve and against every run with no more memory."""
-    runs, lora = _with_options_and_curve(root, screen)
+def _verdict_table(runs: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[str]:
+    """Every run but LoRA's among ``runs`` (:func:`_with_options_and_curve`) against LoRA's curve
+    through ``lora`` and against every run with no more memory."""
     mine = [e for e in runs if e["config"]["method"] != "lora"]
     if not mine or len(lora) < 2:
         return []
@@ -337,13 +326,13 @@ def _verdict_table(root: Path, screen: list[dict[str, Any]]) -> list[str]:
     return md
 
 
-def plot_frontier(root: Path, screen: list[dict[str, Any]], path: Path) -> Path | None:
+def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: Path) -> Path | None:
     """Each forgetting text's loss against held-out-chunk loss for every seed-1 run of the
-    screen and of SRLoRA's options, with LoRA's curve: its runs joined in order of learning."""
+    screen and of SRLoRA's options (``runs``), with LoRA's curve: its runs (``lora``) joined in
+    order of learning."""
     from ...plots import pyplot, save_figure
 
     options = {job.name for job in option_jobs()}
-    runs, lora = _with_options_and_curve(root, screen)
     if len(runs) < 2:
         return None
     plt = pyplot()

@@ -29,9 +29,9 @@ from procgroup import leave_process_group
 from srlora import SRLoRA, SRLoRAConfig
 from srlora.kinds.fsdp2 import full
 
-STEPS, GLOBAL_BATCH = 45, 8
+STEPS, GLOBAL_BATCH = 35, 8  # switches at steps 15 and 30, then one forced
 WRAPS = ("root", "blocks", "lora-layer", "base-layer", "leaf", "mix", "blocks-bf16", "built-before")
-CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20)
+CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=15)
 
 
 def batch(step: int) -> dict:

@@ -1,7 +1,7 @@
 """Run by test_sharded_checkpoint.py under torchrun (2 processes, CPU): checkpoints of a sharded run.
-Trains 30 steps under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-1/2/3 (``--mode zero1|2|3``), saves
-(every rank), trains on to step 50; then builds everything again, loads the checkpoint and
-trains the same steps 30-50; every ``MODE:ENTRY`` given in one launch. With ``--kill`` a
+Trains to step SAVE (15) under FSDP2 (``--mode fsdp``) or DeepSpeed ZeRO-1/2/3 (``--mode zero1|2|3``), saves
+(every rank), trains on to step END (25); then builds everything again, loads the checkpoint and
+trains the same steps again; every ``MODE:ENTRY`` given in one launch. With ``--kill`` a
 second save is interrupted by SIGKILL after the rank files are written and before the folder
 is swapped in.
 
@@ -26,6 +26,10 @@ from sharded_worker import CONFIGS, GLOBAL_BATCH, MODES, batch, general_text, wh
 
 import srlora.checkpoint_sharded as sharded
 from srlora import SRLoRA, SRLoRAConfig, load_checkpoint, save_checkpoint
+
+# Saved 5 steps into the window after the first switch (step 10); the second (step 20) comes
+# after the resume.
+SAVE, END = 15, 25
 
 
 def build(mode: str, rank: int, world: int, config: SRLoRAConfig) -> tuple:
@@ -61,7 +65,7 @@ def train(model, ctl, opt, engine, rank: int, world: int, start: int, stop: int)
 
 
 def checkpointed_run(mode: str, entry: str, out: Path, rank: int, world: int, kill: bool = False) -> dict:
-    """Train to step 30, save, train on to 50; then rebuild, load and train 30-50 again. A
+    """Train to step SAVE, save, train on to END; then rebuild, load and train SAVE-END again. A
     checkpoint already in place (left by a killed save) is loaded first, as the survivor."""
     config = CONFIGS[entry]
     ckpt = out / f"ckpt-{mode}-{entry}"
@@ -71,11 +75,11 @@ def checkpointed_run(mode: str, entry: str, out: Path, rank: int, world: int, ki
         survivor = {"step": load_checkpoint(ckpt, model, ctl, engine or opt), "state": whole_state(model, mode)}
 
     model, ctl, opt, engine = build(mode, rank, world, config)
-    train(model, ctl, opt, engine, rank, world, 0, 30)
-    at30 = whole_state(model, mode)
+    train(model, ctl, opt, engine, rank, world, 0, SAVE)
+    at_save = whole_state(model, mode)
     save_checkpoint(ckpt, model, ctl, engine or opt)
     if kill:
-        train(model, ctl, opt, engine, rank, world, 30, 35)
+        train(model, ctl, opt, engine, rank, world, SAVE, SAVE + 3)
         calls = {"n": 0}
         original = sharded.barrier
 
@@ -88,14 +92,14 @@ def checkpointed_run(mode: str, entry: str, out: Path, rank: int, world: int, ki
         sharded.barrier = dying_barrier
         save_checkpoint(ckpt, model, ctl, engine or opt)  # never returns: rank 1 dies, torchrun stops both
         return {}
-    train(model, ctl, opt, engine, rank, world, 30, 50)
+    train(model, ctl, opt, engine, rank, world, SAVE, END)
     straight = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, mode)}
 
     model, ctl, opt, engine = build(mode, rank, world, config)
     step = load_checkpoint(ckpt, model, ctl, engine or opt)
-    train(model, ctl, opt, engine, rank, world, step, 50)
+    train(model, ctl, opt, engine, rank, world, step, END)
     resumed = {"history": [e.to_dict() for e in ctl.history], "state": whole_state(model, mode), "step": step}
-    return {"straight": straight, "resumed": resumed, "survivor": survivor, "at30": at30}
+    return {"straight": straight, "resumed": resumed, "survivor": survivor, "at_save": at_save}
 
 
 def main() -> bool:

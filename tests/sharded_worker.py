@@ -25,14 +25,15 @@ from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
-STEPS, GLOBAL_BATCH = 45, 8
-CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+# Two switches (steps 10 and 20) in 25 steps: enough to test each exactly, cheap to launch.
+STEPS, GLOBAL_BATCH = 25, 8
+CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=10, optimizer_reset="zero")
 # The entries of issue 24: new pairs along the windowed gradient's subspace, at half the first
 # pairs' scale (the records of entered pairs, the sketches and their all-reduce all take part).
 SUBSPACE = SRLoRAConfig(
     r_target=16,
     gamma=0.5,
-    switch_interval=20,
+    switch_interval=10,
     optimizer_reset="zero",
     direction_policy="gradient_subspace",
     entry_scale=0.5,

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from launch import check, entry, torchrun
+from sharded_ckpt_worker import SAVE
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.distributed
 
-# (how the model is split, what enters at a switch; sharded_worker.CONFIGS): trained to step 30,
-# saved, trained on to 50, and rebuilt from the checkpoint.
+# (how the model is split, what enters at a switch; sharded_worker.CONFIGS): trained to step 15,
+# saved, trained on to 25, and rebuilt from the checkpoint.
 CHECKPOINTED = [
     ("fsdp", "paper"),
     ("zero1", "paper"),
@@ -53,7 +54,7 @@ def test_a_sharded_checkpoint_resumes_bit_exactly(checkpointed, mode, entry):
     for rank in (0, 1):
         result = _entry_of(checkpointed, rank, f"{mode}:{entry}")
         straight, resumed = result["straight"], result["resumed"]
-        assert resumed["step"] == 30 and resumed["history"] == straight["history"] and straight["history"]
+        assert resumed["step"] == SAVE and resumed["history"] == straight["history"] and straight["history"]
         assert straight["state"].keys() == resumed["state"].keys()
         for key, value in straight["state"].items():
             assert torch.equal(value, resumed["state"][key]), key
@@ -78,8 +79,8 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
     for rank in (0, 1):
         result = _entry_of(tmp_path, rank, "fsdp:paper")
         survivor = result["survivor"]  # the checkpoint the killed save left, loaded first
-        assert survivor["step"] == 30
-        for key, value in result["at30"].items():
+        assert survivor["step"] == SAVE
+        for key, value in result["at_save"].items():
             assert torch.equal(survivor["state"][key], value), key
 
 

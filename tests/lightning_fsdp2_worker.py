@@ -5,7 +5,7 @@ rank on half of every global batch; or (``--reference``) one process on the full
 SRLoRA comes from ``SRLoRALightningCallback(SRLoRAConfig(...))``, built in its ``setup`` hook
 (before ``configure_model`` shards the model). Writes the effective weights ``W + s B A``, the
 switch history and the PEFT adapter ``export_lora`` makes (every rank calls it). Three epochs
-of 15 steps: a whole run; a run stopped after epoch 2 that saves Lightning's checkpoint; and
+of 8 steps, a switch every 10: a whole run; a run stopped after epoch 2 that saves Lightning's checkpoint; and
 a run resumed from it, one after the other in one launch. The test runs the one-process
 reference (:func:`fit` with ``world=1``).
 
@@ -24,14 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl
 from conftest import CASES, make_peft
-from fsdp_wraps_worker import GLOBAL_BATCH, STEPS, batch, effective_weights
+from fsdp_wraps_worker import GLOBAL_BATCH, batch, effective_weights
 from launch import each
 from procgroup import leave_process_group
 
 from srlora import SRLoRAConfig
 from srlora.integrations.lightning import SRLoRALightningCallback
 
-EPOCH = STEPS // 3  # three epochs of 15 steps: a run stopped after an epoch resumes exactly
+# Three epochs of 8 steps; switches at steps 10 and 20: a run stopped after epoch 2 (step 16,
+# 6 steps into a window) resumes exactly.
+EPOCH, STEPS = 8, 24
 
 
 class StopAfterEpoch(pl.Callback):
@@ -87,7 +89,7 @@ def fit(out: Path, world: int, rank: int, stop_after_epoch: int | None = None, r
 
     torch.manual_seed(0)
     model = make_peft(CASES["bert"], r=4, alpha=8)
-    callback = SRLoRALightningCallback(SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, total_steps="auto"))
+    callback = SRLoRALightningCallback(SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=10, total_steps="auto"))
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if world > 1 else "auto"
     stop = [StopAfterEpoch(stop_after_epoch)] if stop_after_epoch else []
     trainer = pl.Trainer(

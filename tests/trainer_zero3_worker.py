@@ -22,8 +22,8 @@ from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
-STEPS, PER_RANK, WORLD, LR = 45, 4, 2, 1e-2
-CONFIG = dict(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+STEPS, PER_RANK, WORLD, LR = 25, 4, 2, 1e-2  # switches at steps 10 and 20; a checkpoint at 15
+CONFIG = dict(r_target=16, gamma=0.5, switch_interval=10, optimizer_reset="zero")
 
 
 def examples() -> list[dict[str, torch.Tensor]]:
@@ -145,7 +145,7 @@ def main() -> None:
         weight_decay=0.0,
         max_grad_norm=0.0,
         save_strategy="steps",
-        save_steps=30,
+        save_steps=15,
         logging_steps=int(os.environ.get("LOG_STEPS", "1000")),
         report_to=[],
         deepspeed=ds if args.stage else None,  # stage 0: plain DDP

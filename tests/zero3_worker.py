@@ -23,8 +23,8 @@ from procgroup import leave_process_group
 
 from srlora import SRLoRA, SRLoRAConfig
 
-STEPS, GLOBAL_BATCH = 45, 8
-CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=20, optimizer_reset="zero")
+STEPS, GLOBAL_BATCH = 25, 8  # switches at steps 10 and 20
+CONFIG = SRLoRAConfig(r_target=16, gamma=0.5, switch_interval=10, optimizer_reset="zero")
 
 
 def batch(step: int) -> dict:

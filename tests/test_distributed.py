@@ -97,3 +97,7 @@ def test_deepspeed_zero3_two_ranks_match_one_process(zero_runs, order, stage):
     for name, w in one["weights"].items():
         assert float((r0["weights"][name] - w).norm() / w.norm()) < 1e-5, name
     assert r0["attached"] == (order == "after")  # attached around the ZeRO optimizer's step, or by hand
+    if stage == 3:  # the scores' whole masters and gradients: one all-gather a step, DeepSpeed's values
+        for gathers in (r0["gathers"], r1["gathers"]):
+            assert gathers["equal"] and gathers["at_once"] == 1, gathers
+            assert gathers["one_by_one"] == 4 * gathers["layers"] == 4 * 12, gathers

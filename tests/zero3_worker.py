@@ -85,6 +85,8 @@ def run(order: str, stage: int, rank: int, world: int) -> dict:
         b = {k: v[rank * share : (rank + 1) * share] for k, v in batch(step).items()}
         loss = engine(**b).loss
         engine.backward(loss)
+        if stage == 3 and step == STEPS - 1:
+            gathers = gathers_of_importance_inputs(ctl)
         if order == "before":  # by hand, the same
             ctl.update_importance()
         engine.step()
@@ -94,7 +96,34 @@ def run(order: str, stage: int, rank: int, world: int) -> dict:
         "weights": effective_weights(ctl, model),
         "history": [e.to_dict() for e in ctl.history],
         "attached": ctl.attached,
+        "gathers": gathers if stage == 3 else None,
     }
+
+
+def gathers_of_importance_inputs(ctl: SRLoRA) -> dict:
+    """The importance's inputs of every layer gathered at once (one all-gather) and one by one
+    through DeepSpeed's full accessors: whether they are equal, and each way's all-gathers."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from srlora.kinds.zero3 import Zero3Target
+
+    targets = [layer.target for layer in ctl.layers.values()]
+    calls = {"n": 0}
+    original = c10d.all_gather_single  # under every all_gather_into_tensor, DeepSpeed's included
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    c10d.all_gather_single = counted
+    try:
+        batched = Zero3Target.importance_inputs_batched(targets)
+        at_once, calls["n"] = calls["n"], 0
+        one_by_one = [target.importance_inputs() for target in targets]
+    finally:
+        c10d.all_gather_single = original
+    equal = all(torch.equal(a, b) for x, y in zip(batched, one_by_one, strict=True) for a, b in zip(x, y, strict=True))
+    return {"equal": equal, "at_once": at_once, "one_by_one": calls["n"], "layers": len(targets)}
 
 
 def main() -> None:

@@ -153,6 +153,22 @@ def update_importance_(
     torch._foreach_add_(ubar, sens, alpha=1.0 - beta2)  # U_bar
 
 
+def _importance_inputs(
+    targets: Sequence[LoraTarget],
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every target's ``(A, dA, B, dB)``, each kind's layers in one batch (a kind whose
+    inputs are collectives gathers them at once); every process calls it in the same order."""
+    by_kind: dict[type[LoraTarget], list[int]] = {}
+    for i, target in enumerate(targets):
+        by_kind.setdefault(type(target), []).append(i)
+    inputs: list = [None] * len(targets)
+    for kind, positions in by_kind.items():
+        batch = kind.importance_inputs_batched([targets[i] for i in positions])
+        for i, value in zip(positions, batch, strict=True):
+            inputs[i] = value
+    return inputs
+
+
 def update_importance_from_targets_(states: Sequence[PairImportance], targets: Sequence[LoraTarget]) -> bool:
     """One EMA step for every layer from the gradients of its ``(A, B)`` (as its kind gives
     them: :meth:`~srlora.kinds.base.LoraTarget.importance_inputs`); ``False``, updating
@@ -162,7 +178,7 @@ def update_importance_from_targets_(states: Sequence[PairImportance], targets: S
     entry is; unlike the 2-norm it cannot overflow in fp16): one host sync for all layers,
     and every process that shares a layer skips together.
     """
-    inputs = [target.importance_inputs() for target in targets]
+    inputs = _importance_inputs(targets)
     weights_A, grads_A, weights_B, grads_B = ([x[i] for x in inputs] for i in range(4))
     peaks = torch._foreach_norm([*grads_A, *grads_B], float("inf"))
     device = peaks[0].device

@@ -250,6 +250,14 @@ class LoraTarget(abc.ABC):
         """``(A, dA, B, dB)``: the weights and gradients the scores read, as this process holds them."""
         raise NotImplementedError
 
+    @classmethod
+    def importance_inputs_batched(
+        cls, targets: Sequence[LoraTarget]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`importance_inputs` of ``L`` layers of this kind, in order; this default goes
+        layer by layer, a kind that gathers them (a collective per tensor) overrides it."""
+        return [target.importance_inputs() for target in targets]
+
     # ------------------------------------------------------------------ optimizer
     def optimizer_tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors an optimizer must hold (by identity) for SRLoRA to reach their state."""

@@ -29,7 +29,7 @@ The scores see the gradients before DeepSpeed's clipping and loss-scale unscalin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
 from ..record import FusedRecord
 from ..svd import SVDCache
+from .base import LoraTarget
 from .dense import DenseTarget
 
 
@@ -111,6 +112,15 @@ def write_partition_(param: Any, value: torch.Tensor) -> None:
     with gathered([param], modify=True):
         if dist.get_rank() == 0:
             param.data.copy_(whole)
+
+
+NO_GRAD = "a LoRA A or B has no gradient while others have one; is part of the adapter frozen?"
+
+
+def partition_group(param: Any) -> Any:
+    """The process group a ZeRO-3 parameter is partitioned over (DeepSpeed's own rule: the
+    parameter's ``ds_process_group``, else its optimizer's data-parallel group)."""
+    return getattr(param, "ds_process_group", param._z3_optimizer.dp_process_group)
 
 
 def full_grad(param: Any) -> torch.Tensor | None:
@@ -203,8 +213,47 @@ class Zero3Target(DenseTarget):
         wA, wB = full_master(A), full_master(B)
         gA, gB = full_grad(A), full_grad(B)
         if gA is None or gB is None:
-            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+            raise RuntimeError(NO_GRAD)
         return wA, gA, wB, gB
+
+    @classmethod
+    @torch.no_grad()
+    def importance_inputs_batched(
+        cls, targets: Sequence[LoraTarget]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every layer's whole fp32 masters and gradients from one all-gather of this rank's
+        partitions of all of them (DeepSpeed's full accessors gather each tensor on its own:
+        four collectives a layer a step). ZeRO-3 partitions every tensor into equal, padded
+        flat pieces, one per rank of its partition group, so the whole tensor is the ranks'
+        pieces in rank order, cut to ``ds_numel``: the values DeepSpeed's accessors return.
+        Layer by layer when a tensor has no optimizer yet or the tensors' groups differ."""
+        params = [p for target in targets for p in (target.lora_A, target.lora_B)]
+        if not params or not all(hasattr(p, "_z3_optimizer") for p in params):
+            return super().importance_inputs_batched(targets)
+        group = partition_group(params[0])
+        if any(partition_group(p) is not group for p in params):
+            return super().importance_inputs_batched(targets)
+        import torch.distributed as dist
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        pieces = []
+        for p in params:
+            grad = safe_get_local_grad(p)
+            if grad is None:
+                raise RuntimeError(NO_GRAD)
+            pieces += [safe_get_local_fp32_param(p).float().flatten(), grad.float().flatten()]
+        mine = torch.cat(pieces)
+        world = dist.get_world_size(group=group)
+        every = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(every, mine, group=group)
+        every = every.view(world, mine.numel())
+        whole, offset = [], 0
+        for k, piece in enumerate(pieces):
+            p = params[k // 2]
+            whole.append(every[:, offset : offset + piece.numel()].reshape(-1)[: p.ds_numel].view(p.ds_shape))
+            offset += piece.numel()
+        # per layer: (A master, A grad, B master, B grad)
+        return [tuple(whole[4 * i : 4 * i + 4]) for i in range(len(targets))]  # type: ignore[misc]
 
     def optimizer_tensors(self) -> tuple[torch.Tensor, ...]:
         return ()  # DeepSpeed's optimizer holds flat partitions, not these tensors

@@ -118,9 +118,9 @@ NO_GRAD = "a LoRA A or B has no gradient while others have one; is part of the a
 
 
 def partition_group(param: Any) -> Any:
-    """The process group a ZeRO-3 parameter is partitioned over (DeepSpeed's own rule: the
-    parameter's ``ds_process_group``, else its optimizer's data-parallel group)."""
-    return getattr(param, "ds_process_group", param._z3_optimizer.dp_process_group)
+    """The process group a ZeRO-3 parameter is partitioned over, where it says so
+    (``ds_process_group``, which DeepSpeed's full accessors gather over), else ``None``."""
+    return getattr(param, "ds_process_group", None)
 
 
 def full_grad(param: Any) -> torch.Tensor | None:
@@ -226,12 +226,12 @@ class Zero3Target(DenseTarget):
         four collectives a layer a step). ZeRO-3 partitions every tensor into equal, padded
         flat pieces, one per rank of its partition group, so the whole tensor is the ranks'
         pieces in rank order, cut to ``ds_numel``: the values DeepSpeed's accessors return.
-        Layer by layer when a tensor has no optimizer yet or the tensors' groups differ."""
+        Layer by layer when a tensor has no optimizer yet or does not name one shared group."""
         params = [p for target in targets for p in (target.lora_A, target.lora_B)]
         if not params or not all(hasattr(p, "_z3_optimizer") for p in params):
             return super().importance_inputs_batched(targets)
         group = partition_group(params[0])
-        if any(partition_group(p) is not group for p in params):
+        if group is None or any(partition_group(p) is not group for p in params):
             return super().importance_inputs_batched(targets)
         import torch.distributed as dist
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save
-from .checkpoint_io import read_payload, restore_rng_states, rng_states
+from .checkpoint_io import check_method_state, read_payload, restore_rng_states, rng_states
 from .controller import SRLoRA
 from .errors import CheckpointError
 from .optim_state import ADAM_MOMENTS, SGD_MOMENTS
-from .targets import fingerprint, is_sharded_model, same_fingerprint, shard_of, write_shard_
+from .targets import fingerprint, is_sharded_model, shard_of, write_shard_
 
 FORMAT_VERSION = 2
 STATE_FILE = "srlora_state.pt"
@@ -202,32 +202,6 @@ def restore_method_state(path: str | Path, model: nn.Module, controller: SRLoRA)
             raise CheckpointError(f"{path}: no {key!r} entry; it is incomplete.")
     check_method_state(payload, model, controller, str(path))
     _load_method_state(payload, model, controller)
-
-
-def check_method_state(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, path: str) -> None:
-    """Raise :class:`CheckpointError` (changing nothing) when the tensors and controller state
-    of ``payload`` do not fit ``model`` and ``controller``."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    unknown = sorted(set(payload["model"]) - set(own))
-    if unknown:
-        raise CheckpointError(f"{path}: it has tensors this model lacks: {unknown[:4]}; build the model the same way.")
-    for name, value in payload["model"].items():
-        if tuple(shard_of(own[name]).shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(shard_of(own[name]).shape)}; build "
-                f"the model (and its LoRA config and sharding) the same way as the run that saved it."
-            )
-    for name, saved in payload["frozen_fingerprints"].items():
-        if name not in own or not same_fingerprint(saved, fingerprint(shard_of(own[name]))):
-            raise CheckpointError(
-                f"{path}: the frozen weight {name!r} differs from the one the checkpoint was saved against; "
-                f"build the model from the same pretrained weights, LoRA config and SRLoRA config."
-            )
-    try:
-        controller.check_state_dict(payload["controller"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
 
 
 def _load_method_state(payload: dict[str, Any], model: nn.Module, controller: SRLoRA) -> None:

@@ -1,15 +1,21 @@
-"""Reading a checkpoint file safely, and the RNG states a checkpoint keeps."""
+"""Reading a checkpoint file safely, checking what it holds against the model, and the RNG
+states a checkpoint keeps (shared by one process's checkpoints and sharded ones)."""
 
 from __future__ import annotations
 
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .errors import CheckpointError
+from .targets import fingerprint, same_fingerprint, shard_of
+
+if TYPE_CHECKING:
+    from .controller import SRLoRA
 
 
 def read_payload(path: str | Path) -> Any:
@@ -55,3 +61,30 @@ def restore_rng_states(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def check_method_state(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, path: str) -> None:
+    """Raise :class:`CheckpointError` (changing nothing) when the tensors and controller state
+    of ``payload`` do not fit ``model`` and ``controller`` (this process's shard of each
+    tensor, when the model is sharded)."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    unknown = sorted(set(payload["model"]) - set(own))
+    if unknown:
+        raise CheckpointError(f"{path}: it has tensors this model lacks: {unknown[:4]}; build the model the same way.")
+    for name, value in payload["model"].items():
+        if tuple(shard_of(own[name]).shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(shard_of(own[name]).shape)}; build "
+                f"the model (and its LoRA config and sharding) the same way as the run that saved it."
+            )
+    for name, saved in payload["frozen_fingerprints"].items():
+        if name not in own or not same_fingerprint(saved, fingerprint(shard_of(own[name]))):
+            raise CheckpointError(
+                f"{path}: the frozen weight {name!r} differs from the one the checkpoint was saved against; "
+                f"build the model from the same pretrained weights, LoRA config and SRLoRA config."
+            )
+    try:
+        controller.check_state_dict(payload["controller"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save, atomic_write_json, remove_stale_temporaries, replace_dir, temp_name
-from .checkpoint_io import read_payload, restore_rng_states, rng_states
+from .checkpoint_io import check_method_state, read_payload, restore_rng_states, rng_states
 from .collective import barrier, is_writer
 from .controller import SRLoRA
 from .errors import CheckpointError
-from .targets import fingerprint, same_fingerprint, shard_like, shard_of, write_shard_
+from .targets import fingerprint, shard_like, shard_of, write_shard_
 
 FORMAT = "srlora-sharded-1"
 MANIFEST = "manifest.json"
@@ -168,7 +168,7 @@ def load_sharded(
         raise CheckpointError(f"{path}: rank{rank:05d}.pt is not a checkpoint file.")
     if payload.get("format") != FORMAT or payload.get("rank") != rank:
         raise CheckpointError(f"{path}: rank{rank:05d}.pt is not this rank's file of this checkpoint.")
-    _check(payload, model, controller, str(path))
+    check_method_state(payload, model, controller, str(path))
     barrier("load_checkpoint")
     controller.load_state_dict(payload["controller"])
     own = dict(model.named_parameters())
@@ -185,30 +185,6 @@ def load_sharded(
         restore_rng_states(payload["rng"])
     barrier("load_checkpoint")
     return int(payload["step"])
-
-
-def _check(payload: dict[str, Any], model: nn.Module, controller: SRLoRA, where: str) -> None:
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    for name, value in payload["model"].items():
-        if name not in own:
-            raise CheckpointError(f"{where}: the checkpoint holds {name!r}, which this model does not have.")
-        mine = shard_of(own[name])
-        if tuple(mine.shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{where}: this rank's shard of {name!r} has shape {tuple(mine.shape)}, the saved one "
-                f"{tuple(value.shape)}; resume with the sharding of the run that saved it."
-            )
-    for name, saved in payload["frozen_fingerprints"].items():
-        if name not in own or not same_fingerprint(saved, fingerprint(shard_of(own[name]))):
-            raise CheckpointError(
-                f"{where}: the frozen weight {name!r} differs from the one the checkpoint was saved from; build the "
-                f"model from the same base weights and sharding."
-            )
-    try:
-        controller.check_state_dict(payload["controller"])
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from exc
 
 
 def _as_params(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

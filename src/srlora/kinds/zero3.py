@@ -241,7 +241,8 @@ class Zero3Target(DenseTarget):
             grad = safe_get_local_grad(p)
             if grad is None:
                 raise RuntimeError(NO_GRAD)
-            pieces += [safe_get_local_fp32_param(p).float().flatten(), grad.float().flatten()]
+            # copies: an offloaded optimizer may reuse the buffer a local view points into
+            pieces += [t.to(torch.float32, copy=True).flatten() for t in (safe_get_local_fp32_param(p), grad)]
         mine = torch.cat(pieces)
         world = dist.get_world_size(group=group)
         every = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)

@@ -292,7 +292,7 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
     from srlora.experiments.studies import alternatives
 
     held = {("lora", 2e-4): 2.5, ("lora", 5e-4): 2.4, ("lora", 1.25e-3): 2.45}
-    held |= {("srlora", 2e-4): 2.3, ("srlora", 5e-4): 2.35, ("srlora", 1.25e-3): 2.6, ("pissa", 5e-4): 2.5}
+    held |= {("srlora", 2e-4): 2.35, ("srlora", 5e-4): 2.3, ("srlora", 1.25e-3): 2.6, ("pissa", 5e-4): 2.5}
     entries = []
     for (method, lr), chunks in held.items():
         name, cfg = alternatives.config(method, 2, lr, 1)
@@ -316,6 +316,48 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
     assert srlora.srlora_config().fused_records is False and jobs["lora-r16-lr0.0005"].r == 16
     whitened = jobs["srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0005"]
     assert whitened.srlora == {"subspace_whiten": 32, "fused_records": False} and whitened.r == 16
+
+
+def test_a_sweep_whose_best_is_an_end_grows_past_it_before_its_best_counts(tmp_path):
+    """A method whose best point is its sweep's highest (or lowest) gets one more point beyond
+    it, at the sweep's own ratio, at most EXTENSIONS of them; its best counts (for r = 16 and
+    the confirmation) only once those have run; the screen lists them and shows their rows."""
+    from srlora.experiments.studies import alternatives
+
+    def entry(method: str, lr: float, chunks: float) -> dict:
+        name, cfg = alternatives.config(method, 2, lr, 1)
+        final = {"held_chunks": chunks, "held_docs": chunks, "prose": 4.5, "news": 4.0}
+        return {
+            "name": name,
+            "config": dataclasses.asdict(cfg),
+            "evals": [final],
+            "memory": {"trainable_state_bytes": 2**20},
+        }
+
+    entries = [entry("full", lr, 3.0 - lr * 1e3) for lr in alternatives.SWEEPS["full"]]  # best: the highest
+    entries += [entry("lora", lr, 2.0 + lr * 1e3) for lr in alternatives.SWEEPS["adapter"]]  # best: the lowest
+    entries += [entry("pissa", lr, 2.5 - (lr == 5e-4)) for lr in alternatives.SWEEPS["adapter"]]  # the middle
+
+    def check(full: tuple, lora: tuple, best: dict) -> None:
+        (tmp_path / "docs/results").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+        results = load_absorb(tmp_path)
+        assert alternatives.sweep(results, "full") == full and alternatives.sweep(results, "lora") == lora
+        assert alternatives.sweep(results, "pissa") == alternatives.SWEEPS["adapter"]
+        assert {m: alternatives.best_lr(results, m) for m in best} == best
+        names = [job.name for job in alternatives.screen_jobs(1, results)]
+        assert len(names) == len(set(names)) and {f"full-lr{lr:g}" for lr in full} <= set(names)
+        assert {f"lora-r2-lr{lr:g}" for lr in lora} <= set(names)
+
+    check((1e-5, 3e-5, 1e-4, 3e-4), (8e-5, 2e-4, 5e-4, 1.25e-3), {"full": None, "lora": None, "pissa": 5e-4})
+    entries += [entry("full", 3e-4, 2.9), entry("lora", 8e-5, 2.3)]  # both worse than the old end
+    check((1e-5, 3e-5, 1e-4, 3e-4), (8e-5, 2e-4, 5e-4, 1.25e-3), {"full": 1e-4, "lora": 2e-4})
+    entries[-2:] = [entry("full", 3e-4, 2.0), entry("lora", 8e-5, 1.0)]  # both better: one more each
+    check((1e-5, 3e-5, 1e-4, 3e-4, 9e-4), (3.2e-5, 8e-5, 2e-4, 5e-4, 1.25e-3), {"full": None, "lora": None})
+    entries += [entry("full", 9e-4, 1.0), entry("lora", 3.2e-5, 0.5)]  # the ends again: no third point
+    check((1e-5, 3e-5, 1e-4, 3e-4, 9e-4), (3.2e-5, 8e-5, 2e-4, 5e-4, 1.25e-3), {"full": 9e-4, "lora": 3.2e-5})
+    screen = "\n".join(alternatives.section(tmp_path)).split("### The screen")[1].split("\n### ")[0]
+    assert "| full-lr0.0009 |" in screen and "| lora-r2-lr3.2e-05 |" in screen  # the added points' rows
 
 
 def test_lora_s_curve_is_read_between_the_runs_around_it():

@@ -28,6 +28,7 @@ from .jobs import (
     option_jobs,
     rank_jobs,
     screen_jobs,
+    sweep,
 )
 from .section import TITLE, curve_at, plot_frontier, section
 
@@ -57,4 +58,5 @@ __all__ = [
     "row_sources",
     "screen_jobs",
     "section",
+    "sweep",
 ]

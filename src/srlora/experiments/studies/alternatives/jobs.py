@@ -9,11 +9,13 @@ from typing import Any, NamedTuple
 
 from ...absorb import AbsorbConfig
 from ...jobs import run_jobs
-from ..absorption import STEPS, AbsorbJob
+from ..absorption import STEPS, AbsorbJob, load_absorb
 from ..new_pairs.jobs import BEST, VARIANTS
 
 TUNING = """Every method is tuned the same way: a 3-point learning-rate sweep on seed 1 (held-out chunks
 decide), the adapters at r = 2 included (LoRA, PiSSA and SRLoRA ran at 5e-4, chosen once, before).
+A sweep whose best point is one of its ends grows by one point beyond that end (at most two), so
+that no method is compared at the edge of its range; the next `--part alternatives-screen` runs it.
 GaLore's update is ``lr x scale x`` its projected Adam step (no weight decay), so its learning
 rate and scale are one knob: the sweep moves the learning rate at galore-torch's scale 0.25."""
 
@@ -51,9 +53,16 @@ def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig
 LADDER = (16, 64)
 
 
-def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
+# Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
+CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
+# How many points a sweep may grow by beyond an end where its best point lies.
+EXTENSIONS = 2
+
+
+def screen_jobs(seed: int = 1, results: list[dict[str, Any]] | None = None) -> list[AbsorbJob]:
     """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others;
-    LoRA's ladder (r = 16, 64 at 5e-4) after the first round."""
+    LoRA's ladder (r = 16, 64 at 5e-4) after the first round; then the points that ``results``
+    (the committed runs) add to the sweeps whose best lies at an end (:func:`sweep`)."""
     order: list[tuple[str, int, float]] = []
     for i in (1, 0, 2):  # middle points first: a sweep's edges only matter if the middle is not best
         order += [("full", 2, SWEEPS["full"][i]), ("galore", 2, SWEEPS["galore"][i])]
@@ -61,7 +70,37 @@ def screen_jobs(seed: int = 1) -> list[AbsorbJob]:
         if i == 1:
             order += [("lora", r, ADAPTER_LR) for r in LADDER]
         order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
+    for method in CONFIRMED:
+        base = SWEEPS.get(method, SWEEPS["adapter"])
+        order += [(method, 2, lr) for lr in sweep(results or [], method) if lr not in base]
     return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
+
+
+def _seed1(results: list[dict[str, Any]], method: str, r: int, lrs: list[float]) -> dict[float, dict[str, Any]]:
+    """``{lr: run}`` of ``method``'s seed-1 runs at rank ``r`` among ``results`` at ``lrs``."""
+    names = {config(method, r, lr, 1)[0]: lr for lr in lrs}
+    return {names[e["name"]]: e for e in results if e["name"] in names and e["config"]["seed"] == 1}
+
+
+def sweep(results: list[dict[str, Any]], method: str, r: int = 2) -> tuple[float, ...]:
+    """``method``'s learning rates: its 3 points (:data:`SWEEPS`), and while every point has run
+    (``results``) and the best (held-out chunks) is the highest or the lowest, one more beyond
+    it at the sweep's own ratio (the upper pair's above, the lower pair's below), at most
+    :data:`EXTENSIONS` of them."""
+    points = list(SWEEPS.get(method, SWEEPS["adapter"]))
+    up, down = points[1] / points[0], points[2] / points[1]
+    for _ in range(EXTENSIONS):
+        done = _seed1(results, method, r, points)
+        if len(done) < len(points):
+            break
+        best = min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+        if best == points[-1]:
+            points.append(float(f"{points[-1] * up:.3g}"))
+        elif best == points[0]:
+            points.insert(0, float(f"{points[0] / down:.3g}"))
+        else:
+            break
+    return tuple(points)
 
 
 class Option(NamedTuple):
@@ -123,11 +162,11 @@ RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
 def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | None:
     """The learning rate of ``method``'s best seed-1 run at rank ``r`` (held-out chunks) among
     ``results`` (the committed ones, :func:`~srlora.experiments.studies.absorption.load_absorb`),
-    once its whole sweep is there; ``None`` before."""
-    sweep = SWEEPS.get(method, SWEEPS["adapter"])
-    names = {config(method, r, lr, 1)[0]: lr for lr in sweep}
-    done = {names[e["name"]]: e for e in results if e["name"] in names and e["config"]["seed"] == 1}
-    if len(done) < len(sweep):
+    once its whole sweep (:func:`sweep`, grown past an end where its best lay) is there; ``None``
+    before."""
+    points = sweep(results, method, r)
+    done = _seed1(results, method, r, list(points))
+    if len(done) < len(points):
         return None
     return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
 
@@ -136,8 +175,6 @@ def swept(root: Path, methods: tuple[str, ...]) -> list[tuple[str, float]]:
     """``(method, best r = 2 learning rate)`` for each of ``methods`` whose sweep is complete
     (:func:`best_lr`); the others are named on stderr."""
     import sys
-
-    from ..absorption import load_absorb
 
     results, out = load_absorb(root), []
     for method in methods:
@@ -152,10 +189,11 @@ def swept(root: Path, methods: tuple[str, ...]) -> list[tuple[str, float]]:
 def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
     """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
     jobs = []
+    results = load_absorb(root)
     for method, best in swept(root, RANKED):
-        sweep = SWEEPS.get(method, SWEEPS["adapter"])
-        i = sweep.index(best)
-        for lr in (best, sweep[i - 1 if i > 0 else i + 1]):
+        points = sweep(results, method)
+        i = points.index(best)
+        for lr in (best, points[i - 1 if i > 0 else i + 1]):
             name, cfg = config(method, RANK, lr, seed)
             if method == "srlora":  # the chosen entry and each confirmed option, without records
                 for tag in ("", *CONFIRMED_OPTIONS):
@@ -167,10 +205,6 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
                 continue
             jobs.append(AbsorbJob(name, cfg))
     return jobs
-
-
-# Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
-CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
 
 
 def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
@@ -185,7 +219,7 @@ def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
 
 
 PARTS = {
-    "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0]), ns.jobs, root),
+    "alternatives-screen": lambda root, seeds, ns: run_jobs(screen_jobs(seeds[0], load_absorb(root)), ns.jobs, root),
     "alternatives-confirm": lambda root, seeds, ns: run_jobs(confirm_jobs(root, seeds), ns.jobs, root),
     "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
     "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),

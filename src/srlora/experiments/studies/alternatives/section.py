@@ -61,8 +61,8 @@ def section(root: Path) -> list[str]:
     memory; the best point of each method and rank (held-out chunks) in bold."""
     from ..absorption import load_absorb
 
-    names = {job.name for job in screen_jobs()}
     everything = load_absorb(root)  # every committed run, read once for every table
+    names = {job.name for job in screen_jobs(1, everything)}  # the sweeps' added points too
     runs = [e for e in everything if e["name"] in names and e["config"]["seed"] == 1]
     md = [f"## {TITLE}", ""]
     if not runs:

@@ -82,6 +82,11 @@ def _seed1(results: list[dict[str, Any]], method: str, r: int, lrs: list[float])
     return {names[e["name"]]: e for e in results if e["name"] in names and e["config"]["seed"] == 1}
 
 
+def _best(done: dict[float, dict[str, Any]]) -> float:
+    """The learning rate whose run ends lowest on held-out chunks."""
+    return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+
+
 def sweep(results: list[dict[str, Any]], method: str, r: int = 2) -> tuple[float, ...]:
     """``method``'s learning rates: its 3 points (:data:`SWEEPS`), and while every point has run
     (``results``) and the best (held-out chunks) is the highest or the lowest, one more beyond
@@ -93,7 +98,7 @@ def sweep(results: list[dict[str, Any]], method: str, r: int = 2) -> tuple[float
         done = _seed1(results, method, r, points)
         if len(done) < len(points):
             break
-        best = min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+        best = _best(done)
         if best == points[-1]:
             points.append(float(f"{points[-1] * up:.3g}"))
         elif best == points[0]:
@@ -168,15 +173,15 @@ def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | N
     done = _seed1(results, method, r, list(points))
     if len(done) < len(points):
         return None
-    return min(done, key=lambda lr: done[lr]["evals"][-1]["held_chunks"])
+    return _best(done)
 
 
-def swept(root: Path, methods: tuple[str, ...]) -> list[tuple[str, float]]:
+def swept(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[tuple[str, float]]:
     """``(method, best r = 2 learning rate)`` for each of ``methods`` whose sweep is complete
-    (:func:`best_lr`); the others are named on stderr."""
+    among ``results`` (:func:`best_lr`); the others are named on stderr."""
     import sys
 
-    results, out = load_absorb(root), []
+    out = []
     for method in methods:
         best = best_lr(results, method)
         if best is None:
@@ -190,7 +195,7 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
     """Seed ``seed`` at r = :data:`RANK`: each of :data:`RANKED` whose r = 2 sweep is complete."""
     jobs = []
     results = load_absorb(root)
-    for method, best in swept(root, RANKED):
+    for method, best in swept(results, RANKED):
         points = sweep(results, method)
         i = points.index(best)
         for lr in (best, points[i - 1 if i > 0 else i + 1]):
@@ -213,9 +218,8 @@ def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
     seed 1's runs are the screen's."""
     options = [j for j, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS]
     jobs = [AbsorbJob(j.name, dataclasses.replace(j.config, seed=seed)) for j in options for seed in seeds]
-    return jobs + [
-        AbsorbJob(*config(method, 2, best, seed)) for method, best in swept(root, CONFIRMED) for seed in seeds
-    ]
+    best = swept(load_absorb(root), CONFIRMED)
+    return jobs + [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in best for seed in seeds]
 
 
 PARTS = {

@@ -35,6 +35,9 @@ from ..config import SRLoRAConfig
 from ..record import FusedRecord
 from ..svd import SVDCache
 
+# What a layer whose A or B has no gradient while others have one raises, under every kind.
+NO_GRAD = "a LoRA A or B has no gradient while others have one; is part of the adapter frozen?"
+
 
 def local_index(index: torch.Tensor, span: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(which, local)``: the positions of ``index`` that fall in ``span``, and their

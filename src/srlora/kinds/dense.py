@@ -24,7 +24,7 @@ from ..optim_state import (
 from ..recompose import add_to_weight_, fused_delta, pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
-from .base import LoraTarget
+from .base import NO_GRAD, LoraTarget
 
 
 class DenseTarget(LoraTarget):
@@ -129,7 +129,7 @@ class DenseTarget(LoraTarget):
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B = self.lora_A, self.lora_B
         if A.grad is None or B.grad is None:
-            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+            raise RuntimeError(NO_GRAD)
         return A, A.grad, B, B.grad
 
     def zero_moments_(self, optimizer: torch.optim.Optimizer, slots: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ from ..optim_state import seed_second_moment_, select, zero_moments_
 from ..recompose import add_to_weight_, fused_delta, pissa_factors
 from ..record import FusedRecord
 from ..svd import SVDCache
-from .base import local_index
+from .base import NO_GRAD, local_index
 from .dense import DenseTarget, entered_update
 
 
@@ -211,7 +211,7 @@ class Fsdp2Target(DenseTarget):
     def importance_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B = self.lora_A, self.lora_B
         if A.grad is None or B.grad is None:
-            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+            raise RuntimeError(NO_GRAD)
         return local(A), local(A.grad), local(B), local(B.grad)
 
     def _select_A(self, slots: torch.Tensor) -> tuple[slice | torch.Tensor, ...]:

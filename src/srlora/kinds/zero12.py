@@ -23,6 +23,7 @@ import torch
 
 from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
 from ..svd import SVDCache
+from .base import NO_GRAD
 from .dense import DenseTarget
 from .zero3 import StepWrap, zero_optimizer
 
@@ -74,7 +75,7 @@ class Zero12Target(DenseTarget):
         A, B = self.lora_A, self.lora_B
         gA, gB = safe_get_full_grad(A), safe_get_full_grad(B)
         if gA is None or gB is None:
-            raise RuntimeError("a LoRA A or B has no gradient while others have one; is part of the adapter frozen?")
+            raise RuntimeError(NO_GRAD)
         return A, gA.to(A.device), B, gB.to(B.device)
 
     def optimizer_tensors(self) -> tuple[torch.Tensor, ...]:

@@ -38,7 +38,7 @@ from torch import nn
 from ..optim_state import ADAM_MOMENTS, SGD_MOMENTS, optimizer_kind
 from ..record import FusedRecord
 from ..svd import SVDCache
-from .base import LoraTarget
+from .base import NO_GRAD, LoraTarget
 from .dense import DenseTarget
 
 
@@ -112,9 +112,6 @@ def write_partition_(param: Any, value: torch.Tensor) -> None:
     with gathered([param], modify=True):
         if dist.get_rank() == 0:
             param.data.copy_(whole)
-
-
-NO_GRAD = "a LoRA A or B has no gradient while others have one; is part of the adapter frozen?"
 
 
 def partition_group(param: Any) -> Any:

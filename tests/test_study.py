@@ -321,7 +321,7 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
 def test_a_sweep_whose_best_is_an_end_grows_past_it_before_its_best_counts(tmp_path):
     """A method whose best point is its sweep's highest (or lowest) gets one more point beyond
     it, at the sweep's own ratio, at most EXTENSIONS of them; its best counts (for r = 16 and
-    the confirmation) only once those have run; the screen lists them and shows their rows."""
+    the confirmation) only once those have run; the screen lists them first and shows their rows."""
     from srlora.experiments.studies import alternatives
 
     def entry(method: str, lr: float, chunks: float) -> dict:
@@ -348,6 +348,8 @@ def test_a_sweep_whose_best_is_an_end_grows_past_it_before_its_best_counts(tmp_p
         names = [job.name for job in alternatives.screen_jobs(1, results)]
         assert len(names) == len(set(names)) and {f"full-lr{lr:g}" for lr in full} <= set(names)
         assert {f"lora-r2-lr{lr:g}" for lr in lora} <= set(names)
+        grown = [f"full-lr{lr:g}" for lr in full[3:]] + [f"lora-r2-lr{lr:g}" for lr in lora[: len(lora) - 3]]
+        assert sorted(names[: len(grown)]) == sorted(grown)  # the grown points lead: each may grow again
 
     check((1e-5, 3e-5, 1e-4, 3e-4), (8e-5, 2e-4, 5e-4, 1.25e-3), {"full": None, "lora": None, "pissa": 5e-4})
     entries += [entry("full", 3e-4, 2.9), entry("lora", 8e-5, 2.3)]  # both worse than the old end

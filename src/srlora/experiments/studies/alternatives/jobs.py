@@ -60,19 +60,20 @@ EXTENSIONS = 2
 
 
 def screen_jobs(seed: int = 1, results: list[dict[str, Any]] | None = None) -> list[AbsorbJob]:
-    """Seed 1, r = 2: every method's sweep, the points a user tries first ahead of the others;
-    LoRA's ladder (r = 16, 64 at 5e-4) after the first round; then the points that ``results``
-    (the committed runs) add to the sweeps whose best lies at an end (:func:`sweep`)."""
+    """Seed 1, r = 2: first the points that ``results`` (the committed runs) add to the sweeps
+    whose best lies at an end (:func:`sweep`): each may grow its sweep again, so they are the
+    longest chain to a method's best; then every method's sweep, the points a user tries first
+    ahead of the others, and LoRA's ladder (r = 16, 64 at 5e-4) after the first round."""
     order: list[tuple[str, int, float]] = []
+    for method in CONFIRMED:
+        base = SWEEPS.get(method, SWEEPS["adapter"])
+        order += [(method, 2, lr) for lr in sweep(results or [], method) if lr not in base]
     for i in (1, 0, 2):  # middle points first: a sweep's edges only matter if the middle is not best
         order += [("full", 2, SWEEPS["full"][i]), ("galore", 2, SWEEPS["galore"][i])]
         order += [(m, 2, SWEEPS["adapter"][i]) for m in ("lora", "srlora")]
         if i == 1:
             order += [("lora", r, ADAPTER_LR) for r in LADDER]
         order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
-    for method in CONFIRMED:
-        base = SWEEPS.get(method, SWEEPS["adapter"])
-        order += [(method, 2, lr) for lr in sweep(results or [], method) if lr not in base]
     return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
 
 

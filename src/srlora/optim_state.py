@@ -223,10 +223,10 @@ def seed_second_moments_batched_(
     t = torch.stack([x if isinstance(x, torch.Tensor) else torch.tensor(float(x)) for x in steps]).double()
     bias = 1.0 - torch.tensor(betas, dtype=torch.float64, device=t.device) ** t
     moment = optimizer.state[params[0]]["exp_avg_sq"]
-    bias = to_device(bias.to(moment.dtype), moment.device).unbind(0)
+    factors = to_device(bias.to(moment.dtype), moment.device).unbind(0)
     grads = [p.grad for p in params]
     seeded = torch._foreach_mul(grads, grads)  # type: ignore[arg-type]
-    torch._foreach_mul_(seeded, list(bias))
+    torch._foreach_mul_(seeded, list(factors))
     torch._foreach_mul_(seeded, masks)
     exp_avg_sq = [optimizer.state[p]["exp_avg_sq"] for p in params]
     torch._foreach_add_(exp_avg_sq, seeded)
@@ -285,7 +285,7 @@ class OptimizerStateReset:
         together (by the kind, batched where it can)."""
         if not self.pending or self.optimizer is None:
             return
-        batches: dict[tuple[type, int], list[tuple[LoraTarget, list[int]]]] = {}
+        batches: dict[tuple[type[LoraTarget], int], list[tuple[LoraTarget, list[int]]]] = {}
         for key in list(self.pending):
             target = targets[key]
             if not target.has_grad():

@@ -288,11 +288,13 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
     """Point 5: r = 16 from each method's complete r = 2 sweep (its best learning rate and the
     point below it, or above where the best is the lowest); a method whose sweep is missing a
     point waits; SRLoRA runs without records (the same training), its chosen entry and each
-    confirmed option."""
+    confirmed option, each from its own sweep (the option's grew below its lowest point)."""
     from srlora.experiments.studies import alternatives
 
     held = {("lora", 2e-4): 2.5, ("lora", 5e-4): 2.4, ("lora", 1.25e-3): 2.45}
     held |= {("srlora", 2e-4): 2.35, ("srlora", 5e-4): 2.3, ("srlora", 1.25e-3): 2.6, ("pissa", 5e-4): 2.5}
+    held |= {("srlora-w32", 8e-5): 2.5, ("srlora-w32", 2e-4): 2.4, ("srlora-w32", 5e-4): 2.45}
+    held |= {("srlora-w32", 1.25e-3): 2.7}
     entries = []
     for (method, lr), chunks in held.items():
         name, cfg = alternatives.config(method, 2, lr, 1)
@@ -308,13 +310,13 @@ def test_the_rank_users_pick_runs_each_method_at_its_best_rate_and_one_neighbour
         "lora-r16-lr0.0002",
         "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002",
         "srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0005",
-        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0002",  # the confirmed option, beside
-        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0005",
+        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0002",  # the confirmed option, at its own best
+        "srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr8e-05",
     }
     srlora = jobs["srlora-r16-T40-g1-gsub-s0.25-no-records-lr0.0002"]
     assert (srlora.r, srlora.r_target, srlora.srlora) == (16, 160, {"fused_records": False})
     assert srlora.srlora_config().fused_records is False and jobs["lora-r16-lr0.0005"].r == 16
-    whitened = jobs["srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr0.0005"]
+    whitened = jobs["srlora-r16-T40-g1-gsub-s0.25-w32-no-records-lr8e-05"]
     assert whitened.srlora == {"subspace_whiten": 32, "fused_records": False} and whitened.r == 16
 
 
@@ -376,7 +378,8 @@ def test_lora_s_curve_is_read_between_the_runs_around_it():
 
 def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlora(tmp_path):
     """alternatives-confirm: each method with a complete sweep at its best learning rate on
-    every seed; the table pairs SRLoRA's best with each method's by seed."""
+    every seed, SRLoRA's confirmed option at its own (its sweep grown below 2e-4); the table
+    pairs SRLoRA's best with each method's by seed."""
     from srlora.experiments.studies import alternatives
 
     def entry(method: str, lr: float, seed: int, chunks: float) -> dict:
@@ -389,22 +392,33 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     entries = [
         entry(m, lr, 1, 2.5 - 0.1 * (lr == 5e-4) - 0.2 * (m == "srlora")) for m in ("lora", "srlora") for lr in sweep
     ]
+    entries += [entry("srlora-w32", lr, 1, c) for lr, c in {8e-5: 2.45, 2e-4: 2.35, 5e-4: 2.4, 1.25e-3: 2.5}.items()]
     (tmp_path / "docs/results").mkdir(parents=True)
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
     jobs = alternatives.confirm_jobs(tmp_path, [1, 2, 3])
-    assert {(j.config.method, j.config.lr, j.config.seed) for j in jobs} == {
-        (m, 5e-4, s) for m in ("lora", "srlora") for s in (1, 2, 3)
-    }
+    runs = [(j.name, j.config.seed) for j in jobs]
+    best = {m: alternatives.config(m, 2, 5e-4, 1)[0] for m in ("lora", "srlora", "srlora-w32")}
+    best["srlora-w32 at its best"] = alternatives.config("srlora-w32", 2, 2e-4, 1)[0]  # and at the old rate
+    assert len(runs) == len(set(runs)) and set(runs) == {(name, s) for name in best.values() for s in (1, 2, 3)}
+    assert {j.config.srlora.get("subspace_whiten") for j in jobs if "-w32-" in j.name} == {32}
     paired_title = "3 seeds paired: SRLoRA − method"
     assert paired_title not in "\n".join(alternatives.section(tmp_path))  # SRLoRA on one seed: nothing to pair
     entries += [entry("lora", 5e-4, s, 2.4 + 0.01 * s) for s in (2, 3)]
     entries += [entry("srlora", 5e-4, s, 2.2 + 0.02 * s) for s in (2, 3)]
+    entries += [entry("srlora-w32", 2e-4, s, 2.34 + 0.01 * s) for s in (2, 3)]
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
     md = alternatives.section(tmp_path)
     assert paired_title in "\n".join(md)
     rows = [line for line in md if line.startswith("| LoRA (")]
     # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
     assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")
+    # SRLoRA - its whitened option at the option's best: 2.20 - 2.35, 2.24 - 2.36, 2.26 - 2.37: -0.127
+    what = alternatives.OPTIONS["w32"].what
+    rows = [line for line in md if line.startswith(f"| SRLoRA, {what} (")]
+    assert len(rows) == 1 and rows[0].startswith(f"| SRLoRA, {what} (0.0002; 1, 2, 3) | -0.127 [")
+    screen = "\n".join(md).split("### The screen")[1].split("\n### ")[0]  # its own sweep, its own best
+    bold = [line.split("|")[1].strip() for line in screen.splitlines() if "**" in line]
+    assert bold == [best["lora"], best["srlora"], best["srlora-w32 at its best"]]
 
 
 def test_a_confirmed_option_is_paired_by_seed_with_the_chosen_entry_and_against_loras_curve(tmp_path):

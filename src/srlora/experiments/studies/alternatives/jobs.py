@@ -13,7 +13,8 @@ from ..absorption import STEPS, AbsorbJob, load_absorb
 from ..new_pairs.jobs import BEST, VARIANTS
 
 TUNING = """Every method is tuned the same way: a 3-point learning-rate sweep on seed 1 (held-out chunks
-decide), the adapters at r = 2 included (LoRA, PiSSA and SRLoRA ran at 5e-4, chosen once, before).
+decide), the adapters at r = 2 included (LoRA, PiSSA and SRLoRA ran at 5e-4, chosen once, before),
+and SRLoRA's confirmed options as methods of their own (screened at 5e-4, then swept).
 A sweep whose best point is one of its ends grows by one point beyond that end (at most two), so
 that no method is compared at the edge of its range; the next `--part alternatives-screen` runs it.
 GaLore's update is ``lr x scale x`` its projected Adam step (no weight decay), so its learning
@@ -32,7 +33,17 @@ GALORE_INTERVAL = 40  # GaLore refreshes its subspace as often as SRLoRA switche
 
 def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig]:
     """The run name and configuration of ``method`` at rank ``r`` (GaLore's rank; full fine-tuning
-    has none) and learning rate ``lr``."""
+    has none) and learning rate ``lr``; ``srlora-<tag>``: SRLoRA's chosen entry with the option
+    :data:`OPTIONS` ``[tag]``, the option's tag in the name."""
+    if method.startswith("srlora-"):
+        tag = method.removeprefix("srlora-")
+        if tag not in OPTIONS:
+            raise ValueError(f"{method!r}: no such SRLoRA option; the options are {', '.join(OPTIONS)}.")
+        name, cfg = config("srlora", r, lr, seed)
+        option = OPTIONS[tag]
+        return name.replace(f"-lr{lr:g}", f"-{tag}-lr{lr:g}"), dataclasses.replace(
+            cfg, srlora=dict(option.srlora), **option.run
+        )
     if method == "srlora":  # the chosen entry, r_target = 10 r as at r = 2
         cfg = dataclasses.replace(VARIANTS[BEST][0], r=r, r_target=10 * r, lr=lr, seed=seed)
         name = BEST.replace("-r2-", f"-r{r}-")
@@ -53,8 +64,22 @@ def config(method: str, r: int, lr: float, seed: int) -> tuple[str, AbsorbConfig
 LADDER = (16, 64)
 
 
+# SRLoRA's options confirmed on 3 seeds, chosen from the seed-1 screen of OPTIONS: the whitened
+# gradient alone landed below LoRA's curve on both texts (docs/RESULTS.md, the options table).
+# Each is then tuned as a method of its own ("srlora-<tag>": its own sweep, its own best point).
+CONFIRMED_OPTIONS = ("w32",)
 # Every method of the screen, compared at its best r = 2 point on 3 seeds, paired by seed.
-CONFIRMED = ("full", "galore", "lora", "pissa", "srlora", "corda", "mica", "lora_ga")
+CONFIRMED = (
+    "full",
+    "galore",
+    "lora",
+    "pissa",
+    "srlora",
+    *(f"srlora-{tag}" for tag in CONFIRMED_OPTIONS),
+    "corda",
+    "mica",
+    "lora_ga",
+)
 # How many points a sweep may grow by beyond an end where its best point lies.
 EXTENSIONS = 2
 
@@ -74,6 +99,7 @@ def screen_jobs(seed: int = 1, results: list[dict[str, Any]] | None = None) -> l
         if i == 1:
             order += [("lora", r, ADAPTER_LR) for r in LADDER]
         order += [(m, 2, SWEEPS["adapter"][i]) for m in ("corda", "mica", "lora_ga", "pissa")]
+        order += [(f"srlora-{tag}", 2, SWEEPS["adapter"][i]) for tag in CONFIRMED_OPTIONS]
     return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
 
 
@@ -138,11 +164,6 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-# SRLoRA's options confirmed on 3 seeds, chosen from the seed-1 screen of OPTIONS: the whitened
-# gradient alone landed below LoRA's curve on both texts (docs/RESULTS.md, the options table).
-CONFIRMED_OPTIONS = ("w32",)
-
-
 # Options that change what the run keeps, not how it trains (their point is the chosen entry's).
 SAME_TRAINING = {"no-records"}
 
@@ -158,11 +179,20 @@ def option_jobs(seed: int = 1) -> list[AbsorbJob]:
 
 # The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
 # it (8x the rank moves the weights further per step at the same rate; the one above where the
-# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA runs its chosen
-# entry and each confirmed option, keeping no records (the same training; at r = 16 they would
-# hold ~2 x 160 pairs a layer).
+# best is the lowest). Full fine-tuning has no rank: its screen runs stand. SRLoRA's chosen entry
+# and each confirmed option (each from its own best point) keep no records (the same training; at
+# r = 16 they would hold ~2 x 160 pairs a layer).
 RANK = 16
-RANKED = ("lora", "pissa", "srlora", "galore", "corda", "mica", "lora_ga")
+RANKED = (
+    "lora",
+    "pissa",
+    "srlora",
+    *(f"srlora-{tag}" for tag in CONFIRMED_OPTIONS),
+    "galore",
+    "corda",
+    "mica",
+    "lora_ga",
+)
 
 
 def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | None:
@@ -201,26 +231,23 @@ def rank_jobs(root: Path, seed: int = 1) -> list[AbsorbJob]:
         i = points.index(best)
         for lr in (best, points[i - 1 if i > 0 else i + 1]):
             name, cfg = config(method, RANK, lr, seed)
-            if method == "srlora":  # the chosen entry and each confirmed option, without records
-                for tag in ("", *CONFIRMED_OPTIONS):
-                    option = OPTIONS[tag] if tag else Option({}, "")
-                    run = dataclasses.replace(cfg, srlora={**option.srlora, "fused_records": False}, **option.run)
-                    jobs.append(
-                        AbsorbJob(name.replace(f"-lr{lr:g}", f"{'-' + tag if tag else ''}-no-records-lr{lr:g}"), run)
-                    )
-                continue
+            if cfg.method == "srlora":  # without records
+                cfg = dataclasses.replace(cfg, srlora={**cfg.srlora, "fused_records": False})
+                name = name.replace(f"-lr{lr:g}", f"-no-records-lr{lr:g}")
             jobs.append(AbsorbJob(name, cfg))
     return jobs
 
 
 def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
-    """SRLoRA's :data:`CONFIRMED_OPTIONS`, then each of :data:`CONFIRMED` at its best r = 2
-    learning rate (:func:`best_lr`, once its sweep is complete), on every seed of ``seeds``;
-    seed 1's runs are the screen's."""
+    """SRLoRA's :data:`CONFIRMED_OPTIONS` at the adapters' old learning rate (their screen's), then
+    each of :data:`CONFIRMED` (the options among them) at its best r = 2 learning rate
+    (:func:`best_lr`, once its sweep is complete), on every seed of ``seeds``; seed 1's runs are
+    the screen's. Each run once, where a best point is the old rate."""
     options = [j for j, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS]
     jobs = [AbsorbJob(j.name, dataclasses.replace(j.config, seed=seed)) for j in options for seed in seeds]
     best = swept(load_absorb(root), CONFIRMED)
-    return jobs + [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in best for seed in seeds]
+    jobs += [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in best for seed in seeds]
+    return list({(j.name, j.config.seed): j for j in jobs}.values())
 
 
 PARTS = {

@@ -39,6 +39,17 @@ LABELS = {
 }
 
 
+def _option(entry: dict[str, Any]) -> str | None:
+    """The tag of the SRLoRA option (:data:`OPTIONS`) that ``entry`` ran with, by its name."""
+    return next((tag for tag in OPTIONS if f"-{tag}-" in entry["name"]), None)
+
+
+def _label(method: str) -> str:
+    """A method of :data:`CONFIRMED` in words (``srlora-<tag>``: SRLoRA with that option)."""
+    tag = method.removeprefix("srlora-")
+    return LABELS[method] if method in LABELS else f"SRLoRA, {OPTIONS[tag].what}"
+
+
 def _cells(entry: dict[str, Any]) -> list[str]:
     """A run's final evaluations, one cell per set of :data:`EVALS` (``n/a`` where it has none)."""
     final = entry["evals"][-1]
@@ -82,11 +93,11 @@ def section(root: Path) -> list[str]:
         "| method | seeds | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
         "|---|---|---|" + "---|" * (len(EVALS) + 1),
     ]
-    by_method: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for e in runs:
-        by_method.setdefault((e["config"]["method"], e["config"]["r"]), []).append(e)
-    for method, r in sorted(by_method, key=lambda key: (list(LABELS).index(key[0]), key[1])):
-        points = sorted(by_method[method, r], key=lambda e: e["config"]["lr"])
+    by_method: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for e in runs:  # a swept option of SRLoRA's is a method of its own
+        by_method.setdefault((e["config"]["method"], e["config"]["r"], _option(e) or ""), []).append(e)
+    for key in sorted(by_method, key=lambda key: (list(LABELS).index(key[0]), *key[1:])):
+        points = sorted(by_method[key], key=lambda e: e["config"]["lr"])
         best = min(points, key=lambda e: e["evals"][-1]["held_chunks"])
         for e in points:
             cells = _cells(e)
@@ -128,7 +139,9 @@ def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]
     """SRLoRA's options beside the chosen entry at the same learning rate (seed 1)."""
     names = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True)}
     options = [e for e in everything if e["name"] in names and e["config"]["seed"] == 1]
-    plain = [e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR]
+    plain = [
+        e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR and not _option(e)
+    ]
     if not options:
         return []
     md = _runs_table(f"SRLoRA's options: seed 1, r = 2, lr {ADAPTER_LR:g}", ("run", "option"))
@@ -166,7 +179,7 @@ def _confirm_table(everything: list[dict[str, Any]]) -> list[str]:
             b = {s: runs[s]["evals"][-1][key] for s in seeds if key in runs[s]["evals"][-1]}
             cells.append(fmt_paired(paired(a, b)))
         memory = f"{_mib(runs[seeds[0]])}, {_mib(mine[seeds[0]])}"
-        label = f"{LABELS[method]} ({best[method]:g}; {', '.join(map(str, seeds))})"
+        label = f"{_label(method)} ({best[method]:g}; {', '.join(map(str, seeds))})"
         md.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
     return md
 
@@ -270,7 +283,8 @@ def _with_options_and_curve(
     """The screen's seed-1 runs with SRLoRA's options, and LoRA's runs that trace its curve (the
     absorption study's ladder, r = 2, 8, 32, and the screen's LoRA runs)."""
     options = {job.name for job in option_jobs()}
-    runs = screen + [e for e in everything if e["name"] in options and e["config"]["seed"] == 1]
+    screened = {e["name"] for e in screen}  # a swept option's run at the old rate is in both
+    runs = screen + [e for e in everything if e["name"] in options - screened and e["config"]["seed"] == 1]
     lora = [e for e in everything if e["name"] in ("lora-r2", "lora-r8", "lora-r32") and e["config"]["seed"] == 1]
     lora += [e for e in screen if e["config"]["method"] == "lora"]
     return runs, lora
@@ -332,7 +346,6 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
     order of learning."""
     from ...plots import pyplot, save_figure
 
-    options = {job.name for job in option_jobs()}
     if len(runs) < 2:
         return None
     plt = pyplot()
@@ -343,16 +356,17 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
             xs, ys = [e["evals"][-1]["held_chunks"] for e in curve], [e["evals"][-1][key] for e in curve]
             ax.plot(xs, ys, "k--", lw=1, label="LoRA's curve")
         for method in LABELS:
-            points = [e for e in runs if e["config"]["method"] == method and e["name"] not in options]
+            points = [e for e in runs if e["config"]["method"] == method and not _option(e)]
             points = [e for e in points if key in e["evals"][-1]]
             if points:
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
                 ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
-        for e in runs:
-            tag_ = next((t for t in OPTIONS if f"-{t}-" in e["name"]), None)
-            if e["name"] in options and key in e["evals"][-1] and tag_ not in SAME_TRAINING:
-                tag = OPTIONS[tag_].what  # type: ignore[index]
-                ax.scatter([e["evals"][-1]["held_chunks"]], [e["evals"][-1][key]], marker="*", s=60, label=tag)
+        for tag in OPTIONS:  # each option's runs (every learning rate of a swept one), one label
+            points = [e for e in runs if _option(e) == tag and key in e["evals"][-1]]
+            if points and tag not in SAME_TRAINING:
+                xs = [e["evals"][-1]["held_chunks"] for e in points]
+                ys = [e["evals"][-1][key] for e in points]
+                ax.scatter(xs, ys, marker="*", s=60, label=OPTIONS[tag].what)
         start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
         if key in start:
             ax.scatter([start["held_chunks"]], [start[key]], marker="x", c="k", s=40, label="untrained")

@@ -361,12 +361,13 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
             if points:
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
                 ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
-        for tag in OPTIONS:  # each option's runs (every learning rate of a swept one), one label
+        stars = plt.get_cmap("Dark2").colors  # not the methods' colours: a star is no method's run
+        for tag, colour in zip(OPTIONS, stars, strict=False):  # every learning rate of a swept one
             points = [e for e in runs if _option(e) == tag and key in e["evals"][-1]]
             if points and tag not in SAME_TRAINING:
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
                 ys = [e["evals"][-1][key] for e in points]
-                ax.scatter(xs, ys, marker="*", s=60, label=OPTIONS[tag].what)
+                ax.scatter(xs, ys, marker="*", s=70, color=colour, label=OPTIONS[tag].what)
         start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
         if key in start:
             ax.scatter([start["held_chunks"]], [start[key]], marker="x", c="k", s=40, label="untrained")

@@ -90,8 +90,8 @@ def section(root: Path) -> list[str]:
         "",
         "### The screen: seed 1, r = 2, each method's learning rate",
         "",
-        "| method | seeds | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
-        "|---|---|---|" + "---|" * (len(EVALS) + 1),
+        "| method | lr | " + " | ".join(label for _, label in EVALS) + " | memory (MiB) |",
+        "|---|---|" + "---|" * (len(EVALS) + 1),
     ]
     by_method: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for e in runs:  # a swept option of SRLoRA's is a method of its own
@@ -103,7 +103,7 @@ def section(root: Path) -> list[str]:
             cells = _cells(e)
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
-            md.append(f"| {e['name']} | 1 | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
+            md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
     curve = _with_options_and_curve(everything, runs)
     md += _options_table(everything, runs)
     md += _verdict_table(*curve)

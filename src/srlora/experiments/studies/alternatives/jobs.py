@@ -170,11 +170,7 @@ SAME_TRAINING = {"no-records"}
 
 def option_jobs(seed: int = 1) -> list[AbsorbJob]:
     """Each of :data:`OPTIONS` on the chosen entry, seed ``seed``, r = 2, lr 5e-4."""
-    base = dataclasses.replace(VARIANTS[BEST][0], lr=ADAPTER_LR, seed=seed)
-    return [
-        AbsorbJob(f"{BEST}-{tag}-lr{ADAPTER_LR:g}", dataclasses.replace(base, srlora=dict(o.srlora), **o.run))
-        for tag, o in OPTIONS.items()
-    ]
+    return [AbsorbJob(*config(f"srlora-{tag}", 2, ADAPTER_LR, seed)) for tag in OPTIONS]
 
 
 # The rank users pick: each method at its best r = 2 learning rate and at the sweep point below
@@ -243,8 +239,7 @@ def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
     each of :data:`CONFIRMED` (the options among them) at its best r = 2 learning rate
     (:func:`best_lr`, once its sweep is complete), on every seed of ``seeds``; seed 1's runs are
     the screen's. Each run once, where a best point is the old rate."""
-    options = [j for j, tag in zip(option_jobs(), OPTIONS, strict=True) if tag in CONFIRMED_OPTIONS]
-    jobs = [AbsorbJob(j.name, dataclasses.replace(j.config, seed=seed)) for j in options for seed in seeds]
+    jobs = [AbsorbJob(*config(f"srlora-{tag}", 2, ADAPTER_LR, seed)) for tag in CONFIRMED_OPTIONS for seed in seeds]
     best = swept(load_absorb(root), CONFIRMED)
     jobs += [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in best for seed in seeds]
     return list({(j.name, j.config.seed): j for j in jobs}.values())

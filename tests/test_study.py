@@ -451,3 +451,36 @@ def test_a_confirmed_option_is_paired_by_seed_with_the_chosen_entry_and_against_
     cells = [c.strip() for c in row.split("|")[2:-1]]
     # chunks: 2.5 - (2.41, 2.42, 2.43) = +0.08; prose: (4.49, 4.48, 4.47) - 4.6 = -0.12; curve: -0.02
     assert cells[0].startswith("+0.080 [") and cells[1].startswith("-0.120 [") and cells[2].startswith("-0.020 [")
+
+
+def test_a_committed_run_counts_as_finished_where_runs_is_gone(tmp_path):
+    """runs/ need not outlive its machine: a job whose run is committed in docs/results/absorb.json
+    with the same configuration, every evaluation set and the memory count does not run again;
+    one committed under another configuration, or from before the second text, does."""
+    from srlora.experiments.absorb import EVAL_SETS
+    from srlora.experiments.studies import alternatives
+
+    jobs = alternatives.screen_jobs()
+    same, other, old = jobs[0], jobs[1], jobs[2]
+    final = {"step": 400, **{key: 2.0 for key in EVAL_SETS}}
+
+    def entry(job, evals: dict, **config) -> dict:
+        cfg = dataclasses.replace(job.config, **config)
+        return {
+            "out": str(job.out),
+            "name": job.name,
+            "config": cfg.to_dict(),
+            "evals": [dict(evals)],
+            "memory": {"trainable_state_bytes": 1},
+        }
+
+    entries = [entry(same, final), entry(other, final, lr=other.config.lr * 2), entry(old, final)]
+    del entries[2]["evals"][0]["news"]
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    assert not (tmp_path / "runs").exists()
+    assert [job.finished(tmp_path) for job in (same, other, old)] == [True, False, False]
+    # the file changed (a run landed): read again, not the cached copy
+    entries[1] = entry(other, final)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    assert other.finished(tmp_path)

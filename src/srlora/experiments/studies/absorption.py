@@ -8,7 +8,9 @@ into ``runs/absorb/<name>/seed<s>/``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import shlex
 import statistics
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..absorb import AbsorbConfig, finished
+from ..absorb import EVAL_SETS, AbsorbConfig, finished
 from ..jobs import run_jobs
 from ..rundata import RenderContext, Section
 from ..stats import fmt, fmt_paired, mean_std, paired
@@ -62,7 +64,12 @@ class AbsorbJob:
         return "srlora " + shlex.join(self.argv())
 
     def finished(self, root: Path) -> bool:
-        return finished(root / self.out, self.config)
+        """Finished earlier: its run here (``runs/absorb``, the runner's rule), or its record in
+        the committed ``docs/results/absorb.json`` with the same configuration, every evaluation
+        set and the memory count (``runs/`` need not outlive the machine it ran on)."""
+        return finished(root / self.out, self.config) or any(
+            e["out"] == str(self.out) and committed_as(e, self.config) for e in _committed(root)
+        )
 
 
 def absorb_jobs(seeds: list[int], pilot: bool = False) -> list[AbsorbJob]:
@@ -154,8 +161,34 @@ def _mean_profile(spectra: dict[str, Any], keep: int = 32) -> list[float]:
 
 
 def load_absorb(root: Path) -> list[dict[str, Any]]:
+    """The committed absorption runs (``docs/results/absorb.json``), the caller's own copy."""
+    return copy.deepcopy(_committed(root))
+
+
+def _committed(root: Path) -> list[dict[str, Any]]:
+    """The committed runs, read once per version of the file (not to be changed: shared)."""
     path = root / ABSORB
-    return json.loads(path.read_text()) if path.is_file() else []
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return []
+    return _read_json(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_json(path: Path, stamp: int) -> Any:
+    return json.loads(path.read_text())
+
+
+def committed_as(entry: dict[str, Any], cfg: AbsorbConfig) -> bool:
+    """Whether a committed run (an entry of ``docs/results/absorb.json``) is the run of ``cfg``,
+    complete by today's rule (:func:`~srlora.experiments.absorb.finished`): the same identity,
+    every evaluation set at the end, the memory count."""
+    return (
+        AbsorbConfig(**entry["config"]).digest() == cfg.digest()
+        and "memory" in entry
+        and set(EVAL_SETS) <= set(entry["evals"][-1])
+    )
 
 
 def _final(entry: dict[str, Any], key: str) -> float:

@@ -354,6 +354,11 @@ def test_a_sweep_whose_best_is_an_end_grows_past_it_before_its_best_counts(tmp_p
         assert sorted(names[: len(grown)]) == sorted(grown)  # the grown points lead: each may grow again
 
     check((1e-5, 3e-5, 1e-4, 3e-4), (8e-5, 2e-4, 5e-4, 1.25e-3), {"full": None, "lora": None, "pissa": 5e-4})
+    assert _standings(tmp_path) == [  # each method's best so far, where its sweep stands, best first
+        ("PiSSA", "0.0005", "complete"),
+        ("LoRA", "0.0002", "to run: 8e-05"),
+        ("full fine-tuning", "0.0001", "to run: 0.0003"),
+    ]
     entries += [entry("full", 3e-4, 2.9), entry("lora", 8e-5, 2.3)]  # both worse than the old end
     check((1e-5, 3e-5, 1e-4, 3e-4), (8e-5, 2e-4, 5e-4, 1.25e-3), {"full": 1e-4, "lora": 2e-4})
     entries[-2:] = [entry("full", 3e-4, 2.0), entry("lora", 8e-5, 1.0)]  # both better: one more each
@@ -362,6 +367,20 @@ def test_a_sweep_whose_best_is_an_end_grows_past_it_before_its_best_counts(tmp_p
     check((1e-5, 3e-5, 1e-4, 3e-4, 9e-4), (3.2e-5, 8e-5, 2e-4, 5e-4, 1.25e-3), {"full": 9e-4, "lora": 3.2e-5})
     screen = "\n".join(alternatives.section(tmp_path)).split("### The screen")[1].split("\n### ")[0]
     assert "| full-lr0.0009 |" in screen and "| lora-r2-lr3.2e-05 |" in screen  # the added points' rows
+    assert _standings(tmp_path) == [  # an end after both growths is said to be one
+        ("LoRA", "3.2e-05", "at its edge after 2 growths"),
+        ("full fine-tuning", "0.0009", "at its edge after 2 growths"),
+        ("PiSSA", "0.0005", "complete"),
+    ]
+
+
+def _standings(root: Path) -> list[tuple[str, str, str]]:
+    """The alternatives section's standings table: (method, best lr, its sweep), row by row."""
+    from srlora.experiments.studies import alternatives
+
+    table = "\n".join(alternatives.section(root)).split("### Where each method stands")[1].split("\n### ")[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    return [(cells[0].removeprefix("| "), cells[1], cells[2]) for cells in rows[1:]]
 
 
 def test_lora_s_curve_is_read_between_the_runs_around_it():

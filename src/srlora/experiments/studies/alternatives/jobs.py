@@ -203,6 +203,24 @@ def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | N
     return _best(done)
 
 
+class SweepState(NamedTuple):
+    """Where ``method``'s seed-1 sweep at rank ``r`` stands among the committed runs."""
+
+    points: tuple[float, ...]  # its learning rates (:func:`sweep`: grown past an end where its best lay)
+    missing: tuple[float, ...]  # those not run yet
+    best: float | None  # the best point among those run (held-out chunks); None: none ran
+    at_edge: bool  # complete, and its best is still an end after the EXTENSIONS growths
+
+
+def sweep_state(results: list[dict[str, Any]], method: str, r: int = 2) -> SweepState:
+    """:class:`SweepState` of ``method`` at rank ``r`` among ``results``."""
+    points = sweep(results, method, r)
+    done = _seed1(results, method, r, list(points))
+    missing = tuple(lr for lr in points if lr not in done)
+    best = _best(done) if done else None
+    return SweepState(points, missing, best, not missing and best in (points[0], points[-1]))
+
+
 def swept(results: list[dict[str, Any]], methods: tuple[str, ...]) -> list[tuple[str, float]]:
     """``(method, best r = 2 learning rate)`` for each of ``methods`` whose sweep is complete
     among ``results`` (:func:`best_lr`); the others are named on stderr."""

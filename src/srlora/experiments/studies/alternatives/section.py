@@ -18,11 +18,13 @@ from .jobs import (
     RANK,
     RANKED,
     SAME_TRAINING,
+    SWEEPS,
     TUNING,
     best_lr,
     config,
     option_jobs,
     screen_jobs,
+    sweep_state,
 )
 
 TITLE = "Against the alternatives: full fine-tuning, GaLore and PEFT's initialisations"
@@ -87,6 +89,10 @@ def section(root: Path) -> list[str]:
         "counted from the tensors at its peak over the run (what trains and its gradients, the "
         "optimizer's state, SRLoRA's own state; galore-torch's projectors keep the storage of the "
         "whole SVD factor they slice).",
+    ]
+    curve = _with_options_and_curve(everything, runs)
+    md += _standings(everything, curve[1])
+    md += [
         "",
         "### The screen: seed 1, r = 2, each method's learning rate",
         "",
@@ -104,7 +110,6 @@ def section(root: Path) -> list[str]:
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
             md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
-    curve = _with_options_and_curve(everything, runs)
     md += _options_table(everything, runs)
     md += _verdict_table(*curve)
     md += _option_confirm_table(everything)
@@ -133,6 +138,48 @@ def section(root: Path) -> list[str]:
         "",
     ]
     return md
+
+
+def _standings(everything: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[str]:
+    """Each method of :data:`CONFIRMED` at its best seed-1 point so far (held-out chunks), best
+    first, with where its sweep stands and its forgetting against LoRA's curve through ``lora``."""
+    rows = []
+    for method in CONFIRMED:
+        state = sweep_state(everything, method)
+        if state.best is None:
+            continue
+        name = config(method, 2, state.best, 1)[0]
+        entry = next(e for e in everything if e["name"] == name and e["config"]["seed"] == 1)
+        if state.missing:
+            where = "to run: " + ", ".join(f"{lr:g}" for lr in state.missing)
+        elif state.at_edge:
+            grown = len(state.points) - len(SWEEPS.get(method, SWEEPS["adapter"]))
+            where = f"at its edge after {grown} growth{'s' * (grown != 1)}"
+        else:
+            where = "complete"
+        final = entry["evals"][-1]
+        gaps = []
+        for key in ("prose", "news"):
+            at = curve_at(lora, final["held_chunks"], key) if key in final else None
+            gaps.append("the curve" if method == "lora" else "n/a" if at is None else f"{final[key] - at:+.3f}")
+        cells = [f"{final[key]:.3f}" for key in ("held_chunks", "held_docs")]
+        rows.append((final["held_chunks"], [_label(method), f"{state.best:g}", where, *cells, *gaps, _mib(entry)]))
+    if not rows:
+        return []
+    md = [
+        "",
+        "### Where each method stands: its best point so far, seed 1, r = 2",
+        "",
+        "Best first (held-out chunks). *Sweep*: complete (its best lies inside its range), at its edge "
+        "(its best is still an end after the growths the rule allows: no rate beyond it was tried), or "
+        "the points still to run (its best may move). *Above LoRA's curve*: as in the table of every run "
+        "below (+ forgets more at that absorption; n/a: outside the span of LoRA's runs).",
+        "",
+        "| method | best lr | sweep | held-out chunks | held-out docs | above LoRA's curve: prose | news "
+        "| memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return md + ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows, key=lambda row: row[0])]
 
 
 def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]]) -> list[str]:

@@ -1,7 +1,7 @@
 """Checkpoints written by an earlier version of srlora (tests/data/legacy, recorded by its
 make.py with the code of commit 9b82d8b) still load bit for bit, and the run goes on as it went
-on under that version: the same switches, the same weights (bit for bit on the CPU that
-recorded them, within 1e-5 on another)."""
+on under that version: the same switches, the same scores and weights (bit for bit on the CPU
+that recorded them, within float32 rounding on another)."""
 
 from __future__ import annotations
 
@@ -61,15 +61,27 @@ def test_an_earlier_versions_checkpoint_resumes_exactly(name, one_thread):
     assert ctl.global_step == BEFORE and len(ctl.history) == len(saved["controller"]["history"])
     train(model, case, opt, steps=AFTER, seed=2, ctl=ctl)
     final = torch.load(DATA / f"{name}.final.pt", weights_only=True)
-    assert [e.to_dict() for e in ctl.history] == final["history"]
+    history = [e.to_dict() for e in ctl.history]
+    # The same switches, exactly: which slots, which directions, which pairs left. The scores
+    # that chose them are float32 sums (an EMA of |grad x weight|), equal on the CPU that
+    # recorded them and within float32 rounding (~1e-7 relative) on another CPU's kernels.
+    decided = [{k: v for k, v in e.items() if k != "scores"} for e in history]
+    assert decided == [{k: v for k, v in e.items() if k != "scores"} for e in final["history"]]
+    torch.testing.assert_close(
+        [torch.tensor(e["scores"], dtype=torch.float64) for e in history],
+        [torch.tensor(e["scores"], dtype=torch.float64) for e in final["history"]],
+        rtol=1e-5,
+        atol=0,
+    )
     assert any(e["step"] > BEFORE for e in final["history"]), "the recorded run must switch after the checkpoint"
     state = model.state_dict()
     assert set(state) == set(final["model"])
     # Bit for bit on the CPU that recorded them; another CPU's kernels may round sums
-    # differently, by float32 rounding amplified over 15 AdamW steps at lr 1e-2 (a wrong
-    # switch or a lost moment moves weights by ~1e-2).
+    # differently, by float32 rounding amplified over 15 AdamW steps at lr 1e-2 (Adam divides
+    # by the root of small second moments): up to 1.2e-5 seen on an AMD EPYC against the
+    # recording CPU. A wrong switch or a lost moment moves weights by ~1e-2, 100x the bound.
     for key, value in final["model"].items():
-        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-5, msg=key)
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-4, msg=key)
 
 
 @pytest.mark.filterwarnings("ignore::srlora.SRLoRAWarning")

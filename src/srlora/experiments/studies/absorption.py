@@ -8,9 +8,7 @@ into ``runs/absorb/<name>/seed<s>/``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import json
 import shlex
 import statistics
@@ -68,7 +66,7 @@ class AbsorbJob:
         the committed ``docs/results/absorb.json`` with the same configuration, every evaluation
         set and the memory count (``runs/`` need not outlive the machine it ran on)."""
         return finished(root / self.out, self.config) or any(
-            e["out"] == str(self.out) and committed_as(e, self.config) for e in _committed(root)
+            e["out"] == str(self.out) and committed_as(e, self.config) for e in load_absorb(root)
         )
 
 
@@ -161,23 +159,9 @@ def _mean_profile(spectra: dict[str, Any], keep: int = 32) -> list[float]:
 
 
 def load_absorb(root: Path) -> list[dict[str, Any]]:
-    """The committed absorption runs (``docs/results/absorb.json``), the caller's own copy."""
-    return copy.deepcopy(_committed(root))
-
-
-def _committed(root: Path) -> list[dict[str, Any]]:
-    """The committed runs, read once per version of the file (not to be changed: shared)."""
+    """The committed absorption runs (``docs/results/absorb.json``)."""
     path = root / ABSORB
-    try:
-        stamp = path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return []
-    return _read_json(path, stamp)
-
-
-@functools.lru_cache(maxsize=4)
-def _read_json(path: Path, stamp: int) -> Any:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def committed_as(entry: dict[str, Any], cfg: AbsorbConfig) -> bool:

@@ -196,11 +196,8 @@ def best_lr(results: list[dict[str, Any]], method: str, r: int = 2) -> float | N
     ``results`` (the committed ones, :func:`~srlora.experiments.studies.absorption.load_absorb`),
     once its whole sweep (:func:`sweep`, grown past an end where its best lay) is there; ``None``
     before."""
-    points = sweep(results, method, r)
-    done = _seed1(results, method, r, list(points))
-    if len(done) < len(points):
-        return None
-    return _best(done)
+    state = sweep_state(results, method, r)
+    return None if state.missing else state.best
 
 
 class SweepState(NamedTuple):

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from srlora.atomic import atomic_write_text
-from srlora.experiments.absorb import AbsorbConfig, build_corpus, load_smollm2
+from srlora.experiments.absorb import AbsorbConfig, load_smollm2
+from srlora.experiments.corpus import build_corpus
 from srlora.schedule import ema_warmup_steps
 from srlora.subspace import sketch_top_vectors
 

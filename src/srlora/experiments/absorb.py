@@ -9,23 +9,22 @@ wheel, :mod:`srlora.experiments.assets`). Each file is a document, cut into bloc
 ``block`` tokens. A fixed hash of the file's path puts ~15% of the documents aside
 (*held-out documents*: what generalises); of every training document ~12% of its blocks are
 put aside (*held-out chunks*: what was absorbed of the documents trained on). Training runs
-about two epochs over the rest, so the rank limits what is absorbed. *Prose*: the movie-review
-sentences (the MR task's text), whose loss measures forgetting.
+about two epochs over the rest, so the rank limits what is absorbed. Forgetting is the loss on
+two general texts: *prose* (the movie-review sentences, the MR task's text) and *news* (New York
+Times editorial snippets). The sets are built by :mod:`srlora.experiments.corpus`.
 
 Reported per run (``results.json``): the loss of each new training batch before its update
-(last 10% of the steps), the token-mean loss of the three evaluation sets at several steps,
+(last 10% of the steps), the token-mean loss of the four evaluation sets at several steps,
 the wall time, and the singular values of each layer's learnt update ``W_t + s B A - W0``
-(:func:`update_spectrum`), with its effective rank.
+(:func:`~srlora.experiments.methods.update_spectrum`), with its effective rank.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..atomic import atomic_write_json
 from . import assets
+from .corpus import build_corpus
 from .methods import build, spectra, trainable_state_bytes
 from .options import add_srlora_options, srlora_given, srlora_passthrough
 from .spec import digest
@@ -145,97 +145,6 @@ FIRST_FIELDS = (
 METHODS = ("lora", "pissa", "srlora", "full", "galore", "corda", "mica", "lora_ga")
 # Each evaluation set; 'news' and 'prose' measure forgetting, on two general texts.
 EVAL_SETS = ("held_chunks", "held_docs", "prose", "news")
-
-
-# ---------------------------------------------------------------------------- data
-@dataclass
-class Corpus:
-    train: torch.Tensor  # (N, block) token ids
-    held_chunks: torch.Tensor
-    held_docs: torch.Tensor
-    prose: torch.Tensor
-    news: torch.Tensor
-    general: torch.Tensor  # CorDA's covariance source (Amazon review snippets): in no evaluation set
-    stats: dict[str, int]
-
-
-def _hash01(text: str) -> float:
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-
-
-def _blocks(ids: list[int], block: int) -> list[list[int]]:
-    return [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
-
-
-def snippets(folder: Path, kind: str) -> list[str]:
-    """The texts of one of the vaderSentiment archive's rated snippet files (``id, rating, text``)."""
-    texts = []
-    with open(folder / f"{kind}_GroundTruth.txt", encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) >= 3 and parts[2].strip():
-                texts.append(parts[2].strip())
-    return texts
-
-
-def build_corpus(
-    tokenizer: Any,
-    cfg: AbsorbConfig,
-    folder: Path | None = None,
-    prose: list[str] | None = None,
-    news: list[str] | None = None,
-    general: list[str] | None = None,
-) -> Corpus:
-    """The token sets (fixed: they do not depend on the run's seed). Forgetting is measured on two
-    general texts, the movie-review sentences (``prose``) and New York Times editorial snippets
-    (``news``); CorDA's covariance comes from a third, Amazon review snippets (``general``)."""
-    folder = folder or assets.fetch("trl-source")
-    docs = sorted(p for p in folder.rglob("*.py") if p.is_file())
-    rng = random.Random(20)
-    train, held_chunks, held_docs = [], [], []
-    for path in docs:
-        rel = str(path.relative_to(folder))
-        ids = tokenizer(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
-        blocks = _blocks(ids, cfg.block)
-        if len(blocks) < 2:
-            continue
-        if _hash01(rel) < 0.15:
-            held_docs.extend(blocks)
-            continue
-        if len(train) >= cfg.train_blocks:
-            continue  # the training set is full; later documents stay out of every set
-        held = set(rng.sample(range(len(blocks)), max(1, round(0.12 * len(blocks)))))
-        held_chunks.extend(b for i, b in enumerate(blocks) if i in held)
-        train.extend(b for i, b in enumerate(blocks) if i not in held)
-    if prose is None:
-        from .tasks import load_mr_lines
-
-        prose, _, _ = load_mr_lines(assets.fetch("vader"))
-        prose = prose[:3000]
-    if news is None:
-        news = snippets(assets.fetch("vader"), "nytEditorialSnippets")
-    if general is None:
-        general = snippets(assets.fetch("vader"), "amazonReviewSnippets")
-
-    def text_blocks(texts: list[str]) -> list[list[int]]:
-        return _blocks(tokenizer("\n".join(texts))["input_ids"], cfg.block)
-
-    def pick(blocks: list[list[int]], k: int) -> torch.Tensor:
-        chosen = random.Random(7).sample(range(len(blocks)), min(k, len(blocks)))
-        return torch.tensor([blocks[i] for i in sorted(chosen)], dtype=torch.long)
-
-    corpus = Corpus(
-        train=torch.tensor(train, dtype=torch.long),
-        held_chunks=pick(held_chunks, cfg.eval_blocks),
-        held_docs=pick(held_docs, cfg.eval_blocks),
-        prose=pick(text_blocks(prose), cfg.eval_blocks),
-        news=pick(text_blocks(news), cfg.eval_blocks),
-        general=pick(text_blocks(general), 4 * cfg.eval_blocks),  # 32k tokens: a full-rank covariance
-        stats={"train_blocks": len(train), "held_chunk_pool": len(held_chunks), "held_doc_pool": len(held_docs)},
-    )
-    if len(corpus.train) < cfg.batch:
-        raise ValueError(f"the corpus gave {len(corpus.train)} training blocks, fewer than one batch.")
-    return corpus
 
 
 # ---------------------------------------------------------------------------- model
@@ -400,16 +309,21 @@ def recount_memory(out: Path, base: nn.Module | None = None) -> dict[str, Any]:
     return memory
 
 
+def is_run_of(digest: str | None, evals: dict[str, Any], has_memory: bool, cfg: AbsorbConfig) -> bool:
+    """Whether a run's record (its ``results.json``, or its entry in ``docs/results/absorb.json``)
+    is the finished run of ``cfg`` by today's rule: the same identity (``digest``), every
+    evaluation set in its last evaluation ``evals``, the memory count. A run from before an
+    evaluation set or the memory count was added is run again."""
+    return digest == cfg.digest() and has_memory and set(EVAL_SETS) <= set(evals)
+
+
 def finished(out: Path, cfg: AbsorbConfig) -> bool:
-    path = out / "results.json"
-    if not path.is_file():
-        return False
+    """``out`` holds the finished run of ``cfg`` (:func:`is_run_of`)."""
     try:
-        results = json.loads(path.read_text())
+        results = json.loads((out / "results.json").read_text())
     except (OSError, ValueError):
         return False
-    # a run from before an evaluation set or the memory count was added is run again
-    return results.get("digest") == cfg.digest() and "memory" in results and set(EVAL_SETS) <= set(results["final"])
+    return is_run_of(results.get("digest"), results.get("final", {}), "memory" in results, cfg)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..absorb import EVAL_SETS, AbsorbConfig, finished
+from ..absorb import AbsorbConfig, finished, is_run_of
 from ..jobs import run_jobs
 from ..rundata import RenderContext, Section
 from ..stats import fmt, fmt_paired, mean_std, paired
@@ -165,14 +165,10 @@ def load_absorb(root: Path) -> list[dict[str, Any]]:
 
 
 def committed_as(entry: dict[str, Any], cfg: AbsorbConfig) -> bool:
-    """Whether a committed run (an entry of ``docs/results/absorb.json``) is the run of ``cfg``,
-    complete by today's rule (:func:`~srlora.experiments.absorb.finished`): the same identity,
-    every evaluation set at the end, the memory count."""
-    return (
-        AbsorbConfig(**entry["config"]).digest() == cfg.digest()
-        and "memory" in entry
-        and set(EVAL_SETS) <= set(entry["evals"][-1])
-    )
+    """Whether a committed run (an entry of ``docs/results/absorb.json``) is the finished run of
+    ``cfg`` (:func:`~srlora.experiments.absorb.is_run_of`, the rule for a run's results.json)."""
+    digest = AbsorbConfig(**entry["config"]).digest()
+    return is_run_of(digest, entry["evals"][-1], "memory" in entry, cfg)
 
 
 def _final(entry: dict[str, Any], key: str) -> float:

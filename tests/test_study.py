@@ -395,6 +395,45 @@ def test_lora_s_curve_is_read_between_the_runs_around_it():
     assert curve_at(lora, 2.1, "prose") is None and curve_at(lora, 2.5, "news") is None  # outside, no text
 
 
+def test_a_method_s_learning_at_a_forgetting_budget_is_read_along_its_sweep():
+    from srlora.experiments.studies.alternatives import at_budget
+
+    path = [(2.8, 4.40), (2.6, 4.50), (2.3, 4.70)]  # (held-out chunks, forgetting) by learning rate
+    best, open_ = at_budget(path, 4.60)  # crosses halfway between the last two runs
+    assert best == pytest.approx(2.45) and not open_
+    assert at_budget(path, 4.80) == (2.3, True)  # the top rate within budget: a higher one may learn more
+    assert at_budget(path, 4.35) is None  # even the lowest rate forgets more
+    wild = [(2.5, 4.5), (2.2, 4.8), (2.3, 5.4)]  # the top rate learns less and forgets more
+    assert at_budget(wild, 4.6)[0] == pytest.approx(2.4)
+    assert at_budget(wild, 5.0) == (2.2, False)  # a run beats the later crossing (2.233)
+
+
+def test_the_budget_table_compares_every_method_at_the_same_forgetting(tmp_path):
+    from srlora.experiments.studies import alternatives
+
+    untrained = {"held_chunks": 3.3, "held_docs": 3.0, "prose": 4.30, "news": 4.30}
+
+    def entry(method: str, lr: float, chunks: float, forgetting: float) -> dict:
+        name, cfg = alternatives.config(method, 2, lr, 1)
+        final = {"held_chunks": chunks, "held_docs": chunks, "prose": forgetting, "news": forgetting}
+        memory = {"trainable_state_bytes": 2**20}
+        return {"name": name, "config": dataclasses.asdict(cfg), "evals": [untrained, final], "memory": memory}
+
+    lrs = alternatives.SWEEPS["adapter"]
+    entries = [entry("lora", lr, c, f) for lr, c, f in zip(lrs, (2.8, 2.6, 2.3), (4.38, 4.52, 4.70), strict=True)]
+    entries += [entry("pissa", lr, c, f) for lr, c, f in zip(lrs, (2.7, 2.5, 2.4), (4.32, 4.36, 4.45), strict=True)]
+    (tmp_path / "docs/results").mkdir(parents=True)
+    (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
+    md = "\n".join(alternatives.section(tmp_path))
+    table = md.split("### What each method learns at a forgetting budget")[1].split("\n### ")[0]
+    lines = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    rows = {cells[0]: cells[2:] for cells in lines}  # method: its cells after the memory
+    assert list(rows["method"]) == ["prose +0.05", "prose +0.1", "prose +0.2", "news +0.05", "news +0.1", "news +0.2"]
+    assert rows["LoRA"] == ["over", "2.771", "2.629"] * 2  # its lowest rate forgets 0.08 already
+    # 4.35 between 4.32 and 4.36, 4.40 between 4.36 and 4.45; at +0.2 its top rate is within budget
+    assert rows["PiSSA"] == ["**2.550**", "**2.456**", "**2.400** (open)"] * 2
+
+
 def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlora(tmp_path):
     """alternatives-confirm: each method with a complete sweep at its best learning rate on
     every seed, SRLoRA's confirmed option at its own (its sweep grown below 2e-4); the table

@@ -8,13 +8,15 @@ trainable-state memory of every run.
     srlora study --part alternatives-confirm  # each method at its best point on 3 seeds, paired
     srlora study --part alternatives-r16      # the rank users pick: r = 16 around each best point
 
-The package: :mod:`.jobs` (what runs, and how each method is tuned), :mod:`.section` (the doc's
-section and its plot).
+The package: :mod:`.jobs` (what runs, and how each method is tuned), :mod:`.frontier` (learning
+against forgetting: LoRA's curve, each method at a forgetting budget, the plot), :mod:`.section`
+(the doc's section).
 """
 
 from __future__ import annotations
 
 from ...rundata import Section
+from .frontier import at_budget, curve_at, plot_frontier
 from .jobs import (
     CONFIRMED,
     OPTIONS,
@@ -30,7 +32,7 @@ from .jobs import (
     screen_jobs,
     sweep,
 )
-from .section import TITLE, curve_at, plot_frontier, section
+from .section import TITLE, section
 
 SECTIONS: dict[str, Section] = {"alternatives": lambda ctx: section(ctx.root)}
 
@@ -48,6 +50,7 @@ __all__ = [
     "RANKED",
     "SWEEPS",
     "TITLE",
+    "at_budget",
     "best_lr",
     "config",
     "confirm_jobs",

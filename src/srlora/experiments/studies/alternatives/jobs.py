@@ -266,3 +266,27 @@ PARTS = {
     "alternatives-options": lambda root, seeds, ns: run_jobs(option_jobs(seeds[0]), ns.jobs, root),
     "alternatives-r16": lambda root, seeds, ns: run_jobs(rank_jobs(root, seeds[0]), ns.jobs, root),
 }
+
+
+# The methods in words (a table's rows, the plot's legend).
+LABELS = {
+    "full": "full fine-tuning",
+    "galore": "GaLore",
+    "lora": "LoRA",
+    "pissa": "PiSSA",
+    "srlora": "SRLoRA (gradient subspace, scale 0.25)",
+    "corda": "CorDA (knowledge-preserved)",
+    "mica": "MiCA",
+    "lora_ga": "LoRA-GA",
+}
+
+
+def option_of(entry: dict[str, Any]) -> str | None:
+    """The tag of the SRLoRA option (:data:`OPTIONS`) that ``entry`` ran with, by its name."""
+    return next((tag for tag in OPTIONS if f"-{tag}-" in entry["name"]), None)
+
+
+def label(method: str) -> str:
+    """A method of :data:`CONFIRMED` in words (``srlora-<tag>``: SRLoRA with that option)."""
+    tag = method.removeprefix("srlora-")
+    return LABELS[method] if method in LABELS else f"SRLoRA, {OPTIONS[tag].what}"

@@ -3,53 +3,34 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 from ...stats import fmt_paired, paired
 from ..new_pairs.jobs import BEST
+from .frontier import FORGETTING, budget_table, curve_at, mib, plot_frontier, verdict_table, with_options_and_curve
 from .jobs import (
     ADAPTER_LR,
     CONFIRMED,
     CONFIRMED_OPTIONS,
+    LABELS,
     OPTIONS,
     RANK,
     RANKED,
-    SAME_TRAINING,
     SWEEPS,
     TUNING,
     best_lr,
     config,
+    label,
     option_jobs,
+    option_of,
     screen_jobs,
     sweep_state,
 )
 
 TITLE = "Against the alternatives: full fine-tuning, GaLore and PEFT's initialisations"
-EVALS = (("held_chunks", "held-out chunks"), ("held_docs", "held-out docs"), ("prose", "prose"), ("news", "news"))
-LABELS = {
-    "full": "full fine-tuning",
-    "galore": "GaLore",
-    "lora": "LoRA",
-    "pissa": "PiSSA",
-    "srlora": "SRLoRA (gradient subspace, scale 0.25)",
-    "corda": "CorDA (knowledge-preserved)",
-    "mica": "MiCA",
-    "lora_ga": "LoRA-GA",
-}
-
-
-def _option(entry: dict[str, Any]) -> str | None:
-    """The tag of the SRLoRA option (:data:`OPTIONS`) that ``entry`` ran with, by its name."""
-    return next((tag for tag in OPTIONS if f"-{tag}-" in entry["name"]), None)
-
-
-def _label(method: str) -> str:
-    """A method of :data:`CONFIRMED` in words (``srlora-<tag>``: SRLoRA with that option)."""
-    tag = method.removeprefix("srlora-")
-    return LABELS[method] if method in LABELS else f"SRLoRA, {OPTIONS[tag].what}"
+EVALS = (("held_chunks", "held-out chunks"), ("held_docs", "held-out docs"), *FORGETTING)
 
 
 def _cells(entry: dict[str, Any]) -> list[str]:
@@ -62,11 +43,6 @@ def _runs_table(title: str, columns: tuple[str, ...]) -> list[str]:
     """A table's title and head: ``columns``, then every set of :data:`EVALS` and the memory."""
     head = [*columns, *(label for _, label in EVALS), "memory (MiB)"]
     return ["", f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-
-def _mib(entry: dict[str, Any]) -> str:
-    memory = entry.get("memory")
-    return f"{memory['trainable_state_bytes'] / 2**20:,.1f}" if memory else "n/a"
 
 
 def section(root: Path) -> list[str]:
@@ -90,8 +66,10 @@ def section(root: Path) -> list[str]:
         "optimizer's state, SRLoRA's own state; galore-torch's projectors keep the storage of the "
         "whole SVD factor they slice).",
     ]
-    curve = _with_options_and_curve(everything, runs)
+    curve = with_options_and_curve(everything, runs)
     md += _standings(everything, curve[1])
+    untrained = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
+    md += budget_table(_paths(everything), {key: untrained[key] for key, _ in FORGETTING if key in untrained})
     md += [
         "",
         "### The screen: seed 1, r = 2, each method's learning rate",
@@ -101,7 +79,7 @@ def section(root: Path) -> list[str]:
     ]
     by_method: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for e in runs:  # a swept option of SRLoRA's is a method of its own
-        by_method.setdefault((e["config"]["method"], e["config"]["r"], _option(e) or ""), []).append(e)
+        by_method.setdefault((e["config"]["method"], e["config"]["r"], option_of(e) or ""), []).append(e)
     for key in sorted(by_method, key=lambda key: (list(LABELS).index(key[0]), *key[1:])):
         points = sorted(by_method[key], key=lambda e: e["config"]["lr"])
         best = min(points, key=lambda e: e["evals"][-1]["held_chunks"])
@@ -109,9 +87,9 @@ def section(root: Path) -> list[str]:
             cells = _cells(e)
             if e is best and len(points) > 1:
                 cells[0] = f"**{cells[0]}**"
-            md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {_mib(e)} |")
+            md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(cells) + f" | {mib(e)} |")
     md += _options_table(everything, runs)
-    md += _verdict_table(*curve)
+    md += verdict_table(*curve)
     md += _option_confirm_table(everything)
     md += _confirm_table(everything)
     md += _rank_table(everything, runs)
@@ -163,7 +141,7 @@ def _standings(everything: list[dict[str, Any]], lora: list[dict[str, Any]]) -> 
             at = curve_at(lora, final["held_chunks"], key) if key in final else None
             gaps.append("the curve" if method == "lora" else "n/a" if at is None else f"{final[key] - at:+.3f}")
         cells = [f"{final[key]:.3f}" for key in ("held_chunks", "held_docs")]
-        rows.append((final["held_chunks"], [_label(method), f"{state.best:g}", where, *cells, *gaps, _mib(entry)]))
+        rows.append((final["held_chunks"], [label(method), f"{state.best:g}", where, *cells, *gaps, mib(entry)]))
     if not rows:
         return []
     md = [
@@ -182,12 +160,23 @@ def _standings(everything: list[dict[str, Any]], lora: list[dict[str, Any]]) -> 
     return md + ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows, key=lambda row: row[0])]
 
 
+def _paths(everything: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each method of :data:`CONFIRMED`'s seed-1 runs at r = 2 in order of learning rate, by label."""
+    paths = {}
+    for method in CONFIRMED:
+        names = [config(method, 2, lr, 1)[0] for lr in sorted(sweep_state(everything, method).points)]
+        by_name = {e["name"]: e for e in everything if e["name"] in names and e["config"]["seed"] == 1}
+        if by_name:
+            paths[label(method)] = [by_name[n] for n in names if n in by_name]
+    return paths
+
+
 def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]]) -> list[str]:
     """SRLoRA's options beside the chosen entry at the same learning rate (seed 1)."""
     names = {job.name: tag for job, tag in zip(option_jobs(), OPTIONS, strict=True)}
     options = [e for e in everything if e["name"] in names and e["config"]["seed"] == 1]
     plain = [
-        e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR and not _option(e)
+        e for e in screen if e["config"]["method"] == "srlora" and e["config"]["lr"] == ADAPTER_LR and not option_of(e)
     ]
     if not options:
         return []
@@ -195,7 +184,7 @@ def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]
     for e in plain + options:
         cells = _cells(e)
         what = OPTIONS[names[e["name"]]].what if e["name"] in names else "none (the chosen entry)"
-        md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {_mib(e)} |")
+        md.append(f"| {e['name']} | {what} | " + " | ".join(cells) + f" | {mib(e)} |")
     return md
 
 
@@ -225,9 +214,9 @@ def _confirm_table(everything: list[dict[str, Any]]) -> list[str]:
             a = {s: mine[s]["evals"][-1][key] for s in seeds if key in mine[s]["evals"][-1]}
             b = {s: runs[s]["evals"][-1][key] for s in seeds if key in runs[s]["evals"][-1]}
             cells.append(fmt_paired(paired(a, b)))
-        memory = f"{_mib(runs[seeds[0]])}, {_mib(mine[seeds[0]])}"
-        label = f"{_label(method)} ({best[method]:g}; {', '.join(map(str, seeds))})"
-        md.append(f"| {label} | " + " | ".join(cells) + f" | {memory} |")
+        memory = f"{mib(runs[seeds[0]])}, {mib(mine[seeds[0]])}"
+        what = f"{label(method)} ({best[method]:g}; {', '.join(map(str, seeds))})"
+        md.append(f"| {what} | " + " | ".join(cells) + f" | {memory} |")
     return md
 
 
@@ -270,7 +259,7 @@ def _option_confirm_table(everything: list[dict[str, Any]]) -> list[str]:
         }
         cells.append(fmt_paired(paired({s: final[s]["prose"] for s in curve}, curve)))
         what = OPTIONS[tag].what
-        md.append(f"| {what} ({', '.join(map(str, seeds))}) | " + " | ".join(cells) + f" | {_mib(runs[seeds[0]])} |")
+        md.append(f"| {what} ({', '.join(map(str, seeds))}) | " + " | ".join(cells) + f" | {mib(runs[seeds[0]])} |")
     return md
 
 
@@ -289,7 +278,7 @@ def _rank_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]]) 
         rows.append(min(full, key=lambda e: e["evals"][-1]["held_chunks"]))
     md = _runs_table(f"The rank users pick: seed 1, r = {RANK}", ("run", "lr"))
     for e in rows:
-        md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(_cells(e)) + f" | {_mib(e)} |")
+        md.append(f"| {e['name']} | {e['config']['lr']:g} | " + " | ".join(_cells(e)) + f" | {mib(e)} |")
     return md
 
 
@@ -322,107 +311,3 @@ def _memory_table(root: Path) -> list[str]:
         cells = [f"{parts[k] / 2**20:,.1f}" for k in keys]
         md.append(f"| {name} | " + " | ".join(cells) + f" | {parts['trainable_state_bytes'] / per_rank:.1f} |")
     return md
-
-
-def _with_options_and_curve(
-    everything: list[dict[str, Any]], screen: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The screen's seed-1 runs with SRLoRA's options, and LoRA's runs that trace its curve (the
-    absorption study's ladder, r = 2, 8, 32, and the screen's LoRA runs)."""
-    options = {job.name for job in option_jobs()}
-    screened = {e["name"] for e in screen}  # a swept option's run at the old rate is in both
-    runs = screen + [e for e in everything if e["name"] in options - screened and e["config"]["seed"] == 1]
-    lora = [e for e in everything if e["name"] in ("lora-r2", "lora-r8", "lora-r32") and e["config"]["seed"] == 1]
-    lora += [e for e in screen if e["config"]["method"] == "lora"]
-    return runs, lora
-
-
-def curve_at(lora: list[dict[str, Any]], chunks: float, key: str) -> float | None:
-    """LoRA's curve's loss on text ``key`` at ``chunks`` nats on held-out chunks: linear between
-    LoRA's two runs around it (``None`` outside their span, or where they lack the text)."""
-    points = sorted((e["evals"][-1]["held_chunks"], e["evals"][-1][key]) for e in lora if key in e["evals"][-1])
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 <= chunks <= x1 and x1 > x0:
-            return y0 + (y1 - y0) * (chunks - x0) / (x1 - x0)
-    return None
-
-
-def _verdict_table(runs: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[str]:
-    """Every run but LoRA's among ``runs`` (:func:`_with_options_and_curve`) against LoRA's curve
-    through ``lora`` and against every run with no more memory."""
-    mine = [e for e in runs if e["config"]["method"] != "lora"]
-    if not mine or len(lora) < 2:
-        return []
-    md = [
-        "",
-        "### Each run against LoRA's curve and against what fits in its memory: seed 1",
-        "",
-        "*Above the curve*: the run's loss on that text minus LoRA's curve's at the same absorption "
-        "(linear between LoRA's runs around it; + forgets more; n/a: outside the span of LoRA's runs). "
-        "*Better for less*: runs with no more memory that absorb at least as much and forget no more "
-        "on both texts.",
-        "",
-        "| run | memory (MiB) | held-out chunks | above the curve: prose | news | better for less |",
-        "|---|---|---|---|---|---|",
-    ]
-    for e in sorted(mine, key=lambda e: (list(LABELS).index(e["config"]["method"]), e["name"])):
-        final, memory = e["evals"][-1], e["memory"]["trainable_state_bytes"]
-        gaps = []
-        for key in ("prose", "news"):
-            curve = curve_at(lora, final["held_chunks"], key) if key in final else None
-            gaps.append("n/a" if curve is None else f"{final[key] - curve:+.3f}")
-        better = [
-            o["name"]
-            for o in runs + lora
-            if o is not e
-            and o.get("memory") is not None
-            and o["memory"]["trainable_state_bytes"] <= memory
-            and all(k in o["evals"][-1] and o["evals"][-1][k] <= final[k] for k in ("held_chunks", "prose", "news"))
-        ]
-        md.append(
-            f"| {e['name']} | {_mib(e)} | {final['held_chunks']:.3f} | {gaps[0]} | {gaps[1]} | "
-            + (", ".join(sorted(set(better))) or "none")
-            + " |"
-        )
-    return md
-
-
-def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: Path) -> Path | None:
-    """Each forgetting text's loss against held-out-chunk loss for every seed-1 run of the
-    screen and of SRLoRA's options (``runs``), with LoRA's curve: its runs (``lora``) joined in
-    order of learning."""
-    from ...plots import pyplot, save_figure
-
-    if len(runs) < 2:
-        return None
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.6))
-    for ax, (key, label) in zip(axes, EVALS[2:], strict=True):
-        curve = sorted((e for e in lora if key in e["evals"][-1]), key=lambda e: e["evals"][-1]["held_chunks"])
-        if len(curve) >= 2:
-            xs, ys = [e["evals"][-1]["held_chunks"] for e in curve], [e["evals"][-1][key] for e in curve]
-            ax.plot(xs, ys, "k--", lw=1, label="LoRA's curve")
-        for method in LABELS:
-            points = [e for e in runs if e["config"]["method"] == method and not _option(e)]
-            points = [e for e in points if key in e["evals"][-1]]
-            if points:
-                xs = [e["evals"][-1]["held_chunks"] for e in points]
-                ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
-        stars = plt.get_cmap("Dark2").colors  # not the methods' colours: a star is no method's run
-        for tag, colour in zip(OPTIONS, stars, strict=False):  # every learning rate of a swept one
-            points = [e for e in runs if _option(e) == tag and key in e["evals"][-1]]
-            if points and tag not in SAME_TRAINING:
-                xs = [e["evals"][-1]["held_chunks"] for e in points]
-                ys = [e["evals"][-1][key] for e in points]
-                ax.scatter(xs, ys, marker="*", s=70, color=colour, label=OPTIONS[tag].what)
-        start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
-        if key in start:
-            ax.scatter([start["held_chunks"]], [start[key]], marker="x", c="k", s=40, label="untrained")
-        ax.set_xlabel("held-out chunks (nats/token): learnt, lower is better")
-        ax.set_ylabel(f"{label} (nats/token): forgotten, lower is better")
-        ax.invert_xaxis()
-    # one legend below both panels (the same runs in the same colours on each), clear of the points
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
-    return save_figure(fig, path)

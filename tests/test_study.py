@@ -406,6 +406,8 @@ def test_a_method_s_learning_at_a_forgetting_budget_is_read_along_its_sweep():
     wild = [(2.5, 4.5), (2.2, 4.8), (2.3, 5.4)]  # the top rate learns less and forgets more
     assert at_budget(wild, 4.6)[0] == pytest.approx(2.4)
     assert at_budget(wild, 5.0) == (2.2, False)  # a run beats the later crossing (2.233)
+    diverged = [*path, (math.nan, math.nan)]  # a higher rate diverged: over every budget
+    assert at_budget(diverged, 4.80) == (2.3, False) and at_budget(diverged, 4.60)[0] == pytest.approx(2.45)
 
 
 def test_the_budget_table_compares_every_method_at_the_same_forgetting(tmp_path):

@@ -5,6 +5,7 @@ the plot of every method on both forgetting texts."""
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +135,14 @@ def at_budget(path: list[tuple[float, float]], budget: float) -> tuple[float, bo
     segment's rates are 2.5x apart). Along a segment both losses are linear in one parameter, so
     the best admissible point is one of its runs or the point where it crosses ``budget``.
     Returns ``(chunks, open)``, ``open`` when the path's last run is still within the budget (a
-    higher rate might absorb more for it), or ``None`` when even its first run forgets more."""
+    higher rate might absorb more for it), or ``None`` when even its first run forgets more. A
+    run that diverged (a loss not finite) is over every budget, and no segment crosses at it."""
     best: float | None = None
     for x, f in path:  # the runs themselves
-        if f <= budget and (best is None or x < best):
+        if math.isfinite(x) and f <= budget and (best is None or x < best):
             best = x
     for (x0, f0), (x1, f1) in itertools.pairwise(path):  # where a segment crosses the budget
-        if min(f0, f1) < budget < max(f0, f1):
+        if all(map(math.isfinite, (x0, f0, x1, f1))) and min(f0, f1) < budget < max(f0, f1):
             x = x0 + (x1 - x0) * (budget - f0) / (f1 - f0)
             best = x if best is None else min(best, x)
     return None if best is None else (best, path[-1][1] <= budget)

@@ -15,6 +15,7 @@ FORGETTING = (("prose", "prose"), ("news", "news"))  # the general texts whose l
 
 
 def mib(entry: dict[str, Any]) -> str:
+    """A run's trainable-state memory in MiB, as a table shows it (``n/a``: a run without the count)."""
     memory = entry.get("memory")
     return f"{memory['trainable_state_bytes'] / 2**20:,.1f}" if memory else "n/a"
 

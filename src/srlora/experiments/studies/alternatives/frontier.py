@@ -103,7 +103,9 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
             points = [e for e in points if key in e["evals"][-1]]
             if points:
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
-                ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
+                dots = ax.scatter(xs, [e["evals"][-1][key] for e in points], s=22, label=LABELS[method])
+                if method != "lora":  # LoRA's runs are the curve itself
+                    _sweep_line(ax, points, key, dots.get_facecolor()[0])
         stars = plt.get_cmap("Dark2").colors  # not the methods' colours: a star is no method's run
         for tag, colour in zip(OPTIONS, stars, strict=False):  # every learning rate of a swept one
             points = [e for e in runs if option_of(e) == tag and key in e["evals"][-1]]
@@ -111,6 +113,7 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
                 xs = [e["evals"][-1]["held_chunks"] for e in points]
                 ys = [e["evals"][-1][key] for e in points]
                 ax.scatter(xs, ys, marker="*", s=70, color=colour, label=OPTIONS[tag].what)
+                _sweep_line(ax, points, key, colour)
         start = runs[0]["evals"][0]  # step 0: the untrained model, the same in every run
         if key in start:
             ax.scatter([start["held_chunks"]], [start[key]], marker="x", c="k", s=40, label="untrained")
@@ -122,6 +125,14 @@ def plot_frontier(runs: list[dict[str, Any]], lora: list[dict[str, Any]], path: 
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08 + 0.022 * ((len(labels) + 2) // 3), 1, 1))
     return save_figure(fig, path)
+
+
+def _sweep_line(ax: Any, runs: list[dict[str, Any]], key: str, colour: Any) -> None:
+    """A method's r = 2 runs joined in order of learning rate: the path :func:`at_budget` reads."""
+    sweep = sorted((e for e in runs if e["config"]["r"] == 2), key=lambda e: e["config"]["lr"])
+    if len(sweep) >= 2:
+        xs, ys = [e["evals"][-1]["held_chunks"] for e in sweep], [e["evals"][-1][key] for e in sweep]
+        ax.plot(xs, ys, color=colour, lw=0.8, alpha=0.6)
 
 
 # Forgetting budgets: nats per token over the untrained model's loss on each general text.

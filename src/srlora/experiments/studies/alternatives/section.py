@@ -100,8 +100,9 @@ def section(root: Path) -> list[str]:
             "![learning against forgetting, every method](results/alternatives_frontier.png)",
             "",
             "Learning (held-out chunks) against forgetting (left: prose; right: news), seed 1, r = 2: "
-            "each method's runs (every learning rate), SRLoRA's options, and LoRA's curve through its "
-            "runs (r = 2, 8, 32 at 5e-4, and r = 2 at every learning rate of the sweep); lower is "
+            "each method's runs (every learning rate, joined in order of rate), SRLoRA's options, and "
+            "LoRA's curve through its runs (r = 2, 8, 32 at 5e-4, and r = 2 at every learning rate of "
+            "the sweep); lower is "
             "better on both axes, and a point below LoRA's curve forgets less at that absorption.",
         ]
     base = runs[0]["evals"][0]

@@ -10,14 +10,20 @@ import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from . import assets
 
-if TYPE_CHECKING:
-    from .absorb import AbsorbConfig
+
+class Sizes(Protocol):
+    """What the corpus takes of a run's configuration (:class:`~srlora.experiments.absorb.AbsorbConfig`)."""
+
+    block: int  # tokens per block
+    train_blocks: int  # at most this many training blocks
+    eval_blocks: int  # blocks per evaluation set
+    batch: int  # blocks per training batch: the training set must hold one
 
 
 @dataclass
@@ -52,7 +58,7 @@ def snippets(folder: Path, kind: str) -> list[str]:
 
 def build_corpus(
     tokenizer: Any,
-    cfg: AbsorbConfig,
+    cfg: Sizes,
     folder: Path | None = None,
     prose: list[str] | None = None,
     news: list[str] | None = None,

@@ -103,7 +103,7 @@ def screen_jobs(seed: int = 1, results: list[dict[str, Any]] | None = None) -> l
     return [AbsorbJob(*config(method, r, lr, seed)) for method, r, lr in order]
 
 
-def _seed1(results: list[dict[str, Any]], method: str, r: int, lrs: list[float]) -> dict[float, dict[str, Any]]:
+def seed1_runs(results: list[dict[str, Any]], method: str, r: int, lrs: list[float]) -> dict[float, dict[str, Any]]:
     """``{lr: run}`` of ``method``'s seed-1 runs at rank ``r`` among ``results`` at ``lrs``."""
     names = {config(method, r, lr, 1)[0]: lr for lr in lrs}
     return {names[e["name"]]: e for e in results if e["name"] in names and e["config"]["seed"] == 1}
@@ -122,7 +122,7 @@ def sweep(results: list[dict[str, Any]], method: str, r: int = 2) -> tuple[float
     points = list(SWEEPS.get(method, SWEEPS["adapter"]))
     up, down = points[1] / points[0], points[2] / points[1]
     for _ in range(EXTENSIONS):
-        done = _seed1(results, method, r, points)
+        done = seed1_runs(results, method, r, points)
         if len(done) < len(points):
             break
         best = _best(done)
@@ -212,7 +212,7 @@ class SweepState(NamedTuple):
 def sweep_state(results: list[dict[str, Any]], method: str, r: int = 2) -> SweepState:
     """:class:`SweepState` of ``method`` at rank ``r`` among ``results``."""
     points = sweep(results, method, r)
-    done = _seed1(results, method, r, list(points))
+    done = seed1_runs(results, method, r, list(points))
     missing = tuple(lr for lr in points if lr not in done)
     best = _best(done) if done else None
     return SweepState(points, missing, best, not missing and best in (points[0], points[-1]))

@@ -26,6 +26,7 @@ from .jobs import (
     option_jobs,
     option_of,
     screen_jobs,
+    seed1_runs,
     sweep_state,
 )
 
@@ -105,11 +106,10 @@ def section(root: Path) -> list[str]:
             "the sweep); lower is "
             "better on both axes, and a point below LoRA's curve forgets less at that absorption.",
         ]
-    base = runs[0]["evals"][0]
     md += [
         "",
-        f"The untrained model: held-out chunks {base['held_chunks']:.3f}, held-out documents "
-        f"{base['held_docs']:.3f}, prose {base['prose']:.3f}, news {base['news']:.3f} nats per token. "
+        f"The untrained model: held-out chunks {untrained['held_chunks']:.3f}, held-out documents "
+        f"{untrained['held_docs']:.3f}, prose {untrained['prose']:.3f}, news {untrained['news']:.3f} nats per token. "
         f"Each run's command is in `docs/results/absorb.json`; the sweep's commands: "
         f"`srlora study --part alternatives-screen` runs the missing ones, two at a time. Wall times "
         f"are left out here: the screen's runs shared the cores with the test suite (the cost of "
@@ -127,8 +127,7 @@ def _standings(everything: list[dict[str, Any]], lora: list[dict[str, Any]]) -> 
         state = sweep_state(everything, method)
         if state.best is None:
             continue
-        name = config(method, 2, state.best, 1)[0]
-        entry = next(e for e in everything if e["name"] == name and e["config"]["seed"] == 1)
+        entry = seed1_runs(everything, method, 2, [state.best])[state.best]
         if state.missing:
             where = "to run: " + ", ".join(f"{lr:g}" for lr in state.missing)
         elif state.at_edge:
@@ -165,10 +164,9 @@ def _paths(everything: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Each method of :data:`CONFIRMED`'s seed-1 runs at r = 2 in order of learning rate, by label."""
     paths = {}
     for method in CONFIRMED:
-        names = [config(method, 2, lr, 1)[0] for lr in sorted(sweep_state(everything, method).points)]
-        by_name = {e["name"]: e for e in everything if e["name"] in names and e["config"]["seed"] == 1}
-        if by_name:
-            paths[label(method)] = [by_name[n] for n in names if n in by_name]
+        done = seed1_runs(everything, method, 2, list(sweep_state(everything, method).points))
+        if done:
+            paths[label(method)] = [done[lr] for lr in sorted(done)]
     return paths
 
 

@@ -468,14 +468,24 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     entries += [entry("srlora-w32", 2e-4, s, 2.34 + 0.01 * s) for s in (2, 3)]
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
     md = alternatives.section(tmp_path)
-    assert paired_title in "\n".join(md)
-    rows = [line for line in md if line.startswith("| LoRA (")]
+    text = "\n".join(md)
+    # one table a SRLoRA setting: the chosen entry's, then the confirmed option's at its own best
+    tables = {t.split(" − ")[0]: t for t in text.split("3 seeds paired: ")[1:]}
+    assert set(tables) == {"SRLoRA", "SRLoRA w32"}
+    rows = [line for line in tables["SRLoRA"].split("\n### ")[0].splitlines() if line.startswith("| LoRA (")]
     # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
     assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")
     # SRLoRA - its whitened option at the option's best: 2.20 - 2.35, 2.24 - 2.36, 2.26 - 2.37: -0.127
     what = alternatives.OPTIONS["w32"].what
-    rows = [line for line in md if line.startswith(f"| SRLoRA, {what} (")]
+    rows = [line for line in tables["SRLoRA"].split("\n### ")[0].splitlines() if line.startswith(f"| SRLoRA, {what} (")]
     assert len(rows) == 1 and rows[0].startswith(f"| SRLoRA, {what} (0.0002; 1, 2, 3) | -0.127 [")
+    # the whitened option against the others: - LoRA 2.35 - 2.40, 2.36 - 2.42, 2.37 - 2.43: -0.057;
+    # - the chosen entry: +0.127 (the same pairs, the other way)
+    rows = tables["SRLoRA w32"].split("\n### ")[0].splitlines()
+    assert next(r for r in rows if r.startswith("| LoRA (")).startswith("| LoRA (0.0005; 1, 2, 3) | -0.057 [")
+    chosen = [r for r in rows if r.startswith("| SRLoRA (")]
+    assert len(chosen) == 1
+    assert chosen[0].startswith("| SRLoRA (gradient subspace, scale 0.25) (0.0005; 1, 2, 3) | +0.127 [")
     screen = "\n".join(md).split("### The screen")[1].split("\n### ")[0]  # its own sweep, its own best
     bold = [line.split("|")[1].strip() for line in screen.splitlines() if "**" in line]
     assert bold == [best["lora"], best["srlora"], best["srlora-w32 at its best"]]

@@ -92,7 +92,7 @@ def section(root: Path) -> list[str]:
     md += _options_table(everything, runs)
     md += verdict_table(*curve)
     md += _option_confirm_table(everything)
-    md += _confirm_table(everything)
+    md += _confirm_tables(everything)
     md += _rank_table(everything, runs)
     md += _memory_table(root)
     if plot_frontier(*curve, root / "docs/results/alternatives_frontier.png") is not None:
@@ -187,35 +187,43 @@ def _options_table(everything: list[dict[str, Any]], screen: list[dict[str, Any]
     return md
 
 
-def _confirm_table(everything: list[dict[str, Any]]) -> list[str]:
-    """SRLoRA's best r = 2 point against each method's, paired by seed (seeds both ran)."""
+def _confirm_tables(everything: list[dict[str, Any]]) -> list[str]:
+    """Each SRLoRA setting of :data:`CONFIRMED` (the chosen entry, each confirmed option) at its
+    best r = 2 point against every other method's, paired by seed (the seeds both ran): one
+    table a setting."""
     best = {m: lr for m in CONFIRMED if (lr := best_lr(everything, m)) is not None}
     by_seed = {
         m: {e["config"]["seed"]: e for e in everything if e["name"] == config(m, 2, lr, 1)[0]} for m, lr in best.items()
     }
-    mine = by_seed.get("srlora", {})
-    if len(mine) < 2:
-        return []
     keys = (("held_chunks", "held-out chunks"), ("prose", "prose"), ("news", "news"))
-    md = [
-        "",
-        "### Each method at its best point, 3 seeds paired: SRLoRA − method (95% t-interval; negative: lower loss)",
-        "",
-        "| method (best lr; seeds) | " + " | ".join(label for _, label in keys) + " | memory (MiB): it, SRLoRA |",
-        "|---|" + "---|" * (len(keys) + 1),
-    ]
-    for method, runs in by_seed.items():
-        seeds = sorted(set(runs) & set(mine))
-        if method == "srlora" or not seeds:
+    md: list[str] = []
+    for setting in (m for m in by_seed if m == "srlora" or m.startswith("srlora-")):
+        mine = by_seed[setting]
+        if len(mine) < 2:
             continue
-        cells = []
-        for key, _ in keys:
-            a = {s: mine[s]["evals"][-1][key] for s in seeds if key in mine[s]["evals"][-1]}
-            b = {s: runs[s]["evals"][-1][key] for s in seeds if key in runs[s]["evals"][-1]}
-            cells.append(fmt_paired(paired(a, b)))
-        memory = f"{mib(runs[seeds[0]])}, {mib(mine[seeds[0]])}"
-        what = f"{label(method)} ({best[method]:g}; {', '.join(map(str, seeds))})"
-        md.append(f"| {what} | " + " | ".join(cells) + f" | {memory} |")
+        short = "SRLoRA" if setting == "srlora" else f"SRLoRA {setting.removeprefix('srlora-')}"
+        md += [
+            "",
+            f"### Each method at its best point, 3 seeds paired: {short} − method "
+            "(95% t-interval; negative: lower loss)",
+            "",
+            f"{short}: {label(setting)}, at {best[setting]:g}.",
+            "",
+            "| method (best lr; seeds) | " + " | ".join(name for _, name in keys) + f" | memory (MiB): it, {short} |",
+            "|---|" + "---|" * (len(keys) + 1),
+        ]
+        for method, runs in by_seed.items():
+            seeds = sorted(set(runs) & set(mine))
+            if method == setting or not seeds:
+                continue
+            cells = []
+            for key, _ in keys:
+                a = {s: mine[s]["evals"][-1][key] for s in seeds if key in mine[s]["evals"][-1]}
+                b = {s: runs[s]["evals"][-1][key] for s in seeds if key in runs[s]["evals"][-1]}
+                cells.append(fmt_paired(paired(a, b)))
+            memory = f"{mib(runs[seeds[0]])}, {mib(mine[seeds[0]])}"
+            what = f"{label(method)} ({best[method]:g}; {', '.join(map(str, seeds))})"
+            md.append(f"| {what} | " + " | ".join(cells) + f" | {memory} |")
     return md
 
 

@@ -461,6 +461,9 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     best["srlora-w32 at its best"] = alternatives.config("srlora-w32", 2, 2e-4, 1)[0]  # and at the old rate
     assert len(runs) == len(set(runs)) and set(runs) == {(name, s) for name in best.values() for s in (1, 2, 3)}
     assert {j.config.srlora.get("subspace_whiten") for j in jobs if "-w32-" in j.name} == {32}
+    # SRLoRA's settings first, so that each other method's runs complete a paired row as they land
+    mine = [name.startswith("srlora") for name, _ in runs]
+    assert mine == sorted(mine, reverse=True) and mine.count(False) == 3
     paired_title = "3 seeds paired: SRLoRA − method"
     assert paired_title not in "\n".join(alternatives.section(tmp_path))  # SRLoRA on one seed: nothing to pair
     entries += [entry("lora", 5e-4, s, 2.4 + 0.01 * s) for s in (2, 3)]

@@ -253,9 +253,10 @@ def confirm_jobs(root: Path, seeds: list[int]) -> list[AbsorbJob]:
     """SRLoRA's :data:`CONFIRMED_OPTIONS` at the adapters' old learning rate (their screen's), then
     each of :data:`CONFIRMED` (the options among them) at its best r = 2 learning rate
     (:func:`best_lr`, once its sweep is complete), on every seed of ``seeds``; seed 1's runs are
-    the screen's. Each run once, where a best point is the old rate."""
+    the screen's. Each run once, where a best point is the old rate. SRLoRA's settings go first:
+    every other method's runs then complete a row of the paired tables as they land."""
     jobs = [AbsorbJob(*config(f"srlora-{tag}", 2, ADAPTER_LR, seed)) for tag in CONFIRMED_OPTIONS for seed in seeds]
-    best = swept(load_absorb(root), CONFIRMED)
+    best = sorted(swept(load_absorb(root), CONFIRMED), key=lambda m_lr: not m_lr[0].startswith("srlora"))
     jobs += [AbsorbJob(*config(method, 2, lr, seed)) for method, lr in best for seed in seeds]
     return list({(j.name, j.config.seed): j for j in jobs}.values())
 

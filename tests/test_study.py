@@ -453,17 +453,18 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
         entry(m, lr, 1, 2.5 - 0.1 * (lr == 5e-4) - 0.2 * (m == "srlora")) for m in ("lora", "srlora") for lr in sweep
     ]
     entries += [entry("srlora-w32", lr, 1, c) for lr, c in {8e-5: 2.45, 2e-4: 2.35, 5e-4: 2.4, 1.25e-3: 2.5}.items()]
+    entries += [entry("pissa", lr, 1, 2.5 - 0.1 * (lr == 5e-4)) for lr in sweep]  # seed 1 alone: no pair
     (tmp_path / "docs/results").mkdir(parents=True)
     (tmp_path / "docs/results/absorb.json").write_text(json.dumps(entries))
     jobs = alternatives.confirm_jobs(tmp_path, [1, 2, 3])
     runs = [(j.name, j.config.seed) for j in jobs]
-    best = {m: alternatives.config(m, 2, 5e-4, 1)[0] for m in ("lora", "srlora", "srlora-w32")}
+    best = {m: alternatives.config(m, 2, 5e-4, 1)[0] for m in ("lora", "srlora", "srlora-w32", "pissa")}
     best["srlora-w32 at its best"] = alternatives.config("srlora-w32", 2, 2e-4, 1)[0]  # and at the old rate
     assert len(runs) == len(set(runs)) and set(runs) == {(name, s) for name in best.values() for s in (1, 2, 3)}
     assert {j.config.srlora.get("subspace_whiten") for j in jobs if "-w32-" in j.name} == {32}
     # SRLoRA's settings first, so that each other method's runs complete a paired row as they land
     mine = [name.startswith("srlora") for name, _ in runs]
-    assert mine == sorted(mine, reverse=True) and mine.count(False) == 3
+    assert mine == sorted(mine, reverse=True) and mine.count(False) == 6
     paired_title = "3 seeds paired: SRLoRA − method"
     assert paired_title not in "\n".join(alternatives.section(tmp_path))  # SRLoRA on one seed: nothing to pair
     entries += [entry("lora", 5e-4, s, 2.4 + 0.01 * s) for s in (2, 3)]
@@ -475,6 +476,7 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     # one table a SRLoRA setting: the chosen entry's, then the confirmed option's at its own best
     tables = {t.split(" − ")[0]: t for t in text.split("3 seeds paired: ")[1:]}
     assert set(tables) == {"SRLoRA", "SRLoRA w32"}
+    assert "| PiSSA (" not in text.split("3 seeds paired: ")[1]  # one seed: the screen's row, no pair
     rows = [line for line in tables["SRLoRA"].split("\n### ")[0].splitlines() if line.startswith("| LoRA (")]
     # SRLoRA - LoRA by seed: 2.20 - 2.40, 2.24 - 2.42, 2.26 - 2.43: mean -0.183
     assert len(rows) == 1 and rows[0].startswith("| LoRA (0.0005; 1, 2, 3) | -0.183 [")
@@ -491,7 +493,7 @@ def test_each_method_is_confirmed_at_its_best_point_and_paired_by_seed_with_srlo
     assert chosen[0].startswith("| SRLoRA (gradient subspace, scale 0.25) (0.0005; 1, 2, 3) | +0.127 [")
     screen = "\n".join(md).split("### The screen")[1].split("\n### ")[0]  # its own sweep, its own best
     bold = [line.split("|")[1].strip() for line in screen.splitlines() if "**" in line]
-    assert bold == [best["lora"], best["srlora"], best["srlora-w32 at its best"]]
+    assert bold == [best["lora"], best["pissa"], best["srlora"], best["srlora-w32 at its best"]]
 
 
 def test_a_confirmed_option_is_paired_by_seed_with_the_chosen_entry_and_against_loras_curve(tmp_path):
